@@ -1,0 +1,39 @@
+# One place that installs and runs everything; CI (.ci/run) goes through these targets.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+export DS_ACCELERATOR ?= cpu
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export RAY_USAGE_STATS_ENABLED ?= 0
+export DO_NOT_TRACK ?= 1
+
+.PHONY: setup test lint bench demo clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# torch==2.13.0 is pinned in constraints.txt and installed in the same pip call as the rest,
+# so no dependency can pull a CUDA build of torch on a CPU machine.
+$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt torch -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(BIN)/python -m pytest -q --timeout 900 tests
+
+lint: setup
+	$(BIN)/ruff check pipeline launch tests benchmarks
+	$(BIN)/ruff format --check pipeline launch tests benchmarks
+
+bench: setup
+	$(BIN)/python benchmarks/attention.py
+	$(BIN)/python benchmarks/variography.py
+
+demo: setup
+	$(BIN)/python launch/demo.py
+
+clean:
+	rm -rf runs stores mlruns.db

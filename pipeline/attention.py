@@ -1,0 +1,117 @@
+"""Geostatistical multi-head attention across sensors (DESIGN.md section 1).
+
+    score_ij = <q_i, k_j> / sqrt(d_head) + log c_h(d_ij)
+
+One module, several backends that compute the same math:
+
+- ``dense``: all N x N pairs (the reference; O(N^2) memory);
+- ``knn``: each sensor attends to its k nearest sensors, gathering keys and values
+  ([batch, head, node, k, d_head]); exact bias on each pair; O(N k) memory;
+- ``block``: the GPU FlexAttention backend (a later issue) plugs in through ``BACKENDS``.
+
+Keys of sensors with no observation in the input window are masked; every query always
+attends to itself, so no row is empty and a sensor whose neighbours are all missing still
+gets an output.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.covariance import CovarianceBias
+
+
+def dense_attention(
+    q: Tensor, k: Tensor, v: Tensor, pos: Tensor, observed: Tensor,
+    kernel: CovarianceBias, neighbours: Tensor | None, use_qk: bool,
+) -> Tensor:
+    """q, k, v [B, H, N, dh]; pos [N, 3]; observed [B, N] -> [B, H, N, dh]."""
+    n = q.shape[2]
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # [B, H, N, N]
+    if not use_qk:
+        scores = torch.zeros_like(scores)
+    is_self = torch.eye(n, dtype=torch.bool, device=q.device)  # [N, N]
+    bias = kernel.log_bias(pos[:, None, :] - pos[None, :, :], is_self)  # [H, N, N]
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
+    keep = observed[:, None, None, :] | is_self  # [B, 1, N, N]
+    weights = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
+    return weights @ v
+
+
+def knn_attention(
+    q: Tensor, k: Tensor, v: Tensor, pos: Tensor, observed: Tensor,
+    kernel: CovarianceBias, neighbours: Tensor | None, use_qk: bool,
+) -> Tensor:
+    """Like :func:`dense_attention` over each query's neighbours [N, k] only."""
+    if neighbours is None:
+        raise ValueError("the knn backend needs a neighbour index [node, k]")
+    n, kn = neighbours.shape
+    kk = k[:, :, neighbours]  # [B, H, N, k, dh]
+    vv = v[:, :, neighbours]  # [B, H, N, k, dh]
+    if use_qk:
+        scores = (q.unsqueeze(-2) * kk).sum(-1) / math.sqrt(q.shape[-1])  # [B, H, N, k]
+    else:
+        scores = q.new_zeros(q.shape[0], q.shape[1], n, kn)
+    is_self = neighbours == torch.arange(n, device=q.device)[:, None]  # [N, k]
+    bias = kernel.log_bias(pos[:, None, :] - pos[neighbours], is_self)  # [H, N, k]
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
+    keep = (observed[:, neighbours] | is_self)[:, None]  # [B, 1, N, k]
+    weights = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
+    return (weights.unsqueeze(-1) * vv).sum(-2)  # [B, H, N, dh]
+
+
+def _block_unavailable(*args, **kwargs) -> Tensor:
+    raise NotImplementedError(
+        "attention backend 'block' (FlexAttention on CUDA) is not built yet; "
+        "use model.backend=knn (any device) or model.backend=dense (small N)"
+    )
+
+
+Backend = Callable[..., Tensor]
+BACKENDS: dict[str, Backend] = {
+    "dense": dense_attention,
+    "knn": knn_attention,
+    "block": _block_unavailable,
+}
+
+
+class GeoAttention(nn.Module):
+    """Multi-head self-attention across sensors with a learnable covariance bias per head."""
+
+    def __init__(
+        self,
+        d_model: int,
+        heads: int,
+        kernel: CovarianceBias,
+        backend: str = "knn",
+        qk_residual: bool = True,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}; one of {sorted(BACKENDS)}")
+        self.heads, self.backend, self.qk_residual = heads, backend, qk_residual
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+        self.kernel = kernel
+        self.dropout = nn.Dropout(dropout)
+        self.qk_enabled = True  # switched off by the trainer during a kernel warm-up
+
+    def forward(
+        self, x: Tensor, pos: Tensor, observed: Tensor, neighbours: Tensor | None = None
+    ) -> Tensor:
+        """x [B, N, D]; pos [N, 3] km; observed [B, N] bool; neighbours [N, k] -> [B, N, D]."""
+        b, n, d = x.shape
+        qkv = self.qkv(x).view(b, n, 3, self.heads, d // self.heads)  # [B, N, 3, H, dh]
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, H, N, dh]
+        use_qk = self.qk_residual and self.qk_enabled
+        out = BACKENDS[self.backend](q, k, v, pos, observed, self.kernel, neighbours, use_qk)
+        out = out.transpose(1, 2).reshape(b, n, d)  # [B, N, H * dh]
+        return self.dropout(self.out(out))
+

@@ -1,0 +1,275 @@
+"""The one typed configuration of the project.
+
+Every entry point (`launch/*.py`) loads a YAML file with :func:`load_config` and applies
+command-line overrides ``section.key=value``. Unknown keys and bad values raise
+:class:`ConfigError`, which names the dotted key, the bad value and what is allowed (with the
+nearest known key for a typo). The field docstrings below are the documentation of each key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Family = Literal[
+    "exponential", "matern32", "matern52", "gaussian", "rational_quadratic", "spherical", "none"
+]
+FAMILIES: tuple[str, ...] = Family.__args__  # type: ignore[attr-defined]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the person who wrote the config."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=False)
+
+
+class SyntheticConfig(_Section):
+    """A space-time Gaussian random field with known truth (see ``pipeline/synthetic.py``)."""
+
+    family: Family = "matern32"
+    """Spatial correlation family of the field (``none`` and ``spherical`` cannot be sampled)."""
+    range_km: float = Field(20.0, gt=0)
+    """True length scale of the spatial correlation, km (the ``range`` of DESIGN.md)."""
+    variance: float = Field(1.0, gt=0)
+    """Variance (sill) of the latent field."""
+    nugget: float = Field(0.1, ge=0)
+    """Variance of the independent measurement noise added to each observation."""
+    mean: float = 0.0
+    """Constant mean added to every value."""
+    anisotropy_angle_deg: float = 0.0
+    """Angle of the major axis, degrees counter-clockwise from east."""
+    anisotropy_ratio: float = Field(1.0, gt=0, le=1)
+    """Minor/major axis ratio (1 = isotropic)."""
+    ar_coef: float = Field(0.9, ge=0, lt=1)
+    """AR(1) coefficient of the Fourier coefficients from one time step to the next."""
+    num_features: int = Field(512, ge=8)
+    """Number of random Fourier frequencies M (the field is a [T, 2M] x [2M, N] product)."""
+    num_sensors: int = Field(2000, ge=2)
+    """Number of sensors N, placed uniformly at random in the square domain."""
+    num_steps: int = Field(2000, ge=2)
+    """Number of time steps T."""
+    domain_km: float = Field(100.0, gt=0)
+    """Side of the square domain holding the sensors, km."""
+    seed: int = 0
+    """Seed; the field is a pure function of (seed, configuration)."""
+    start: str = "2024-01-01T00:00:00"
+    """Timestamp of the first step (UTC)."""
+    freq: str = "5min"
+    """Time step (pandas frequency string)."""
+
+    @model_validator(mode="after")
+    def _sampleable(self) -> SyntheticConfig:
+        if self.family in ("none", "spherical"):
+            raise ValueError(
+                f"family {self.family!r} cannot be sampled by random Fourier features; "
+                "use exponential, matern32, matern52, gaussian or rational_quadratic"
+            )
+        return self
+
+
+class DataConfig(_Section):
+    """Where the data comes from and how windows are cut."""
+
+    store: str = "stores/small.zarr"
+    """Path of the Zarr store that preprocessing writes and training reads."""
+    synthetic: SyntheticConfig = SyntheticConfig()
+    """Parameters of the synthetic field (used when the source is synthetic)."""
+    time_in: int = Field(12, ge=1)
+    """Input window length (time steps)."""
+    horizon: int = Field(12, ge=1)
+    """Forecast horizon (time steps)."""
+    neighbours: int = Field(16, ge=1)
+    """Number of nearest sensors (itself included) stored per sensor."""
+    train_fraction: float = Field(0.7, gt=0, lt=1)
+    """Leading fraction of time steps used for training."""
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    """Next fraction used for validation; the rest is the test split."""
+
+    @model_validator(mode="after")
+    def _splits(self) -> DataConfig:
+        if self.train_fraction + self.val_fraction >= 1:
+            raise ValueError(
+                f"train_fraction + val_fraction = {self.train_fraction + self.val_fraction} "
+                "must be < 1 to leave a test split"
+            )
+        return self
+
+
+class ModelConfig(_Section):
+    """The spatially-informed transformer (DESIGN.md section 1)."""
+
+    d_model: int = Field(64, ge=4)
+    """Width of each sensor token."""
+    heads: int = Field(4, ge=1)
+    """Attention heads; each has its own range, nugget and anisotropy."""
+    layers: int = Field(2, ge=1)
+    """Number of pre-norm (attention + MLP) blocks."""
+    mlp_ratio: int = Field(2, ge=1)
+    """Hidden width of the MLP as a multiple of d_model."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on attention output and MLP."""
+    kernel: Family = "matern32"
+    """Covariance family of the attention bias; ``none`` is a plain transformer."""
+    init_range_km: float = Field(10.0, gt=0)
+    """Initial range of every head, km."""
+    init_nugget: float = Field(0.1, gt=0, lt=1)
+    """Initial nugget of every head."""
+    learn_kernel: bool = True
+    """Learn range and nugget (False freezes them at their initial values)."""
+    anisotropy: bool = False
+    """Learn a geometric anisotropy (angle, axis ratio) per head."""
+    qk_residual: bool = True
+    """Keep the data-driven <q, k> term; False leaves the kernel prior alone."""
+    backend: Literal["dense", "knn", "block"] = "knn"
+    """Attention backend: ``dense`` (all pairs), ``knn`` (k nearest), ``block`` (GPU)."""
+    knn: int = Field(16, ge=1)
+    """Neighbours per query for the ``knn`` backend (itself included)."""
+    node_embedding: bool = False
+    """Learn an embedding per sensor (ties the model to the sensors it was trained on)."""
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelConfig:
+        if self.d_model % self.heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by heads={self.heads}")
+        return self
+
+
+class TrainConfig(_Section):
+    """Optimisation."""
+
+    steps: int = Field(300, ge=1)
+    """Optimiser steps."""
+    batch_size: int = Field(8, ge=1)
+    """Windows per step (per process)."""
+    lr: float = Field(3e-3, gt=0)
+    """Learning rate of the network weights."""
+    kernel_lr: float = Field(3e-2, gt=0)
+    """Learning rate of the kernel parameters (range, nugget, anisotropy)."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay (not applied to kernel parameters)."""
+    loss: Literal["nll", "crps"] = "crps"
+    """Training loss: Gaussian negative log-likelihood or closed-form Gaussian CRPS."""
+    kernel_warmup_steps: int = Field(0, ge=0)
+    """Steps at the start during which the <q, k> residual is switched off (prior alone)."""
+    seed: int = 0
+    """Seed of weights and data order."""
+    log_every: int = Field(10, ge=1)
+    """Steps between progress/metric updates."""
+
+
+class TrackingConfig(_Section):
+    """MLflow tracking and registry."""
+
+    uri: str | None = None
+    """Tracking URI; default ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlruns.db``."""
+    experiment: str = "sit"
+    """Experiment name."""
+
+
+class DaskConfig(_Section):
+    """The Dask cluster used by preprocessing."""
+
+    scheduler: str | None = None
+    """Address of an existing scheduler; default ``$DASK_SCHEDULER_ADDRESS`` or a LocalCluster."""
+    workers: int = Field(2, ge=1)
+    """Workers of the LocalCluster."""
+    threads_per_worker: int = Field(1, ge=1)
+    """Threads per LocalCluster worker."""
+
+
+class Config(_Section):
+    """Root of the configuration."""
+
+    name: str = "small"
+    """Run name (outputs go to ``runs/<name>``)."""
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    dask: DaskConfig = DaskConfig()
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, overrides and error messages
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_known_keys(ann, dotted + "."))
+    return keys
+
+
+def _describe(err: dict[str, Any], source: str) -> str:
+    key = ".".join(str(p) for p in err["loc"]) or "<root>"
+    if err["type"] == "extra_forbidden":
+        near = difflib.get_close_matches(key, _known_keys(Config), n=1, cutoff=0.6)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        return f"{source}: unknown key {key!r}{hint}"
+    value = err.get("input")
+    return f"{source}: {key} = {value!r} is not allowed: {err['msg']}"
+
+
+def validate(raw: dict[str, Any], source: str = "config") -> Config:
+    """Build a :class:`Config` from a plain dict, raising :class:`ConfigError` on any problem."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(e, source) for e in exc.errors()]
+        raise ConfigError("\n".join(lines)) from None
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Apply one ``section.key=value`` override to the raw dict (value parsed as YAML)."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like section.key=value")
+    key, text = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Load a YAML config (or the embedded defaults when ``path`` is None) plus overrides."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        source = str(path)
+    for override in overrides:
+        apply_override(raw, override)
+    if overrides:
+        source += " + overrides"
+    return validate(raw, source)
+
+
+def flatten(cfg: BaseModel, prefix: str = "") -> dict[str, Any]:
+    """The config as ``{"section.key": value}`` (for logging as parameters)."""
+    out: dict[str, Any] = {}
+    for name in type(cfg).model_fields:
+        value = getattr(cfg, name)
+        if isinstance(value, BaseModel):
+            out.update(flatten(value, f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = value
+    return out

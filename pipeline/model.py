@@ -1,0 +1,159 @@
+"""The probabilistic spatially-informed forecaster (DESIGN.md section 1) and its losses.
+
+One token per sensor: the sensor's input window (values and their mask, flattened over time and
+feature) plus calendar features of the forecast origin are embedded to ``d_model``; L pre-norm
+blocks of geostatistical attention across sensors + MLP follow; a Gaussian head gives, per
+horizon step and feature, a mean (a correction of the last observed value) and a scale.
+No per-sensor embedding by default: the model forecasts at sensors it never saw, given their
+coordinates.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from pipeline.attention import GeoAttention
+from pipeline.config import ModelConfig
+from pipeline.covariance import CovarianceBias
+
+CALENDAR_FEATURES = 4  # sin/cos of time of day and of day of week
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: geostatistical attention across sensors, then an MLP."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        kernel = CovarianceBias(
+            cfg.kernel, cfg.heads, cfg.init_range_km, cfg.init_nugget,
+            anisotropy=cfg.anisotropy, learnable=cfg.learn_kernel,
+        )
+        self.norm1 = nn.LayerNorm(cfg.d_model)
+        self.attn = GeoAttention(
+            cfg.d_model, cfg.heads, kernel, cfg.backend, cfg.qk_residual, cfg.dropout
+        )
+        self.norm2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model),
+            nn.GELU(),
+            nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model),
+            nn.Dropout(cfg.dropout),
+        )
+
+    def forward(self, x: Tensor, pos: Tensor, observed: Tensor, neighbours: Tensor | None):
+        x = x + self.attn(self.norm1(x), pos, observed, neighbours)
+        return x + self.mlp(self.norm2(x))
+
+
+class Forecaster(nn.Module):
+    """[batch, time_in, node, feature] window -> Gaussian forecast [batch, horizon, node, feature]."""
+
+    def __init__(
+        self, cfg: ModelConfig, time_in: int, horizon: int, features: int,
+        num_nodes: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.cfg, self.time_in, self.horizon, self.features = cfg, time_in, horizon, features
+        self.embed = nn.Linear(2 * time_in * features, cfg.d_model)
+        self.calendar = nn.Linear(CALENDAR_FEATURES, cfg.d_model)
+        self.node_embedding = None
+        if cfg.node_embedding:
+            if num_nodes is None:
+                raise ValueError("model.node_embedding needs the number of sensors")
+            self.node_embedding = nn.Embedding(num_nodes, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, 2 * horizon * features)
+
+    def kernels(self) -> list[CovarianceBias]:
+        return [block.attn.kernel for block in self.blocks]
+
+    def set_frame(self, frame: Tensor) -> None:
+        """The network's local (east, north, up) frame, used by anisotropic kernels."""
+        for kernel in self.kernels():
+            kernel.set_frame(frame)
+
+    def set_qk(self, enabled: bool) -> None:
+        """Switch the data-driven <q, k> residual on or off (kernel warm-up)."""
+        for block in self.blocks:
+            block.attn.qk_enabled = enabled
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor,
+        calendar: Tensor,
+        pos: Tensor,
+        neighbours: Tensor | None = None,
+        node_index: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """x, mask [B, T_in, N, F] (x normalised, any value where mask is False);
+        calendar [B, 4]; pos [N, 3] km; neighbours [N, k]; node_index [N] (node embedding).
+
+        Returns mean and std, each [B, horizon, N, F].
+        """
+        b, t, n, f = x.shape
+        x = torch.where(mask, x, torch.zeros_like(x))
+        tokens = torch.cat([x, mask.to(x.dtype)], dim=-1)  # [B, T, N, 2F]
+        tokens = tokens.permute(0, 2, 1, 3).reshape(b, n, t * 2 * f)  # [B, N, T * 2F]
+        h = self.embed(tokens) + self.calendar(calendar)[:, None, :]  # [B, N, D]
+        if self.node_embedding is not None:
+            if node_index is None:
+                raise ValueError("a model with node embeddings needs node_index")
+            h = h + self.node_embedding(node_index)[None]
+        observed = mask.any(dim=(1, 3))  # [B, N]
+        for block in self.blocks:
+            h = block(h, pos, observed, neighbours)
+        out = self.head(self.norm(h)).view(b, n, self.horizon, f, 2)  # [B, N, H, F, 2]
+        out = out.permute(0, 2, 1, 3, 4)  # [B, H, N, F, 2]
+        last = _last_observed(x, mask)  # [B, N, F]
+        mean = last[:, None] + out[..., 0]
+        std = F.softplus(out[..., 1]) + 1e-3
+        return mean, std
+
+
+def _last_observed(x: Tensor, mask: Tensor) -> Tensor:
+    """The most recent observed value per sensor and feature [B, N, F] (0 where none)."""
+    t = x.shape[1]
+    steps = torch.arange(t, device=x.device).view(1, t, 1, 1)
+    latest = torch.where(mask, steps, torch.full_like(steps, -1)).amax(dim=1)  # [B, N, F]
+    value = x.gather(1, latest.clamp_min(0).unsqueeze(1)).squeeze(1)
+    return torch.where(latest >= 0, value, torch.zeros_like(value))
+
+
+# --------------------------------------------------------------------------------------------
+# Losses (masked means over observed targets)
+
+
+def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    return (values * mask).sum() / mask.sum().clamp_min(1)
+
+
+def gaussian_nll(mean: Tensor, std: Tensor, y: Tensor, mask: Tensor) -> Tensor:
+    """Mean negative log-likelihood of y under N(mean, std^2) over observed targets."""
+    y = torch.where(mask, y, mean.detach())
+    z = (y - mean) / std
+    nll = 0.5 * z * z + torch.log(std) + 0.5 * math.log(2 * math.pi)
+    return _masked_mean(nll, mask)
+
+
+def gaussian_crps(mean: Tensor, std: Tensor, y: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Closed-form CRPS of N(mean, std^2) at y (Gneiting & Raftery 2007, eq. 5):
+    std * [z (2 Phi(z) - 1) + 2 phi(z) - 1 / sqrt(pi)], z = (y - mean) / std.
+
+    With a mask: the mean over observed targets; without: the elementwise CRPS.
+    """
+    if mask is not None:
+        y = torch.where(mask, y, mean.detach())
+    z = (y - mean) / std
+    cdf = 0.5 * (1 + torch.erf(z / math.sqrt(2)))
+    pdf = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    crps = std * (z * (2 * cdf - 1) + 2 * pdf - 1 / math.sqrt(math.pi))
+    return crps if mask is None else _masked_mean(crps, mask)
+
+
+LOSSES = {"nll": gaussian_nll, "crps": gaussian_crps}

@@ -1,0 +1,137 @@
+"""Space-time Gaussian random fields with known truth (DESIGN.md section 2).
+
+Random Fourier features (Bochner): with frequencies omega_m drawn from the spectral density of
+the correlation rho (normalised to a probability law),
+
+    f(s, t) = sqrt(variance / M) * sum_m [a_m(t) cos(omega_m . s) + b_m(t) sin(omega_m . s)]
+
+has covariance variance * E[cos(omega . (s - s'))] = variance * rho(|s - s'| / range) when the
+coefficients a, b are independent standard normal. They evolve in time as stationary AR(1)
+series (coefficient ``ar_coef``), so the field is one product [T, 2M] x [2M, N]. Observations
+add independent noise of variance ``nugget`` and the constant ``mean``.
+
+Spectral laws for rho of h = d / range in 2-D (textbook conventions of pipeline/covariance.py):
+Gaussian exp(-h^2): omega ~ N(0, 2 / range^2 I); Matern nu (incl. exponential, nu = 1/2):
+multivariate Student-t with 2 nu degrees of freedom and scale 1 / range (Cauchy for the
+exponential); rational quadratic (alpha): a Gamma(alpha, rate 2 alpha) mixture of Gaussians.
+Geometric anisotropy maps offsets through the same rotation and stretch as the model.
+
+Everything is a pure function of (seed, configuration) and of the index of each value: any
+(time chunk, sensor chunk) can be generated on its own, and the values do not depend on how
+the (T, N) plane is chunked.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.signal import lfilter
+
+from pipeline.config import SyntheticConfig
+
+TILE_T = 256  # canonical tiles of the noise and sensor-position random streams
+TILE_N = 4096
+_FREQ, _POS, _NOISE, _COEF = 0, 1, 2, 3  # independent random streams
+_MATERN_NU = {"exponential": 0.5, "matern32": 1.5, "matern52": 2.5}
+
+
+def _rng(seed: int, *key: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, *key])))
+
+
+def anisotropy_matrix(angle_deg: float, ratio: float) -> np.ndarray:
+    """A [2, 2] with |A (dx, dy)| the anisotropic distance of an offset in (east, north) km."""
+    a = math.radians(angle_deg)
+    rot = np.array([[math.cos(a), math.sin(a)], [-math.sin(a), math.cos(a)]])
+    return np.diag([1.0, 1.0 / ratio]) @ rot
+
+
+def sample_frequencies(cfg: SyntheticConfig) -> np.ndarray:
+    """Frequencies omega [M, 2] (rad/km) drawn from the spectral law of ``cfg.family``."""
+    rng = _rng(cfg.seed, _FREQ)
+    m = cfg.num_features
+    g = rng.standard_normal((m, 2))
+    if cfg.family == "gaussian":
+        omega = g * math.sqrt(2.0) / cfg.range_km
+    elif cfg.family in _MATERN_NU:
+        dof = 2.0 * _MATERN_NU[cfg.family]
+        chi2 = rng.chisquare(dof, size=(m, 1))
+        omega = g / np.sqrt(chi2 / dof) / cfg.range_km
+    elif cfg.family == "rational_quadratic":
+        alpha = 1.0
+        lam = rng.gamma(alpha, 1.0 / (2.0 * alpha), size=(m, 1))
+        omega = g * np.sqrt(2.0 * lam) / cfg.range_km
+    else:
+        raise ValueError(f"family {cfg.family!r} has no spectral sampler")
+    # cos(omega . A delta) = cos((A^T omega) . delta)
+    return omega @ anisotropy_matrix(cfg.anisotropy_angle_deg, cfg.anisotropy_ratio)
+
+
+class SyntheticField:
+    """The field of a :class:`SyntheticConfig`, generated chunk by chunk."""
+
+    def __init__(self, cfg: SyntheticConfig) -> None:
+        self.cfg = cfg
+        self.omega = sample_frequencies(cfg)  # [M, 2]
+        self._coef: np.ndarray | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.cfg.num_steps, self.cfg.num_sensors
+
+    def coords(self, n0: int = 0, n1: int | None = None) -> np.ndarray:
+        """x/y km of sensors n0..n1 [n, 2], uniform in the square domain."""
+        n1 = self.cfg.num_sensors if n1 is None else n1
+        out = []
+        for tile in range(n0 // TILE_N, (n1 - 1) // TILE_N + 1):
+            xy = _rng(self.cfg.seed, _POS, tile).uniform(0, self.cfg.domain_km, (TILE_N, 2))
+            lo, hi = tile * TILE_N, (tile + 1) * TILE_N
+            out.append(xy[max(n0, lo) - lo : min(n1, hi) - lo])
+        return np.concatenate(out)
+
+    def coefficients(self) -> np.ndarray:
+        """AR(1) Fourier coefficients [T, 2M], stationary with unit variance (cached)."""
+        if self._coef is None:
+            phi = self.cfg.ar_coef
+            eps = _rng(self.cfg.seed, _COEF).standard_normal((self.cfg.num_steps, 2 * len(self.omega)))
+            # a_0 = eps_0; a_t = phi a_{t-1} + sqrt(1 - phi^2) eps_t
+            zi = (phi * eps[0])[None]
+            rest = lfilter([math.sqrt(1 - phi * phi)], [1.0, -phi], eps[1:], axis=0, zi=zi)[0]
+            self._coef = np.concatenate([eps[:1], rest])
+        return self._coef
+
+    def latent(self, t0: int, t1: int, n0: int, n1: int) -> np.ndarray:
+        """The noise-free field [t1 - t0, n1 - n0] (float64, without the mean)."""
+        phase = self.omega @ self.coords(n0, n1).T  # [M, n]
+        basis = np.concatenate([np.cos(phase), np.sin(phase)])  # [2M, n]
+        scale = math.sqrt(self.cfg.variance / len(self.omega))
+        return scale * (self.coefficients()[t0:t1] @ basis)
+
+    def noise(self, t0: int, t1: int, n0: int, n1: int) -> np.ndarray:
+        """Standard-normal measurement noise [t1 - t0, n1 - n0] from canonical tiles."""
+        out = np.empty((t1 - t0, n1 - n0))
+        for ti in range(t0 // TILE_T, (t1 - 1) // TILE_T + 1):
+            for ni in range(n0 // TILE_N, (n1 - 1) // TILE_N + 1):
+                tile = _rng(self.cfg.seed, _NOISE, ti, ni).standard_normal((TILE_T, TILE_N))
+                ta, tb = max(t0, ti * TILE_T), min(t1, (ti + 1) * TILE_T)
+                na, nb = max(n0, ni * TILE_N), min(n1, (ni + 1) * TILE_N)
+                out[ta - t0 : tb - t0, na - n0 : nb - n0] = tile[
+                    ta - ti * TILE_T : tb - ti * TILE_T, na - ni * TILE_N : nb - ni * TILE_N
+                ]
+        return out
+
+    def values(self, t0: int, t1: int, n0: int, n1: int) -> np.ndarray:
+        """Observed values [t1 - t0, n1 - n0] float32: mean + field + sqrt(nugget) * noise."""
+        obs = self.latent(t0, t1, n0, n1) + math.sqrt(self.cfg.nugget) * self.noise(t0, t1, n0, n1)
+        return (obs + self.cfg.mean).astype(np.float32)
+
+    def truth(self) -> dict[str, float | str]:
+        """The true parameters (written into the store's attributes)."""
+        c = self.cfg
+        return {
+            "family": c.family, "range_km": c.range_km, "variance": c.variance,
+            "nugget": c.nugget, "nugget_fraction": c.nugget / (c.variance + c.nugget),
+            "anisotropy_angle_deg": c.anisotropy_angle_deg,
+            "anisotropy_ratio": c.anisotropy_ratio, "ar_coef": c.ar_coef, "seed": c.seed,
+        }

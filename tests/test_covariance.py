@@ -1,0 +1,119 @@
+import math
+
+import gstools as gs
+import numpy as np
+import pytest
+import torch
+import torch.func
+
+from pipeline.covariance import (
+    LOG_CORRELATIONS,
+    CovarianceBias,
+    chordal_km,
+    correlation,
+    euclidean_km,
+    positions_km,
+)
+
+RANGE = 7.0
+# Our textbook conventions, pinned against GSTools' models and their rescale factors.
+GSTOOLS = {
+    "exponential": gs.Exponential(dim=2, len_scale=RANGE),
+    "matern32": gs.Matern(dim=2, nu=1.5, len_scale=RANGE, rescale=math.sqrt(2)),
+    "matern52": gs.Matern(dim=2, nu=2.5, len_scale=RANGE, rescale=math.sqrt(2)),
+    "gaussian": gs.Gaussian(dim=2, len_scale=RANGE, rescale=1.0),
+    "rational_quadratic": gs.Rational(dim=2, alpha=1.0, len_scale=RANGE, rescale=1 / math.sqrt(2)),
+    "spherical": gs.Spherical(dim=2, len_scale=RANGE),
+}
+
+
+def test_every_family_is_pinned():
+    assert set(GSTOOLS) == set(LOG_CORRELATIONS)
+
+
+@pytest.mark.parametrize("family", sorted(GSTOOLS))
+def test_family_matches_gstools(family):
+    d = np.random.default_rng(1).uniform(0, 4 * RANGE, 50)
+    ours = correlation(family, torch.tensor(d / RANGE, dtype=torch.float64)).numpy()
+    np.testing.assert_allclose(ours, GSTOOLS[family].correlation(d), rtol=0, atol=1e-6)
+
+
+def _offsets(n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.rand(n, 3, generator=g, dtype=torch.float64) * 30
+    pos[:, 2] = 0
+    return pos[:, None] - pos[None], torch.eye(n, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("family", sorted(LOG_CORRELATIONS))
+def test_log_bias_gradcheck(family):
+    kernel = CovarianceBias(family, heads=2, init_range_km=12.0, anisotropy=True).double()
+    with torch.no_grad():
+        kernel.log_ratio.copy_(torch.tensor([0.3, -0.2]))
+    offset, is_self = _offsets()
+
+    def f(raw_range, raw_nugget, angle, log_ratio):
+        params = dict(raw_range=raw_range, raw_nugget=raw_nugget, angle=angle, log_ratio=log_ratio)
+        return torch.func.functional_call(kernel, params, (offset, is_self))
+
+    params = [
+        kernel.raw_range.detach().clone().requires_grad_(),
+        kernel.raw_nugget.detach().clone().requires_grad_(),
+        kernel.angle.detach().clone().requires_grad_(),
+        kernel.log_ratio.detach().clone().requires_grad_(),
+    ]
+    if family == "spherical":  # keep every pair away from the kink at h = 1
+        params[0] = torch.full((2,), 80.0, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(f, params)
+
+
+@pytest.mark.parametrize("family", sorted(LOG_CORRELATIONS))
+@pytest.mark.parametrize("distance", [0.0, 1e-9, 5.0, 1e4, 1e7])
+def test_finite_values_and_gradients(family, distance):
+    kernel = CovarianceBias(family, heads=3, init_range_km=4.0, anisotropy=True)
+    offset = torch.tensor([[distance, 0.0, 0.0]])
+    bias = kernel.log_bias(offset, torch.tensor([False]))
+    bias.sum().backward()
+    assert torch.isfinite(bias).all()
+    for p in kernel.parameters():
+        assert torch.isfinite(p.grad).all(), (family, distance, p.grad)
+
+
+def test_spherical_beyond_range_is_flat_and_finite():
+    kernel = CovarianceBias("spherical", heads=1, init_range_km=5.0)
+    offset = torch.tensor([[6.0, 0, 0], [50.0, 0, 0]])
+    bias = kernel.log_bias(offset, torch.tensor([False, False]))
+    bias.sum().backward()
+    assert torch.isfinite(kernel.raw_range.grad).all()
+    assert kernel.raw_range.grad.abs().item() == 0.0
+    assert (bias < -50).all()  # effectively no attention beyond the range
+
+
+def test_self_pairs_have_zero_bias_and_nugget_lowers_others():
+    kernel = CovarianceBias("exponential", heads=1, init_range_km=10.0, init_nugget=0.25)
+    offset = torch.tensor([[0.0, 0, 0], [0.0, 0, 0]])
+    bias = kernel.log_bias(offset, torch.tensor([True, False]))
+    assert bias[0, 0] == 0
+    assert bias[0, 1].item() == pytest.approx(math.log(0.75), abs=1e-6)
+
+
+def test_anisotropy_stretches_the_minor_axis():
+    kernel = CovarianceBias("exponential", heads=1, init_range_km=10.0, anisotropy=True)
+    with torch.no_grad():
+        kernel.angle.zero_()
+        kernel.log_ratio.fill_(math.log(0.5))
+    d = kernel.distance(torch.tensor([[3.0, 0, 0], [0.0, 3.0, 0]]))
+    torch.testing.assert_close(d[0], torch.tensor([3.0, 6.0]))
+    assert kernel.describe()["axis_ratio"][0] == pytest.approx(0.5)
+
+
+def test_distance_helpers():
+    assert euclidean_km([0, 0], [3, 4]) == pytest.approx(5.0)
+    # one degree of latitude ~ 111.2 km; chordal is slightly shorter than the great circle
+    d = chordal_km(np.array([0.0, 0.0]), np.array([1.0, 0.0]))
+    assert 111.0 < d < 111.2
+    pos, frame = positions_km(np.array([[34.0, -118.0], [34.1, -118.1]]), "latlon")
+    np.testing.assert_allclose(frame @ frame.T, np.eye(3), atol=1e-12)
+    assert np.linalg.norm(pos[0] - pos[1]) == pytest.approx(
+        chordal_km(np.array([34.0, -118.0]), np.array([34.1, -118.1]))
+    )
