@@ -157,3 +157,24 @@ def gaussian_crps(mean: Tensor, std: Tensor, y: Tensor, mask: Tensor | None = No
 
 
 LOSSES = {"nll": gaussian_nll, "crps": gaussian_crps}
+
+
+def parameter_groups(model: nn.Module, lr: float, kernel_lr: float, weight_decay: float) -> list:
+    """AdamW groups: kernel parameters (range, nugget, anisotropy) at their own learning rate
+    and without weight decay; biases and norms without weight decay."""
+    kernel, decay, no_decay = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if ".kernel." in name:
+            kernel.append(p)
+        elif p.dim() < 2:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [
+        {"params": decay, "lr": lr, "weight_decay": weight_decay},
+        {"params": no_decay, "lr": lr, "weight_decay": 0.0},
+        {"params": kernel, "lr": kernel_lr, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]

@@ -16,9 +16,10 @@ multivariate Student-t with 2 nu degrees of freedom and scale 1 / range (Cauchy 
 exponential); rational quadratic (alpha): a Gamma(alpha, rate 2 alpha) mixture of Gaussians.
 Geometric anisotropy maps offsets through the same rotation and stretch as the model.
 
-Everything is a pure function of (seed, configuration) and of the index of each value: any
-(time chunk, sensor chunk) can be generated on its own, and the values do not depend on how
-the (T, N) plane is chunked.
+Everything is a pure function of (seed, configuration) and of the (time, sensor) index of each
+value (positions and noise come from a counter-based generator): any time range and any set of
+sensors can be generated on its own, and the values do not depend on how the (T, N) plane is
+chunked.
 """
 
 from __future__ import annotations
@@ -30,14 +31,36 @@ from scipy.signal import lfilter
 
 from pipeline.config import SyntheticConfig
 
-TILE_T = 256  # canonical tiles of the noise and sensor-position random streams
-TILE_N = 4096
-_FREQ, _POS, _NOISE, _COEF = 0, 1, 2, 3  # independent random streams
+_FREQ, _POS_X, _POS_Y, _NOISE_A, _NOISE_B, _COEF = range(6)  # independent random streams
 _MATERN_NU = {"exponential": 0.5, "matern32": 1.5, "matern52": 2.5}
 
 
 def _rng(seed: int, *key: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, *key])))
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser (Steele et al. 2014): a bijective 64-bit mixer."""
+    with np.errstate(over="ignore"):  # arithmetic modulo 2^64 is the point
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def counter_uniform(seed: int, stream: int, counter: np.ndarray) -> np.ndarray:
+    """Uniform (0, 1) numbers that are a pure function of (seed, stream, counter): any subset
+    of indices can be drawn on its own, in any chunking, with the same result."""
+    key = _splitmix64(np.uint64(seed) * np.uint64(0x100000001B3) + np.uint64(stream))
+    bits = _splitmix64(np.asarray(counter, dtype=np.uint64) ^ key)
+    return ((bits >> np.uint64(11)).astype(np.float64) + 0.5) / float(1 << 53)
+
+
+def counter_normal(seed: int, stream_a: int, stream_b: int, counter: np.ndarray) -> np.ndarray:
+    """Standard normal numbers from two counter-based uniform streams (Box-Muller)."""
+    u1 = counter_uniform(seed, stream_a, counter)
+    u2 = counter_uniform(seed, stream_b, counter)
+    return np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
 
 
 def anisotropy_matrix(angle_deg: float, ratio: float) -> np.ndarray:
@@ -80,15 +103,12 @@ class SyntheticField:
     def shape(self) -> tuple[int, int]:
         return self.cfg.num_steps, self.cfg.num_sensors
 
-    def coords(self, n0: int = 0, n1: int | None = None) -> np.ndarray:
-        """x/y km of sensors n0..n1 [n, 2], uniform in the square domain."""
-        n1 = self.cfg.num_sensors if n1 is None else n1
-        out = []
-        for tile in range(n0 // TILE_N, (n1 - 1) // TILE_N + 1):
-            xy = _rng(self.cfg.seed, _POS, tile).uniform(0, self.cfg.domain_km, (TILE_N, 2))
-            lo, hi = tile * TILE_N, (tile + 1) * TILE_N
-            out.append(xy[max(n0, lo) - lo : min(n1, hi) - lo])
-        return np.concatenate(out)
+    def coords(self, sensors: np.ndarray) -> np.ndarray:
+        """x/y km [n, 2] of the sensors with indices ``sensors`` [n], uniform in the domain."""
+        sensors = np.asarray(sensors, dtype=np.uint64)
+        x = counter_uniform(self.cfg.seed, _POS_X, sensors)
+        y = counter_uniform(self.cfg.seed, _POS_Y, sensors)
+        return self.cfg.domain_km * np.stack([x, y], axis=1)
 
     def coefficients(self) -> np.ndarray:
         """AR(1) Fourier coefficients [T, 2M], stationary with unit variance (cached)."""
@@ -101,29 +121,26 @@ class SyntheticField:
             self._coef = np.concatenate([eps[:1], rest])
         return self._coef
 
-    def latent(self, t0: int, t1: int, n0: int, n1: int) -> np.ndarray:
-        """The noise-free field [t1 - t0, n1 - n0] (float64, without the mean)."""
-        phase = self.omega @ self.coords(n0, n1).T  # [M, n]
+    def latent(self, t0: int, t1: int, sensors: np.ndarray) -> np.ndarray:
+        """The noise-free field [t1 - t0, n] at ``sensors`` (float64, without the mean)."""
+        phase = self.omega @ self.coords(sensors).T  # [M, n]
         basis = np.concatenate([np.cos(phase), np.sin(phase)])  # [2M, n]
         scale = math.sqrt(self.cfg.variance / len(self.omega))
         return scale * (self.coefficients()[t0:t1] @ basis)
 
-    def noise(self, t0: int, t1: int, n0: int, n1: int) -> np.ndarray:
-        """Standard-normal measurement noise [t1 - t0, n1 - n0] from canonical tiles."""
-        out = np.empty((t1 - t0, n1 - n0))
-        for ti in range(t0 // TILE_T, (t1 - 1) // TILE_T + 1):
-            for ni in range(n0 // TILE_N, (n1 - 1) // TILE_N + 1):
-                tile = _rng(self.cfg.seed, _NOISE, ti, ni).standard_normal((TILE_T, TILE_N))
-                ta, tb = max(t0, ti * TILE_T), min(t1, (ti + 1) * TILE_T)
-                na, nb = max(n0, ni * TILE_N), min(n1, (ni + 1) * TILE_N)
-                out[ta - t0 : tb - t0, na - n0 : nb - n0] = tile[
-                    ta - ti * TILE_T : tb - ti * TILE_T, na - ni * TILE_N : nb - ni * TILE_N
-                ]
-        return out
+    def noise(self, t0: int, t1: int, sensors: np.ndarray) -> np.ndarray:
+        """Standard-normal measurement noise [t1 - t0, n], a pure function of (t, sensor)."""
+        counter = np.arange(t0, t1, dtype=np.uint64)[:, None] * np.uint64(
+            self.cfg.num_sensors
+        ) + np.asarray(sensors, dtype=np.uint64)[None, :]
+        return counter_normal(self.cfg.seed, _NOISE_A, _NOISE_B, counter)
 
-    def values(self, t0: int, t1: int, n0: int, n1: int) -> np.ndarray:
-        """Observed values [t1 - t0, n1 - n0] float32: mean + field + sqrt(nugget) * noise."""
-        obs = self.latent(t0, t1, n0, n1) + math.sqrt(self.cfg.nugget) * self.noise(t0, t1, n0, n1)
+    def values(self, t0: int, t1: int, sensors: np.ndarray | None = None) -> np.ndarray:
+        """Observed values [t1 - t0, n] float32 at ``sensors`` (default: all, in index order):
+        mean + field + sqrt(nugget) * noise."""
+        if sensors is None:
+            sensors = np.arange(self.cfg.num_sensors)
+        obs = self.latent(t0, t1, sensors) + math.sqrt(self.cfg.nugget) * self.noise(t0, t1, sensors)
         return (obs + self.cfg.mean).astype(np.float32)
 
     def truth(self) -> dict[str, float | str]:

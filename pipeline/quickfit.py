@@ -1,0 +1,93 @@
+"""In-memory, single-process training of the forecaster on a synthetic field.
+
+The laboratory for deep variography (does the learned range find the true one?): no store, no
+launcher, plain PyTorch. Production training (DeepSpeed, checkpoints, tracking) is
+``pipeline/train.py``; both build batches with :class:`pipeline.data.WindowSource`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from pipeline.config import Config
+from pipeline.covariance import positions_km
+from pipeline.data import WindowSource
+from pipeline.model import LOSSES, Forecaster, parameter_groups
+from pipeline.neighbours import k_nearest
+from pipeline.synthetic import SyntheticField
+
+
+@dataclass
+class FitResult:
+    model: Forecaster
+    coords: np.ndarray  # [N, 2] km
+    train_values: np.ndarray  # [T_train, N]
+    ranges: list[list[float]] = field(default_factory=list)  # per logged step: layer-0 heads
+    losses: list[float] = field(default_factory=list)
+    val_loss: float = float("nan")
+
+    def learned(self) -> list[dict[str, list[float]]]:
+        return [k.describe() for k in self.model.kernels()]
+
+
+def synthetic_source(cfg: Config) -> tuple[WindowSource, np.ndarray]:
+    """The synthetic field of ``cfg.data.synthetic`` in memory, with train statistics."""
+    syn = cfg.data.synthetic
+    fld = SyntheticField(syn)
+    values = fld.values(0, syn.num_steps)[..., None]  # [T, N, 1]
+    n_train = int(syn.num_steps * cfg.data.train_fraction)
+    time = pd.date_range(syn.start, periods=syn.num_steps, freq=syn.freq).asi8
+    src = WindowSource(
+        values=values, mask=np.ones_like(values, dtype=bool), time=time,
+        mean=values[:n_train].mean(0), std=values[:n_train].std(0) + 1e-6,
+        time_in=cfg.data.time_in, horizon=cfg.data.horizon,
+    )
+    return src, fld.coords(np.arange(syn.num_sensors))
+
+
+def fit_synthetic(cfg: Config, progress: bool = True) -> FitResult:
+    """Train on the synthetic field for ``cfg.train.steps`` steps; validate at the end."""
+    torch.manual_seed(cfg.train.seed)
+    rng = np.random.default_rng(cfg.train.seed)
+    src, coords = synthetic_source(cfg)
+    t = cfg.data.synthetic.num_steps
+    n_train, n_val = int(t * cfg.data.train_fraction), int(t * cfg.data.val_fraction)
+    pos_np, frame = positions_km(coords, "xy")
+    pos = torch.from_numpy(pos_np).float()
+    neighbours = torch.from_numpy(k_nearest(pos_np, cfg.model.knn)[0])
+    model = Forecaster(cfg.model, cfg.data.time_in, cfg.data.horizon, 1, len(coords))
+    model.set_frame(torch.from_numpy(frame).float())
+    opt = torch.optim.AdamW(
+        parameter_groups(model, cfg.train.lr, cfg.train.kernel_lr, cfg.train.weight_decay)
+    )
+    loss_fn = LOSSES[cfg.train.loss]
+    result = FitResult(model, coords, src.values[:n_train, :, 0])
+    train_origins = src.origins(0, n_train)
+    bar = tqdm(range(cfg.train.steps), disable=not progress, desc="fit", leave=False)
+    for step in bar:
+        model.set_qk(step >= cfg.train.kernel_warmup_steps)
+        b = src.batch(np.sort(rng.choice(train_origins, cfg.train.batch_size, replace=False)))
+        mean, std = model(b["x"], b["x_mask"], b["calendar"], pos, neighbours)
+        loss = loss_fn(mean, std, b["y"], b["y_mask"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps - 1:
+            result.losses.append(loss.item())
+            result.ranges.append(model.kernels()[0].describe()["range_km"])
+            bar.set_postfix(loss=f"{loss.item():.4f}", range=f"{result.ranges[-1][0]:.1f}")
+    model.set_qk(True)
+    val = src.origins(n_train, n_train + n_val)
+    with torch.no_grad():
+        losses = []
+        for chunk in np.array_split(val, max(1, len(val) // 32)):
+            b = src.batch(chunk)
+            mean, std = model(b["x"], b["x_mask"], b["calendar"], pos, neighbours)
+            losses.append(loss_fn(mean, std, b["y"], b["y_mask"]).item())
+    result.val_loss = float(np.mean(losses))
+    return result

@@ -1,0 +1,71 @@
+import math
+
+import numpy as np
+import pytest
+import scoringrules
+import torch
+from scipy import stats
+
+from pipeline.config import load_config
+from pipeline.covariance import positions_km
+from pipeline.model import Forecaster, gaussian_crps, gaussian_nll
+from pipeline.neighbours import k_nearest
+
+
+def _inputs(n=30, b=2, t=6, f=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    coords = np.random.default_rng(seed).uniform(0, 50, (n, 2))
+    pos, frame = positions_km(coords, "xy")
+    x = torch.randn(b, t, n, f, generator=g)
+    mask = torch.rand(b, t, n, f, generator=g) > 0.2
+    cal = torch.randn(b, 4, generator=g)
+    return x, mask, cal, torch.tensor(pos, dtype=torch.float32), torch.from_numpy(k_nearest(pos, 8)[0]), frame
+
+
+@pytest.mark.parametrize("backend", ["dense", "knn"])
+def test_forecaster_shapes_and_gradients(backend):
+    cfg = load_config(None, [f"model.backend={backend}", "model.anisotropy=true", "model.d_model=32"])
+    x, mask, cal, pos, nb, frame = _inputs()
+    model = Forecaster(cfg.model, time_in=6, horizon=3, features=2)
+    model.set_frame(torch.tensor(frame, dtype=torch.float32))
+    mean, std = model(x, mask, cal, pos, nb)
+    assert mean.shape == std.shape == (2, 3, 30, 2)
+    assert (std > 0).all()
+    y = torch.randn_like(mean)
+    loss = gaussian_crps(mean, std, y, torch.ones_like(y, dtype=torch.bool))
+    loss.backward()
+    kernel = model.kernels()[0]
+    assert kernel.raw_range.grad is not None and torch.isfinite(kernel.raw_range.grad).all()
+
+
+def test_forecasts_at_unseen_sensors():
+    """No per-sensor parameters: a model runs on a network of another size."""
+    cfg = load_config(None, ["model.d_model=16"])
+    model = Forecaster(cfg.model, time_in=6, horizon=3, features=2)
+    for n in (30, 45):
+        x, mask, cal, pos, nb, _ = _inputs(n=n)
+        assert model(x, mask, cal, pos, nb)[0].shape == (2, 3, n, 2)
+
+
+def test_missing_inputs_do_not_leak():
+    """Values under a False mask do not change the forecast."""
+    cfg = load_config(None, ["model.d_model=16"])
+    model = Forecaster(cfg.model, time_in=6, horizon=3, features=2)
+    x, mask, cal, pos, nb, _ = _inputs()
+    a = model(x, mask, cal, pos, nb)[0]
+    b = model(torch.where(mask, x, torch.full_like(x, 1e6)), mask, cal, pos, nb)[0]
+    torch.testing.assert_close(a, b)
+
+
+def test_crps_matches_scoringrules_and_nll_matches_scipy():
+    rng = np.random.default_rng(0)
+    mu, sigma, y = rng.normal(size=200), rng.uniform(0.1, 3, 200), rng.normal(size=200) * 2
+    mask = rng.uniform(size=200) > 0.3
+    t = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
+    ref = scoringrules.crps_normal(y, mu, sigma)
+    np.testing.assert_allclose(gaussian_crps(t(mu), t(sigma), t(y)).numpy(), ref, atol=1e-10)
+    masked = gaussian_crps(t(mu), t(sigma), t(y), torch.tensor(mask)).item()
+    assert masked == pytest.approx(ref[mask].mean(), abs=1e-10)
+    nll = gaussian_nll(t(mu), t(sigma), t(y), torch.tensor(mask)).item()
+    assert nll == pytest.approx(-stats.norm.logpdf(y, mu, sigma)[mask].mean(), abs=1e-10)
+    assert not math.isnan(gaussian_crps(t(mu), t(sigma), t(y), torch.zeros(200, dtype=torch.bool)).item())
