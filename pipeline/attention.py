@@ -47,9 +47,12 @@ def knn_attention(
     q: Tensor, k: Tensor, v: Tensor, pos: Tensor, observed: Tensor,
     kernel: CovarianceBias, neighbours: Tensor | None, use_qk: bool,
 ) -> Tensor:
-    """Like :func:`dense_attention` over each query's neighbours [N, k] only."""
+    """Like :func:`dense_attention` over each query's neighbours [N, k] only; entries -1
+    (outside a spatial tile) are masked."""
     if neighbours is None:
         raise ValueError("the knn backend needs a neighbour index [node, k]")
+    valid = neighbours >= 0  # [N, k]
+    neighbours = neighbours.clamp_min(0)
     n, kn = neighbours.shape
     kk = k[:, :, neighbours]  # [B, H, N, k, dh]
     vv = v[:, :, neighbours]  # [B, H, N, k, dh]
@@ -57,11 +60,11 @@ def knn_attention(
         scores = (q.unsqueeze(-2) * kk).sum(-1) / math.sqrt(q.shape[-1])  # [B, H, N, k]
     else:
         scores = q.new_zeros(q.shape[0], q.shape[1], n, kn)
-    is_self = neighbours == torch.arange(n, device=q.device)[:, None]  # [N, k]
+    is_self = (neighbours == torch.arange(n, device=q.device)[:, None]) & valid  # [N, k]
     bias = kernel.log_bias(pos[:, None, :] - pos[neighbours], is_self)  # [H, N, k]
     if bias is not None:
         scores = scores + bias.to(scores.dtype)
-    keep = (observed[:, neighbours] | is_self)[:, None]  # [B, 1, N, k]
+    keep = ((observed[:, neighbours] & valid) | is_self)[:, None]  # [B, 1, N, k]
     weights = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
     return (weights.unsqueeze(-1) * vv).sum(-2)  # [B, H, N, dh]
 

@@ -73,13 +73,54 @@ class SyntheticConfig(_Section):
         return self
 
 
+class SourceConfig(_Section):
+    """Raw input files of preprocessing (README, "Bring your own data")."""
+
+    kind: Literal["synthetic", "wide_csv", "long_csv", "parquet", "hdf5"] = "synthetic"
+    """``synthetic`` (data.synthetic), ``wide_csv`` (a column per sensor), ``long_csv`` /
+    ``parquet`` (rows of sensor_id, time, value[, more features]), ``hdf5`` (METR-LA layout)."""
+    path: str | None = None
+    """The data file (not used by ``synthetic``)."""
+    locations: str | None = None
+    """CSV of sensor positions: ``sensor_id`` + ``latitude``/``longitude`` or ``x``/``y`` (km)."""
+    locations_header: bool = True
+    """False when the locations file has no header row (columns: sensor_id, lat, lon)."""
+    time_column: str | None = None
+    """Wide CSV: name of the timestamp column; None when rows carry no timestamp (then
+    ``start`` and ``freq`` define the time axis). Long formats: the time column (``time``)."""
+    sensor_column: str = "sensor_id"
+    """Long formats: the sensor id column."""
+    value_columns: list[str] = ["value"]
+    """Long formats: the feature columns (F = their number)."""
+    start: str | None = None
+    """Timestamp of the first row when rows carry no timestamp (UTC)."""
+    freq: str | None = None
+    """Time step (pandas frequency string, e.g. ``5min``); inferred from timestamps if None."""
+    sentinels: list[float] = []
+    """Values that mean "missing" (e.g. 0 for METR-LA speeds): masked, never used."""
+    hdf5_key: str = "df"
+    """HDF5: the pandas key of the frame."""
+    units: str = ""
+    """Units of the values (recorded in the store)."""
+
+
 class DataConfig(_Section):
     """Where the data comes from and how windows are cut."""
 
     store: str = "stores/small.zarr"
     """Path of the Zarr store that preprocessing writes and training reads."""
+    source: SourceConfig = SourceConfig()
+    """Raw input of preprocessing."""
     synthetic: SyntheticConfig = SyntheticConfig()
     """Parameters of the synthetic field (used when the source is synthetic)."""
+    overwrite: bool = False
+    """Replace an existing store at ``store`` (otherwise preprocessing refuses)."""
+    time_chunk: int = Field(64, ge=1)
+    """Time steps per store chunk (a training window reads one or two chunks)."""
+    node_chunk: int = Field(4096, ge=1)
+    """Sensors per store chunk (a spatial tile reads a few of them)."""
+    tile_size: int | None = Field(None, ge=1)
+    """Train on spatial tiles of this many target sensors (plus halo); None: whole network."""
     time_in: int = Field(12, ge=1)
     """Input window length (time steps)."""
     horizon: int = Field(12, ge=1)

@@ -1,23 +1,69 @@
-"""Training windows cut from [time, node, feature] arrays (NumPy or Zarr), normalised.
+"""Training windows, from in-memory arrays or streamed from a Zarr store.
 
-A window with origin t (the first forecast step) has
-``x [time_in, node, F]`` = values[t - time_in : t], ``y [horizon, node, F]`` =
-values[t : t + horizon], their masks, and the calendar features of time[t].
+A window with origin t (its first forecast step) holds ``x [time_in, node, F]`` =
+values[t - time_in : t], ``y [horizon, node, F]`` = values[t : t + horizon], their masks, and
+the calendar features of time[t]; values are normalised with the train-split mean/std and are 0
+where the mask is False. Windows never cross a split boundary.
+
+:class:`WindowStream` streams batches from a store for training:
+
+- the windows of a split are grouped into blocks (one store time chunk of origins x one
+  spatial tile); an epoch visits every (window, tile) exactly once;
+- the blocks of an epoch are shuffled by (seed, epoch) and dealt to the shards
+  (rank x loader worker) in turn, so shards are disjoint and together cover the epoch; within
+  a block the order is a pure function of (seed, epoch, block), whatever the sharding;
+- a batch holds windows of one block, so it reads one or two time chunks, which a small cache
+  keeps for the next batch of the block; a background thread prefetches batches;
+- the stream is endless (epoch after epoch) and resumes at any step: ``start_step`` skips that
+  many batches of this rank's stream without reading them.
 """
 
 from __future__ import annotations
 
+import math
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from pipeline.calendar import calendar_features
+from pipeline.covariance import positions_km
+from pipeline.store import Store, open_store
+
+
+def cut_windows(
+    values: np.ndarray, mask: np.ndarray, time: np.ndarray, lo: int, origins: np.ndarray,
+    mean: np.ndarray, std: np.ndarray, time_in: int, horizon: int,
+) -> dict[str, torch.Tensor]:
+    """Windows at ``origins`` from a span of rows starting at time step ``lo``.
+
+    values/mask [span, n, F] (rows lo..), time [T] (whole axis), mean/std [n, F].
+    """
+    norm = np.where(mask, (values - mean) / std, 0.0).astype(np.float32)
+    rel = origins - lo
+    x_idx = rel[:, None] + np.arange(-time_in, 0)  # [B, time_in]
+    y_idx = rel[:, None] + np.arange(horizon)  # [B, horizon]
+    return {
+        "x": torch.from_numpy(norm[x_idx]),  # [B, time_in, n, F]
+        "x_mask": torch.from_numpy(mask[x_idx]),
+        "y": torch.from_numpy(norm[y_idx]),  # [B, horizon, n, F]
+        "y_mask": torch.from_numpy(mask[y_idx]),
+        "calendar": torch.from_numpy(calendar_features(time[origins])),  # [B, 4]
+    }
+
+
+def window_origins(start: int, stop: int, time_in: int, horizon: int) -> np.ndarray:
+    """Every origin whose whole window lies in time steps [start, stop)."""
+    return np.arange(start + time_in, stop - horizon + 1)
 
 
 @dataclass
 class WindowSource:
-    """Arrays to cut windows from: values/mask [T, N, F], time [T] ns, mean/std [N, F]."""
+    """In-memory arrays to cut windows from: values/mask [T, N, F], time [T], mean/std [N, F]."""
 
     values: np.ndarray
     mask: np.ndarray
@@ -28,22 +74,224 @@ class WindowSource:
     horizon: int
 
     def origins(self, start: int, stop: int) -> np.ndarray:
-        """Every origin whose whole window lies in time steps [start, stop)."""
-        return np.arange(start + self.time_in, stop - self.horizon + 1)
+        return window_origins(start, stop, self.time_in, self.horizon)
 
-    def batch(self, origins: np.ndarray, nodes: slice | np.ndarray = slice(None)) -> dict:
-        """Windows for ``origins`` [B] at ``nodes``, as tensors (see module docstring)."""
+    def batch(self, origins: np.ndarray) -> dict[str, torch.Tensor]:
         lo, hi = int(origins.min()) - self.time_in, int(origins.max()) + self.horizon
-        values = np.asarray(self.values[lo:hi])[:, nodes]  # [span, n, F]
-        mask = np.asarray(self.mask[lo:hi])[:, nodes]
-        values = (values - self.mean[nodes]) / self.std[nodes]
-        rel = origins - lo
-        x_idx = rel[:, None] + np.arange(-self.time_in, 0)  # [B, time_in]
-        y_idx = rel[:, None] + np.arange(self.horizon)  # [B, horizon]
-        return {
-            "x": torch.from_numpy(values[x_idx].astype(np.float32)),  # [B, time_in, n, F]
-            "x_mask": torch.from_numpy(mask[x_idx]),
-            "y": torch.from_numpy(values[y_idx].astype(np.float32)),  # [B, horizon, n, F]
-            "y_mask": torch.from_numpy(mask[y_idx]),
-            "calendar": torch.from_numpy(calendar_features(np.asarray(self.time)[origins])),
-        }
+        return cut_windows(self.values[lo:hi], self.mask[lo:hi], self.time, lo, origins,
+                           self.mean, self.std, self.time_in, self.horizon)
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming from a store
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A node set: ``nodes`` [n] store indices, the first ``targets`` of which are targets;
+    ``neighbours`` [n, k] local indices (-1: outside the tile)."""
+
+    nodes: np.ndarray
+    targets: int
+    neighbours: np.ndarray
+
+
+def make_tiles(store_neighbours: np.ndarray, k: int, tile_size: int | None) -> list[Tile]:
+    """The whole network as one tile, or runs of ``tile_size`` curve-ordered targets + halo."""
+    n = len(store_neighbours)
+    nb = store_neighbours[:, :k]
+    if tile_size is None or tile_size >= n:
+        return [Tile(np.arange(n), n, nb.astype(np.int64))]
+    tiles, lookup = [], np.full(n, -1, dtype=np.int64)
+    for t0 in range(0, n, tile_size):
+        targets = np.arange(t0, min(t0 + tile_size, n))
+        halo = np.setdiff1d(np.unique(nb[targets]), targets)
+        nodes = np.concatenate([targets, halo])
+        lookup[nodes] = np.arange(len(nodes))
+        tiles.append(Tile(nodes, len(targets), lookup[nb[nodes]]))
+        lookup[nodes] = -1
+    return tiles
+
+
+class ChunkCache:
+    """Whole (time chunk, node chunk) blocks of values and mask, least recently used out."""
+
+    def __init__(self, store: Store, capacity: int = 32) -> None:
+        self.values, self.mask = store["values"], store["mask"]
+        self.tc, self.nc = self.values.chunks[0], self.values.chunks[1]
+        self.capacity, self.blocks = capacity, OrderedDict()
+        self.bytes_read = 0
+
+    def _block(self, ti: int, ni: int) -> tuple[np.ndarray, np.ndarray]:
+        key = (ti, ni)
+        if key in self.blocks:
+            self.blocks.move_to_end(key)
+            return self.blocks[key]
+        sl = (slice(ti * self.tc, (ti + 1) * self.tc), slice(ni * self.nc, (ni + 1) * self.nc))
+        block = (self.values[sl], self.mask[sl])
+        self.bytes_read += block[0].nbytes + block[1].nbytes
+        self.blocks[key] = block
+        if len(self.blocks) > self.capacity:
+            self.blocks.popitem(last=False)
+        return block
+
+    def read(self, lo: int, hi: int, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """values, mask [hi - lo, len(nodes), F] for time steps [lo, hi) at store ``nodes``."""
+        f = self.values.shape[2]
+        values = np.empty((hi - lo, len(nodes), f), dtype=np.float32)
+        mask = np.empty((hi - lo, len(nodes), f), dtype=bool)
+        node_chunk = nodes // self.nc
+        for ni in np.unique(node_chunk):
+            cols = np.flatnonzero(node_chunk == ni)
+            local = nodes[cols] - ni * self.nc
+            for ti in range(lo // self.tc, (hi - 1) // self.tc + 1):
+                a, b = max(lo, ti * self.tc), min(hi, (ti + 1) * self.tc)
+                bv, bm = self._block(ti, int(ni))
+                values[a - lo : b - lo, cols] = bv[a - ti * self.tc : b - ti * self.tc][:, local]
+                mask[a - lo : b - lo, cols] = bm[a - ti * self.tc : b - ti * self.tc][:, local]
+        return values, mask
+
+
+class WindowStream(torch.utils.data.IterableDataset):
+    """Endless, sharded, resumable batches of windows from a store (see module docstring).
+
+    Each item is a dict: x, x_mask [B, time_in, n, F]; y, y_mask [B, horizon, n, F];
+    calendar [B, 4]; pos [n, 3] km; neighbours [n, k] (local, -1 outside the tile);
+    target [n] bool (loss on targets only); nodes [n] store indices; origins [B];
+    epoch and step (the rank-level batch counter).
+    """
+
+    def __init__(
+        self, store: str, split: str, time_in: int, horizon: int, batch_size: int, k: int,
+        seed: int = 0, rank: int = 0, world_size: int = 1, tile_size: int | None = None,
+        start_step: int = 0, prefetch: int = 2, shuffle: bool = True,
+    ) -> None:
+        super().__init__()
+        self.path, self.split, self.batch_size = store, split, batch_size
+        self.time_in, self.horizon, self.seed, self.shuffle = time_in, horizon, seed, shuffle
+        self.rank, self.world_size, self.start_step, self.prefetch = rank, world_size, start_step, prefetch
+        st = open_store(store)
+        n_store_k = st["neighbours"].shape[1]
+        if k > n_store_k:
+            raise ValueError(
+                f"model.knn = {k} exceeds the {n_store_k} neighbours stored in {store}; "
+                "preprocess again with a larger data.neighbours or lower model.knn"
+            )
+        self.time_chunk = st["values"].chunks[0]
+        start, stop = st.split(split)
+        self.origins = window_origins(start, stop, time_in, horizon)
+        if len(self.origins) == 0:
+            raise ValueError(f"store {store}: split {split!r} [{start}, {stop}) holds no window "
+                             f"of {time_in} + {horizon} steps")
+        self.tiles = make_tiles(st["neighbours"][:], k, tile_size)
+        pos, _ = positions_km(st["coords"][:], st.attrs["crs"])
+        self.pos = pos.astype(np.float32)
+        # blocks: (tile, origins whose time chunk is the same)
+        groups = self.origins // self.time_chunk
+        self.blocks = [(t, self.origins[groups == g]) for t in range(len(self.tiles))
+                       for g in np.unique(groups)]
+
+    # -- the plan: a pure function of (seed, epoch, shard) ------------------------------------
+
+    def shard_batches(self, epoch: int, shard: int, shards: int) -> list[tuple[int, np.ndarray]]:
+        """(tile, origins) of every batch of ``shard`` in ``epoch``, in order."""
+        order = np.arange(len(self.blocks))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(order)
+        out = []
+        for b in order[shard::shards]:
+            tile, origins = self.blocks[b]
+            if self.shuffle:
+                origins = np.random.default_rng([self.seed, epoch, b]).permutation(origins)
+            for i in range(0, len(origins), self.batch_size):
+                out.append((tile, np.sort(origins[i : i + self.batch_size])))
+        return out
+
+    def _plan(self, shard: int, shards: int, skip: int) -> Iterator[tuple[int, int, np.ndarray]]:
+        epoch = 0
+        while True:
+            batches = self.shard_batches(epoch, shard, shards)
+            if skip >= len(batches):
+                skip -= len(batches)
+            else:
+                for tile, origins in batches[skip:]:
+                    yield epoch, tile, origins
+                skip = 0
+            epoch += 1
+            if not self.shuffle:  # evaluation: one pass
+                return
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def _load(self, cache: ChunkCache, store: Store, tile_i: int, origins: np.ndarray) -> dict:
+        tile = self.tiles[tile_i]
+        lo, hi = int(origins.min()) - self.time_in, int(origins.max()) + self.horizon
+        values, mask = cache.read(lo, hi, tile.nodes)
+        batch = cut_windows(values, mask, self.time, lo, origins, self.mean[tile.nodes],
+                            self.std[tile.nodes], self.time_in, self.horizon)
+        target = np.zeros(len(tile.nodes), dtype=bool)
+        target[: tile.targets] = True
+        batch.update(
+            pos=torch.from_numpy(self.pos[tile.nodes]),
+            neighbours=torch.from_numpy(tile.neighbours),
+            target=torch.from_numpy(target),
+            nodes=torch.from_numpy(tile.nodes),
+            origins=torch.from_numpy(origins),
+        )
+        return batch
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        shards, shard = self.world_size * workers, self.rank * workers + worker
+        if self.shuffle and shards > len(self.blocks):
+            raise ValueError(
+                f"split {self.split!r} of {self.path} has {len(self.blocks)} blocks of windows, "
+                f"fewer than the {shards} readers (ranks x loader workers): use fewer loader "
+                "workers or a smaller data.time_chunk"
+            )
+        # the rank's stream interleaves its workers: batch s comes from worker s % workers
+        skip = max(0, math.ceil((self.start_step - worker) / workers))
+        store = open_store(self.path)
+        self.time = store["time"][:]
+        self.mean, self.std = store["mean"][:], store["std"][:]
+        cache = ChunkCache(store)
+        plan = self._plan(shard, shards, skip)
+        step0 = skip * workers + worker
+
+        stop = threading.Event()
+
+        def put(out: queue.Queue, item) -> bool:
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce(out: queue.Queue) -> None:
+            try:
+                for i, (epoch, tile, origins) in enumerate(plan):
+                    batch = self._load(cache, store, tile, origins)
+                    batch["epoch"], batch["step"] = epoch, step0 + i * workers
+                    if not put(out, batch):
+                        return
+            except BaseException as exc:  # hand the error to the consumer
+                put(out, exc)
+            put(out, None)
+
+        q: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
+        thread = threading.Thread(target=produce, args=(q,), daemon=True)
+        thread.start()
+        self.cache = cache
+        try:
+            while True:
+                item = q.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()

@@ -41,7 +41,7 @@ def synthetic_source(cfg: Config) -> tuple[WindowSource, np.ndarray]:
     fld = SyntheticField(syn)
     values = fld.values(0, syn.num_steps)[..., None]  # [T, N, 1]
     n_train = int(syn.num_steps * cfg.data.train_fraction)
-    time = pd.date_range(syn.start, periods=syn.num_steps, freq=syn.freq).asi8
+    time = pd.date_range(syn.start, periods=syn.num_steps, freq=syn.freq).as_unit("ns").asi8
     src = WindowSource(
         values=values, mask=np.ones_like(values, dtype=bool), time=time,
         mean=values[:n_train].mean(0), std=values[:n_train].std(0) + 1e-6,

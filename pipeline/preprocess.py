@@ -1,0 +1,170 @@
+"""Dask preprocessing: raw source -> validated, cleaned, curve-ordered Zarr v3 store.
+
+    open + validate the source -> sort sensors along a Morton curve -> one Dask task per
+    (time chunk[, node chunk]): read, mask NaN / inf / sentinels, write the chunk, return
+    train-split partial sums -> per-sensor mean/std from the train split only -> k-nearest
+    neighbours (KD-tree, km) -> attributes -> validate -> publish atomically.
+
+The only module that imports Dask. It runs on a ``LocalCluster`` (``dask.workers`` x
+``dask.threads_per_worker``) or on an existing scheduler (``dask.scheduler`` or
+``$DASK_SCHEDULER_ADDRESS``): the same code either way. Chunking: ``time_chunk`` steps x
+``node_chunk`` sensors x F (64 x 4096 x 1 float32 = 1 MiB by default): a training window of
+time_in + horizon <= 64 steps touches one or two time chunks, and a spatial tile of a few
+thousand curve-ordered sensors touches one or two node chunks, so the loader reads whole,
+reusable chunks of about a megabyte each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import zarr
+from dask.distributed import Client, LocalCluster, as_completed
+from tqdm import tqdm
+
+from pipeline.config import Config, DaskConfig
+from pipeline.covariance import positions_km
+from pipeline.neighbours import k_nearest, morton_order
+from pipeline.sources import Source, SourceError, open_source, sha256
+from pipeline.store import SCHEMA_VERSION, atomic_store, create_arrays
+
+
+@contextlib.contextmanager
+def dask_client(cfg: DaskConfig) -> Iterator[Client]:
+    """A client of the configured scheduler, or of a LocalCluster bound to 127.0.0.1."""
+    address = cfg.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
+    if address:
+        with Client(address) as client:
+            yield client
+        return
+    with (
+        LocalCluster(
+            n_workers=cfg.workers, threads_per_worker=cfg.threads_per_worker, processes=True,
+            host="127.0.0.1", dashboard_address=None,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
+
+def _write_block(
+    source: Source, store: str, g0: int, g1: int, n0: int, n1: int, sensors: np.ndarray,
+    sentinels: tuple[float, ...], train_stop: int,
+) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Read, clean and write values[g0:g1, n0:n1]; return train sums (sum, sumsq, count) and
+    the count of observations in the block, per sensor and feature."""
+    values = source.read(g0, g1, sensors).astype(np.float32)  # [t, n, F]
+    mask = np.isfinite(values)
+    if sentinels:
+        mask &= ~np.isin(values, np.asarray(sentinels, dtype=np.float32))
+    values = np.where(mask, values, np.float32(np.nan))
+    root = zarr.open_group(store, mode="r+")
+    root["values"][g0:g1, n0:n1] = values
+    root["mask"][g0:g1, n0:n1] = mask
+    train = values[: max(0, min(g1, train_stop) - g0)].astype(np.float64)
+    tmask = mask[: len(train)]
+    zeros = np.where(tmask, train, 0.0)
+    return (n0, n1, zeros.sum(0), (zeros * zeros).sum(0), tmask.sum(0), mask.sum(0))
+
+
+def splits(t: int, train_fraction: float, val_fraction: float) -> dict[str, list[int]]:
+    """Chronological [start, stop) of train / val / test."""
+    a = int(round(t * train_fraction))
+    b = int(round(t * (train_fraction + val_fraction)))
+    return {"train": [0, a], "val": [a, b], "test": [b, t]}
+
+
+def preprocess(cfg: Config, progress: bool = True) -> Path:
+    """Build the store of ``cfg.data`` and return its path."""
+    data = cfg.data
+    target = Path(data.store)
+    if target.exists() and not data.overwrite:
+        raise SourceError(f"store {target} already exists; set data.overwrite=true to replace it")
+    with dask_client(cfg.dask) as client:
+
+        def pmap(func, items):
+            return client.gather(client.map(func, list(items), pure=False))
+
+        source = open_source(data, pmap)
+        t, n, f = len(source.time), len(source.sensor_ids), len(source.features)
+        if t < data.time_in + data.horizon:
+            raise SourceError(
+                f"{source.files[0] if source.files else 'source'}: {t} time steps are fewer "
+                f"than one window (data.time_in + data.horizon = {data.time_in + data.horizon})"
+            )
+        pos, frame = positions_km(source.coords, source.crs)
+        order = morton_order(pos, frame)  # store index j -> source index order[j]
+        split = splits(t, data.train_fraction, data.val_fraction)
+        k = min(data.neighbours, n)
+        with atomic_store(target, data.overwrite) as tmp:
+            root = create_arrays(tmp, t, n, f, k, data.time_chunk, data.node_chunk)
+            node_step = data.node_chunk if source.node_subsets else n
+            blocks = [(g0, min(g0 + data.time_chunk, t), n0, min(n0 + node_step, n))
+                      for g0 in range(0, t, data.time_chunk) for n0 in range(0, n, node_step)]
+            source_future = client.scatter(source, broadcast=True)
+            futures = [
+                client.submit(
+                    _write_block, source_future, str(tmp), g0, g1, n0, n1, order[n0:n1],
+                    tuple(data.source.sentinels), split["train"][1], pure=False,
+                )
+                for g0, g1, n0, n1 in blocks
+            ]
+            total, total_sq = np.zeros((n, f)), np.zeros((n, f))
+            count, seen = np.zeros((n, f)), np.zeros((n, f))
+            bar = tqdm(as_completed(futures), total=len(futures), desc="preprocess",
+                       unit="chunk", disable=not progress)
+            for future in bar:
+                n0, n1, s, sq, c, obs = future.result()
+                total[n0:n1] += s
+                total_sq[n0:n1] += sq
+                count[n0:n1] += c
+                seen[n0:n1] += obs
+            never = np.flatnonzero((seen == 0).all(axis=1))
+            if len(never):
+                ids = [source.sensor_ids[order[j]] for j in never[:10]]
+                raise SourceError(
+                    f"sensors {ids} have no observation at all; drop them from the data and "
+                    "the locations file"
+                )
+            mean, std, fallback = _train_stats(total, total_sq, count)
+            nb, nd = k_nearest(pos[order], k)
+            root["time"][:] = source.time
+            root["coords"][:] = source.coords[order]
+            root["sensor_id"][:] = np.asarray(source.sensor_ids[order], dtype=str)
+            root["order"][:] = order
+            root["neighbours"][:] = nb.astype(np.int32)
+            root["neighbour_dist"][:] = nd.astype(np.float32)
+            root["mean"][:] = mean
+            root["std"][:] = std
+            root.attrs.update({
+                "schema_version": SCHEMA_VERSION, "freq": source.freq, "splits": split,
+                "features": source.features, "units": data.source.units, "crs": source.crs,
+                "sources": [{"path": str(p), "sha256": sha256(p)} for p in source.files],
+                "truth": source.truth, "time_chunk": data.time_chunk,
+                "node_chunk": data.node_chunk, "sentinels": list(data.source.sentinels),
+                "sensors_without_train_stats": [str(source.sensor_ids[order[j]])
+                                                for j in fallback[:100]],
+                "observed_fraction": float(seen.sum() / (t * n * f)),
+            })
+    return target
+
+
+def _train_stats(total, total_sq, count):
+    """Per-sensor mean/std [N, F] from train sums; sensors without train observations take
+    the network's train mean/std (listed in the store's attributes)."""
+    net_count = count.sum(0)
+    net_mean = total.sum(0) / np.maximum(net_count, 1)
+    net_std = np.sqrt(np.maximum(total_sq.sum(0) / np.maximum(net_count, 1) - net_mean**2, 0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = total / count
+        std = np.sqrt(np.maximum(total_sq / count - mean**2, 0))
+    missing = count == 0
+    mean = np.where(missing, net_mean, mean)
+    std = np.where(missing, net_std, std)
+    std = np.where(std > 1e-6, std, np.maximum(net_std, 1e-6))  # constant sensors: no 0 std
+    fallback = np.flatnonzero(missing.any(axis=1))
+    return mean.astype(np.float32), std.astype(np.float32), fallback

@@ -1,0 +1,191 @@
+"""The Zarr v3 store layout (DESIGN.md section 2): create, publish atomically, open and validate.
+
+    values         float32 [T, N, F]  chunks (time_chunk, node_chunk, F); NaN where missing
+    mask           bool    [T, N, F]  True where observed
+    time           int64   [T]        ns since epoch, UTC, regular (attrs.freq)
+    coords         float64 [N, 2]     lat/lon degrees or x/y km (attrs.crs)
+    sensor_id      str     [N]
+    order          int64   [N]        original (source) index of each sensor
+    neighbours     int32   [N, k]     k nearest sensors (itself first), store indices
+    neighbour_dist float32 [N, k]     km
+    mean, std      float32 [N, F]     from the train split only
+    attrs          schema_version, freq, splits, features, units, crs, sources (+ sha256),
+                   synthetic truth, chunking
+
+Sensors are stored in space-filling-curve order: ``order[j]`` is the source index of store
+sensor ``j``. A store is built under a temporary sibling path, validated, marked complete
+(``COMPLETE`` file) and then renamed into place; a directory without the marker is never
+opened as a finished store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+SCHEMA_VERSION = 1
+MARKER = "COMPLETE"
+ARRAYS = ("values", "mask", "time", "coords", "sensor_id", "order", "neighbours",
+          "neighbour_dist", "mean", "std")
+
+
+class StoreError(RuntimeError):
+    """A store that is missing, unfinished, of another schema version, or inconsistent."""
+
+
+def create_arrays(
+    path: Path, t: int, n: int, f: int, k: int, time_chunk: int, node_chunk: int
+) -> zarr.Group:
+    """Create the empty arrays of a store at ``path`` (a temporary path: see atomic_store)."""
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    chunks = (min(time_chunk, t), min(node_chunk, n), f)
+    root.create_array("values", shape=(t, n, f), chunks=chunks, dtype="float32",
+                      fill_value=np.nan)
+    root.create_array("mask", shape=(t, n, f), chunks=chunks, dtype="bool", fill_value=False)
+    root.create_array("time", shape=(t,), chunks=(t,), dtype="int64")
+    root.create_array("coords", shape=(n, 2), chunks=(n, 2), dtype="float64")
+    root.create_array("sensor_id", shape=(n,), chunks=(n,), dtype=str)
+    root.create_array("order", shape=(n,), chunks=(n,), dtype="int64")
+    root.create_array("neighbours", shape=(n, k), chunks=(min(n, 1 << 18), k), dtype="int32")
+    root.create_array("neighbour_dist", shape=(n, k), chunks=(min(n, 1 << 18), k),
+                      dtype="float32")
+    root.create_array("mean", shape=(n, f), chunks=(n, f), dtype="float32")
+    root.create_array("std", shape=(n, f), chunks=(n, f), dtype="float32")
+    return root
+
+
+@dataclass
+class Store:
+    """An opened, validated store. Arrays are Zarr arrays (read lazily)."""
+
+    path: Path
+    root: zarr.Group
+
+    def __getitem__(self, name: str) -> zarr.Array:
+        return self.root[name]
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self.root.attrs)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.root["values"].shape)
+
+    def split(self, name: str) -> tuple[int, int]:
+        """[start, stop) time steps of the split ``train``, ``val`` or ``test``."""
+        start, stop = self.attrs["splits"][name]
+        return int(start), int(stop)
+
+    def fingerprint(self) -> str:
+        """A short hash of the store's metadata and its source hashes (for run tracking)."""
+        meta = json.dumps(self.attrs, sort_keys=True, default=str).encode()
+        return hashlib.sha256(meta).hexdigest()[:16]
+
+
+def validate(root: zarr.Group, where: Path) -> None:
+    """Check the layout and its invariants; raise StoreError naming what is wrong."""
+    attrs = dict(root.attrs)
+    for name in ARRAYS:
+        if name not in root:
+            raise StoreError(f"store {where}: array {name!r} is missing")
+    t, n, f = root["values"].shape
+    expect = {"mask": (t, n, f), "time": (t,), "coords": (n, 2), "sensor_id": (n,),
+              "order": (n,), "mean": (n, f), "std": (n, f)}
+    for name, shape in expect.items():
+        if tuple(root[name].shape) != shape:
+            raise StoreError(f"store {where}: {name} has shape {root[name].shape}, want {shape}")
+    time = root["time"][:]
+    if t > 1 and not (np.diff(time) > 0).all():
+        raise StoreError(f"store {where}: time is not strictly increasing")
+    if not np.isfinite(root["coords"][:]).all():
+        raise StoreError(f"store {where}: coords hold NaN or inf")
+    nb = root["neighbours"][:]
+    if nb.min() < 0 or nb.max() >= n or not (nb[:, 0] == np.arange(n)).all():
+        raise StoreError(f"store {where}: neighbour index out of range or not self-first")
+    if sorted(root["order"][:].tolist()) != list(range(n)):
+        raise StoreError(f"store {where}: order is not a permutation of the sensors")
+    std = root["std"][:]
+    if not (np.isfinite(std).all() and (std > 0).all()):
+        raise StoreError(f"store {where}: std must be finite and positive")
+    splits = attrs.get("splits", {})
+    if set(splits) != {"train", "val", "test"}:
+        raise StoreError(f"store {where}: attrs.splits must name train, val and test")
+
+
+def open_store(path: str | Path) -> Store:
+    """Open a finished store, with clear errors for missing / unfinished / other-version."""
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(
+            f"store {path} does not exist: run `python launch/preprocess.py --config ...` first"
+        )
+    if not (path / MARKER).is_file():
+        raise StoreError(
+            f"store {path} is unfinished (no {MARKER} marker: its preprocessing did not "
+            "complete); delete it and run preprocessing again"
+        )
+    root = zarr.open_group(str(path), mode="r")
+    version = root.attrs.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise StoreError(
+            f"store {path} has schema_version {version}, this code reads {SCHEMA_VERSION}: "
+            "preprocess the data again with this version"
+        )
+    validate(root, path)
+    return Store(path, root)
+
+
+def _remove_stale_partials(target: Path) -> None:
+    """Remove temporary siblings of ``target`` left by killed processes."""
+    for partial in target.parent.glob(f".{target.name}.partial-*"):
+        pid = partial.name.rsplit("-", 2)[-2]
+        alive = True
+        try:
+            os.kill(int(pid), 0)
+        except (ProcessLookupError, ValueError):
+            alive = False
+        except PermissionError:
+            pass
+        if not alive:
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_store(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path to build a store in; on success validate it, mark it complete
+    and move it to ``target``. On any error the temporary path is removed and ``target`` is
+    left as it was."""
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise StoreError(
+            f"store {target} already exists; set data.overwrite=true to replace it"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(target)
+    tmp = target.parent / f".{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        yield tmp
+        validate(zarr.open_group(str(tmp), mode="r"), tmp)
+        (tmp / MARKER).write_text(json.dumps({"schema_version": SCHEMA_VERSION}))
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(target, old)
+        os.rename(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
