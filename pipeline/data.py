@@ -242,7 +242,11 @@ class WindowStream(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        workers, loader_id = (info.num_workers, info.id) if info else (1, 0)
+        # The rank's stream interleaves its workers' shards: step s is batch s // workers of
+        # shard (rank, s % workers). The DataLoader asks its worker 0 first, so loader worker
+        # i serves the shard whose first step at or after start_step is start_step + i.
+        worker = (loader_id + self.start_step) % workers
         shards, shard = self.world_size * workers, self.rank * workers + worker
         if self.shuffle and shards > len(self.blocks):
             raise ValueError(
@@ -250,14 +254,13 @@ class WindowStream(torch.utils.data.IterableDataset):
                 f"fewer than the {shards} readers (ranks x loader workers): use fewer loader "
                 "workers or a smaller data.time_chunk"
             )
-        # the rank's stream interleaves its workers: batch s comes from worker s % workers
-        skip = max(0, math.ceil((self.start_step - worker) / workers))
+        step0 = self.start_step + loader_id
+        skip = (step0 - worker) // workers
         store = open_store(self.path)
         self.time = store["time"][:]
         self.mean, self.std = store["mean"][:], store["std"][:]
         cache = ChunkCache(store)
         plan = self._plan(shard, shards, skip)
-        step0 = skip * workers + worker
 
         stop = threading.Event()
 

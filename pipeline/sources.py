@@ -205,7 +205,7 @@ def _axis_from_start(start: str | None, freq: str | None, rows: int, where: str)
 
 def _first_bad_cell(frame: pd.DataFrame, columns: Sequence[str], where: str, first_line: int):
     for j, col in enumerate(frame.columns):
-        if frame[col].dtype == object:
+        if not pd.api.types.is_numeric_dtype(frame[col]):
             num = pd.to_numeric(frame[col], errors="coerce")
             bad = num.isna() & frame[col].notna() & (frame[col].astype(str).str.strip() != "")
             if bad.any():
@@ -352,8 +352,8 @@ def open_long(cfg: DataConfig, pmap: PMap) -> ArraySource:
         raise SourceError(f"{path} has a header but no data rows")
     where = f"{path}"
     values = frame[src.value_columns]
-    for j, col in enumerate(src.value_columns):
-        if values[col].dtype == object:
+    for col in src.value_columns:
+        if not pd.api.types.is_numeric_dtype(values[col]):
             num = pd.to_numeric(values[col], errors="coerce")
             bad = num.isna() & values[col].notna()
             if bad.any():

@@ -16,3 +16,28 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data folder {SHARED_DATA} is absent (see shared/data/README.md)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def scheduler():
+    """A real local Dask cluster shared by the tests (passed as dask.scheduler)."""
+    from dask.distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1",
+                      dashboard_address=None) as cluster:
+        yield cluster.scheduler_address
+
+
+@pytest.fixture(scope="session")
+def synthetic_store(scheduler, tmp_path_factory):
+    """A small synthetic store (300 sensors x 400 steps, small chunks)."""
+    from pipeline.config import load_config
+    from pipeline.preprocess import preprocess
+
+    path = tmp_path_factory.mktemp("stores") / "syn.zarr"
+    cfg = load_config(None, [
+        f"dask.scheduler={scheduler}", f"data.store={path}", "data.synthetic.num_sensors=300",
+        "data.synthetic.num_steps=400", "data.time_chunk=32", "data.node_chunk=64",
+        "data.time_in=6", "data.horizon=3", "data.neighbours=8",
+    ])
+    return preprocess(cfg, progress=False)

@@ -1,0 +1,92 @@
+import numpy as np
+import pytest
+import torch
+
+from pipeline.data import WindowStream, make_tiles
+from pipeline.store import open_store
+
+
+def stream(path, **kw):
+    args = dict(store=str(path), split="train", time_in=6, horizon=3, batch_size=5, k=8, seed=3)
+    args.update(kw)
+    return WindowStream(**args)
+
+
+def epoch_items(s, world, workers, epoch=0):
+    shards = world * workers
+    return [[(t, o) for t, origins in s.shard_batches(epoch, sh, shards) for o in origins]
+            for sh in range(shards)]
+
+
+@pytest.mark.parametrize("world,workers", [(1, 1), (2, 1), (2, 2), (3, 2)])
+@pytest.mark.parametrize("tile_size", [None, 100])
+def test_shards_are_disjoint_and_cover_the_epoch(synthetic_store, world, workers, tile_size):
+    s = stream(synthetic_store, tile_size=tile_size)
+    shards = epoch_items(s, world, workers)
+    everything = [item for shard in shards for item in shard]
+    expected = {(t, int(o)) for t in range(len(s.tiles)) for o in s.origins}
+    assert len(everything) == len(expected)  # nothing twice
+    assert {(t, int(o)) for t, o in everything} == expected  # nothing missed
+    assert all(shards), "a shard got no windows"
+
+
+def test_order_is_a_pure_function_of_seed_and_epoch(synthetic_store):
+    a, b = stream(synthetic_store), stream(synthetic_store)
+    assert epoch_items(a, 2, 1) == epoch_items(b, 2, 1)
+    assert epoch_items(a, 2, 1, epoch=0) != epoch_items(a, 2, 1, epoch=1)
+    assert epoch_items(a, 1, 1) != epoch_items(stream(synthetic_store, seed=4), 1, 1)
+
+
+def _take(ds, n, workers):
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == n:
+            break
+    return out
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resumed_stream_is_the_tail_of_the_uninterrupted_one(synthetic_store, workers):
+    full = _take(stream(synthetic_store, rank=1, world_size=2), 40, workers)  # crosses epochs
+    tail = _take(stream(synthetic_store, rank=1, world_size=2, start_step=23), 17, workers)
+    assert [b["step"] for b in tail] == list(range(23, 40))
+    assert full[-1]["epoch"] > 0
+    for a, b in zip(full[23:], tail, strict=True):
+        assert torch.equal(a["origins"], b["origins"])
+        assert torch.equal(a["x"], b["x"]) and torch.equal(a["y_mask"], b["y_mask"])
+
+
+def test_windows_are_normalised_store_values(synthetic_store):
+    store = open_store(synthetic_store)
+    batch = next(iter(stream(synthetic_store)))
+    o = int(batch["origins"][0])
+    values = store["values"][o - 6 : o + 3]
+    norm = (values - store["mean"][:]) / store["std"][:]
+    np.testing.assert_allclose(batch["x"][0].numpy(), norm[:6], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(batch["y"][0].numpy(), norm[6:], rtol=1e-5, atol=1e-5)
+    train_stop = store.split("train")[1]
+    assert batch["origins"].max() + 3 <= train_stop  # windows stay inside the split
+
+
+def test_tiles_cover_targets_once_with_their_halo(synthetic_store):
+    store = open_store(synthetic_store)
+    nb = store["neighbours"][:]
+    tiles = make_tiles(nb, 8, 64)
+    targets = np.concatenate([t.nodes[: t.targets] for t in tiles])
+    np.testing.assert_array_equal(np.sort(targets), np.arange(300))
+    for t in tiles:
+        local = t.neighbours[: t.targets]
+        assert (local >= 0).all(), "a target's neighbour is missing from its tile"
+        np.testing.assert_array_equal(t.nodes[local], nb[t.nodes[: t.targets], :8])
+    batch = next(iter(stream(synthetic_store, tile_size=64)))
+    assert batch["target"].sum() <= 64 and batch["x"].shape[2] == len(batch["nodes"])
+
+
+def test_too_many_readers_is_a_clear_error(synthetic_store):
+    s = stream(synthetic_store, world_size=100)
+    with pytest.raises(ValueError, match="fewer than the 100 readers"):
+        next(iter(s))
+    with pytest.raises(ValueError, match="model.knn = 20 exceeds"):
+        stream(synthetic_store, k=20)

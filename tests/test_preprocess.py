@@ -1,0 +1,201 @@
+"""Preprocessing on a real Dask cluster: bad input is a clear error and leaves nothing behind."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.config import ConfigError, load_config
+from pipeline.preprocess import preprocess
+from pipeline.sources import SourceError
+from pipeline.store import MARKER, StoreError, open_store
+
+ROOT = Path(__file__).resolve().parents[1]
+IDS = ["a1", "b2", "c3", "d4"]
+
+
+def write_case(tmp_path, rows=None, header=None, locations=None):
+    """A wide CSV with a time column (hourly) and a locations file; returns overrides."""
+    header = header or ["time", *IDS]
+    if rows is None:
+        t = pd.date_range("2024-01-01", periods=60, freq="1h")
+        rows = [[str(s)] + [f"{v:.2f}" for v in np.random.default_rng(i).normal(50, 5, 4)]
+                for i, s in enumerate(t)]
+    data = tmp_path / "data.csv"
+    data.write_text("\n".join([",".join(header)] + [",".join(r) for r in rows]) + "\n")
+    loc = tmp_path / "loc.csv"
+    locations = locations or [(s, 34.0 + 0.01 * i, -118.0 - 0.01 * i) for i, s in enumerate(IDS)]
+    loc.write_text("sensor_id,latitude,longitude\n" + "\n".join(f"{a},{b},{c}" for a, b, c in locations) + "\n")
+    return [
+        "data.source.kind=wide_csv", f"data.source.path={data}", f"data.source.locations={loc}",
+        "data.source.time_column=time", f"data.store={tmp_path / 'out.zarr'}",
+        "data.time_in=4", "data.horizon=2", "data.neighbours=3",
+    ]
+
+
+def run(scheduler, overrides):
+    return preprocess(load_config(None, [f"dask.scheduler={scheduler}", *overrides]), progress=False)
+
+
+def expect_error(scheduler, tmp_path, overrides, *patterns):
+    with pytest.raises((SourceError, StoreError, ConfigError)) as err:
+        run(scheduler, overrides)
+    for p in patterns:
+        assert p in str(err.value), (p, str(err.value))
+    leftovers = [p for p in tmp_path.iterdir() if "zarr" in p.name]
+    assert leftovers == [], leftovers
+    return str(err.value)
+
+
+def test_good_input_makes_a_valid_store(scheduler, tmp_path):
+    path = run(scheduler, write_case(tmp_path))
+    store = open_store(path)
+    assert store.shape == (60, 4, 1)
+    assert sorted(store["sensor_id"][:].tolist()) == sorted(IDS)
+    assert store["mask"][:].all()
+
+
+def _rows(n=60, start="2024-01-01"):
+    t = pd.date_range(start, periods=n, freq="1h")
+    return [[str(s), "1", "2", "3", "4"] for s in t]
+
+
+def test_empty_file(scheduler, tmp_path):
+    ov = write_case(tmp_path)
+    (tmp_path / "data.csv").write_text("")
+    expect_error(scheduler, tmp_path, ov, "data.csv", "empty")
+
+
+def test_header_only(scheduler, tmp_path):
+    ov = write_case(tmp_path)
+    (tmp_path / "data.csv").write_text("time,a1,b2,c3,d4\n")
+    expect_error(scheduler, tmp_path, ov, "data.csv", "no data rows")
+
+
+def test_non_numeric_cell(scheduler, tmp_path):
+    rows = _rows()
+    rows[9][3] = "abc"
+    expect_error(scheduler, tmp_path, write_case(tmp_path, rows), "data.csv", "line 11", "'c3'", "'abc'")
+
+
+@pytest.mark.parametrize("extra", [True, False], ids=["too-many", "too-few"])
+def test_ragged_row(scheduler, tmp_path, extra):
+    rows = _rows()
+    rows[20] = rows[20] + ["9"] if extra else rows[20][:-1]
+    expect_error(scheduler, tmp_path, write_case(tmp_path, rows), "data.csv", "line 22", "ragged")
+
+
+def test_duplicate_sensor_ids(scheduler, tmp_path):
+    ov = write_case(tmp_path, header=["time", "a1", "b2", "a1", "d4"])
+    expect_error(scheduler, tmp_path, ov, "data.csv", "duplicate sensor ids", "a1")
+
+
+def test_duplicate_timestamps(scheduler, tmp_path):
+    rows = _rows()
+    rows[5][0] = rows[4][0]
+    expect_error(scheduler, tmp_path, write_case(tmp_path, rows), "duplicate timestamp", "lines 6 and 7")
+
+
+def test_non_monotonic_timestamps(scheduler, tmp_path):
+    rows = _rows()
+    rows[7], rows[8] = rows[8], rows[7]
+    expect_error(scheduler, tmp_path, write_case(tmp_path, rows), "line 10", "sort the rows")
+
+
+def test_gaps_become_masked_rows(scheduler, tmp_path):
+    rows = _rows()
+    del rows[10:13]
+    store = open_store(run(scheduler, write_case(tmp_path, rows)))
+    assert store.shape[0] == 60
+    assert not store["mask"][10:13].any() and store["mask"][:10].all()
+    assert np.isnan(store["values"][10:13]).all()
+
+
+def test_sensor_without_location(scheduler, tmp_path):
+    locs = [(s, 34.0 + 0.01 * i, -118.0) for i, s in enumerate(IDS[:3])]
+    expect_error(scheduler, tmp_path, write_case(tmp_path, locations=locs), "loc.csv", "no location", "d4")
+
+
+def test_location_without_data(scheduler, tmp_path):
+    locs = [(s, 34.0 + 0.01 * i, -118.0) for i, s in enumerate([*IDS, "zz"])]
+    expect_error(scheduler, tmp_path, write_case(tmp_path, locations=locs), "loc.csv", "no data", "zz")
+
+
+@pytest.mark.parametrize("lat", ["91.5", "nan", ""])
+def test_bad_latitude(scheduler, tmp_path, lat):
+    locs = [(s, 34.0 + 0.01 * i, -118.0) for i, s in enumerate(IDS)]
+    locs[2] = ("c3", lat, -118.0)
+    expect_error(scheduler, tmp_path, write_case(tmp_path, locations=locs), "loc.csv", "line 4", "'c3'")
+
+
+def test_sensor_without_any_observation(scheduler, tmp_path):
+    rows = [[r[0], r[1], "", r[3], r[4]] for r in _rows()]
+    expect_error(scheduler, tmp_path, write_case(tmp_path, rows), "no observation", "b2")
+
+
+def test_sentinels_are_masked_not_used(scheduler, tmp_path):
+    rows = _rows()
+    rows[3][1] = "0"
+    store = open_store(run(scheduler, write_case(tmp_path, rows) + ["data.source.sentinels=[0]"]))
+    a1 = list(store["sensor_id"][:]).index("a1")
+    assert not store["mask"][3, a1, 0] and np.isnan(store["values"][3, a1, 0])
+    assert store["mean"][a1, 0] == pytest.approx(1.0)
+
+
+def test_unknown_source_kind(scheduler, tmp_path):
+    ov = write_case(tmp_path) + ["data.source.kind=netcdf4"]
+    msg = expect_error(scheduler, tmp_path, ov, "data.source.kind", "'netcdf4'")
+    assert "wide_csv" in msg
+
+
+def test_existing_store_needs_overwrite(scheduler, tmp_path):
+    ov = write_case(tmp_path)
+    run(scheduler, ov)
+    before = open_store(tmp_path / "out.zarr").fingerprint()
+    with pytest.raises(SourceError, match="already exists.*data.overwrite=true"):
+        run(scheduler, ov)
+    assert open_store(tmp_path / "out.zarr").fingerprint() == before
+    run(scheduler, ov + ["data.overwrite=true"])
+    open_store(tmp_path / "out.zarr")
+
+
+def test_unfinished_and_other_version_stores_are_refused(scheduler, tmp_path):
+    path = run(scheduler, write_case(tmp_path))
+    (path / MARKER).unlink()
+    with pytest.raises(StoreError, match="unfinished"):
+        open_store(path)
+    with pytest.raises(StoreError, match="does not exist"):
+        open_store(tmp_path / "nope.zarr")
+
+
+def test_killed_mid_write_leaves_no_finished_store(tmp_path):
+    target = tmp_path / "big.zarr"
+    cmd = [sys.executable, str(ROOT / "launch" / "preprocess.py"), f"data.store={target}",
+           "data.synthetic.num_sensors=20000", "data.synthetic.num_steps=3000",
+           "data.node_chunk=2048", "dask.workers=1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until chunks are being written
+        partials = list(tmp_path.glob(".big.zarr.partial-*/values/c"))
+        if partials:
+            break
+        time.sleep(0.2)
+    assert partials, "preprocessing never started writing"
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (target / MARKER).exists()
+    with pytest.raises(StoreError):
+        open_store(target)
+    small = [*cmd[:2], f"data.store={target}", "data.synthetic.num_sensors=300",
+             "data.synthetic.num_steps=200", "dask.workers=1"]
+    subprocess.run(small, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    assert open_store(target).shape == (200, 300, 1)
+    assert not list(tmp_path.glob(".big.zarr.partial-*")), "stale partial store not cleaned"
