@@ -20,7 +20,8 @@ CHILD = r"""
 import json, resource, sys, time
 import numpy as np, torch
 from pipeline.attention import GeoAttention
-from pipeline.covariance import CovarianceBias, positions_km
+from pipeline.covariance import CovarianceBias
+from pipeline.geometry import positions_km
 from pipeline.neighbours import k_nearest
 backend, n, k, limit_gb = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 resource.setrlimit(resource.RLIMIT_AS, (int(limit_gb * 2**30), int(limit_gb * 2**30)))

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from pipeline.calendar import calendar_features
-from pipeline.covariance import positions_km
+from pipeline.geometry import positions_km
 from pipeline.store import Store, open_store
 
 

@@ -18,7 +18,7 @@ def k_nearest(pos: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """
     n = len(pos)
     k = min(k, n)
-    dist, idx = cKDTree(pos).query(pos, k=k)
+    dist, idx = cKDTree(pos).query(pos, k=k, workers=-1)
     dist, idx = dist.reshape(n, k), idx.reshape(n, k).astype(np.int64)
     own = np.arange(n)
     # co-located sensors may list another sensor first: put each sensor itself at column 0

@@ -27,10 +27,12 @@ from dask.distributed import Client, LocalCluster, as_completed
 from tqdm import tqdm
 
 from pipeline.config import Config, DaskConfig
-from pipeline.covariance import positions_km
+from pipeline.geometry import positions_km
 from pipeline.neighbours import k_nearest, morton_order
 from pipeline.sources import Source, SourceError, open_source, sha256
 from pipeline.store import SCHEMA_VERSION, atomic_store, create_arrays
+
+TASK_VALUES = 8_000_000  # values per write task (32 MB as float32)
 
 
 @contextlib.contextmanager
@@ -71,6 +73,17 @@ def _write_block(
     return (n0, n1, zeros.sum(0), (zeros * zeros).sum(0), tmask.sum(0), mask.sum(0))
 
 
+def _task_blocks(
+    t: int, n: int, f: int, time_chunk: int, node_chunk: int, node_subsets: bool
+) -> list[tuple[int, int, int, int]]:
+    """(g0, g1, n0, n1) of each write task: whole chunks only (so no two tasks write the same
+    chunk), about TASK_VALUES values each (so a task's memory is bounded whatever N)."""
+    nodes = node_chunk if node_subsets else n
+    rows = max(1, TASK_VALUES // (nodes * f) // time_chunk) * time_chunk
+    return [(g0, min(g0 + rows, t), n0, min(n0 + nodes, n))
+            for g0 in range(0, t, rows) for n0 in range(0, n, nodes)]
+
+
 def splits(t: int, train_fraction: float, val_fraction: float) -> dict[str, list[int]]:
     """Chronological [start, stop) of train / val / test."""
     a = int(round(t * train_fraction))
@@ -102,9 +115,7 @@ def preprocess(cfg: Config, progress: bool = True) -> Path:
         k = min(data.neighbours, n)
         with atomic_store(target, data.overwrite) as tmp:
             root = create_arrays(tmp, t, n, f, k, data.time_chunk, data.node_chunk)
-            node_step = data.node_chunk if source.node_subsets else n
-            blocks = [(g0, min(g0 + data.time_chunk, t), n0, min(n0 + node_step, n))
-                      for g0 in range(0, t, data.time_chunk) for n0 in range(0, n, node_step)]
+            blocks = _task_blocks(t, n, f, data.time_chunk, data.node_chunk, source.node_subsets)
             source_future = client.scatter(source, broadcast=True)
             futures = [
                 client.submit(

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.config import Config
-from pipeline.covariance import positions_km
+from pipeline.geometry import positions_km
 from pipeline.data import WindowSource
 from pipeline.model import LOSSES, Forecaster, parameter_groups
 from pipeline.neighbours import k_nearest

@@ -430,6 +430,9 @@ def open_hdf5(cfg: DataConfig, pmap: PMap) -> Hdf5Source:
         ids = _check_ids([x.decode() if isinstance(x, bytes) else str(x)
                           for x in group["axis0"][:]], str(path))
         raw_t = group["axis1"][:]
+        kind = group["axis1"].attrs.get("kind", b"datetime64")  # pandas >= 3 records the unit
+        kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+        raw_t = raw_t.astype(kind if "[" in kind else "datetime64[ns]")
         rows = len(raw_t)
     if rows == 0:
         raise SourceError(f"{path} has no rows")

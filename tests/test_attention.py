@@ -4,7 +4,8 @@ import torch
 from torch.nn import functional as F
 
 from pipeline.attention import GeoAttention
-from pipeline.covariance import CovarianceBias, positions_km
+from pipeline.covariance import CovarianceBias
+from pipeline.geometry import positions_km
 from pipeline.neighbours import k_nearest, morton_order
 
 N, D, H = 24, 16, 4

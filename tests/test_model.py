@@ -7,7 +7,7 @@ import torch
 from scipy import stats
 
 from pipeline.config import load_config
-from pipeline.covariance import positions_km
+from pipeline.geometry import positions_km
 from pipeline.model import Forecaster, gaussian_crps, gaussian_nll
 from pipeline.neighbours import k_nearest
 

@@ -199,3 +199,50 @@ def test_killed_mid_write_leaves_no_finished_store(tmp_path):
     subprocess.run(small, cwd=ROOT, check=True, capture_output=True, timeout=300)
     assert open_store(target).shape == (200, 300, 1)
     assert not list(tmp_path.glob(".big.zarr.partial-*")), "stale partial store not cleaned"
+
+
+def _long_frame():
+    t = pd.date_range("2024-01-01", periods=30, freq="15min")
+    rng = np.random.default_rng(0)
+    rows = [(s, ts, rng.normal(), rng.normal()) for ts in t for s in IDS]
+    return pd.DataFrame(rows, columns=["sensor_id", "time", "value", "flow"])
+
+
+@pytest.mark.parametrize("kind", ["long_csv", "parquet"])
+def test_long_formats_with_two_features(scheduler, tmp_path, kind):
+    ov = write_case(tmp_path)
+    frame = _long_frame().drop(index=[5, 17])  # two missing observations
+    path = tmp_path / ("long.csv" if kind == "long_csv" else "long.parquet")
+    frame.to_csv(path, index=False) if kind == "long_csv" else frame.to_parquet(path)
+    ov = [o for o in ov if "time_column" not in o and "source.path" not in o]
+    store = open_store(run(scheduler, ov + [f"data.source.kind={kind}", f"data.source.path={path}",
+                                            "data.source.value_columns=[value, flow]"]))
+    assert store.shape == (30, 4, 2) and store.attrs["freq"] == "15min"
+    assert (~store["mask"][:]).sum() == 4  # 2 rows x 2 features
+    ids = list(store["sensor_id"][:])
+    row = _long_frame().iloc[6]
+    np.testing.assert_allclose(store["values"][1, ids.index(row.sensor_id)], [row.value, row.flow], rtol=1e-6)
+
+
+def test_long_duplicate_observation(scheduler, tmp_path):
+    ov = [o for o in write_case(tmp_path) if "time_column" not in o and "source.path" not in o]
+    frame = _long_frame()
+    frame = pd.concat([frame, frame.iloc[[3]]])
+    frame.to_csv(tmp_path / "long.csv", index=False)
+    expect_error(scheduler, tmp_path, ov + ["data.source.kind=long_csv",
+                                            f"data.source.path={tmp_path / 'long.csv'}"],
+                 "long.csv", "two rows", "'d4'")
+
+
+def test_hdf5_metr_la_layout(scheduler, tmp_path):
+    ov = [o for o in write_case(tmp_path) if "time_column" not in o and "source.path" not in o]
+    t = pd.date_range("2012-03-01", periods=50, freq="5min")
+    frame = pd.DataFrame(np.random.default_rng(1).uniform(1, 70, (50, 4)), index=t, columns=IDS)
+    frame.iloc[7, 2] = 0.0
+    frame.to_hdf(tmp_path / "metr.h5", key="df", format="fixed")
+    store = open_store(run(scheduler, ov + ["data.source.kind=hdf5", f"data.source.path={tmp_path / 'metr.h5'}",
+                                            "data.source.sentinels=[0]"]))
+    assert store.shape == (50, 4, 1) and store.attrs["freq"] == "5min"
+    ids = list(store["sensor_id"][:])
+    assert not store["mask"][7, ids.index("c3"), 0]
+    np.testing.assert_allclose(store["values"][3, ids.index("a1"), 0], frame.iloc[3, 0], rtol=1e-6)
