@@ -6,11 +6,8 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from pipeline.config import Config, ConfigError, load_config
-from pipeline.sources import SourceError
-from pipeline.store import StoreError
-
-USER_ERRORS = (ConfigError, SourceError, StoreError)
+from pipeline.config import Config, load_config
+from pipeline.errors import UserError
 
 
 def run(description: str, job: Callable[[Config], object]) -> None:
@@ -21,6 +18,6 @@ def run(description: str, job: Callable[[Config], object]) -> None:
     args = parser.parse_args()
     try:
         job(load_config(args.config, args.overrides))
-    except USER_ERRORS as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

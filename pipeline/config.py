@@ -15,13 +15,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.errors import UserError
+
 Family = Literal[
     "exponential", "matern32", "matern52", "gaussian", "rational_quadratic", "spherical", "none"
 ]
 FAMILIES: tuple[str, ...] = Family.__args__  # type: ignore[attr-defined]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem, phrased for the person who wrote the config."""
 
 
@@ -182,35 +184,73 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    """Optimisation."""
+    """Optimisation, evaluation and checkpoints (pipeline/train.py, DeepSpeed)."""
 
     steps: int = Field(300, ge=1)
     """Optimiser steps."""
     batch_size: int = Field(8, ge=1)
-    """Windows per step (per process)."""
+    """Windows per micro-batch per process."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches per optimiser step (gradient accumulation)."""
     lr: float = Field(3e-3, gt=0)
-    """Learning rate of the network weights."""
+    """Peak learning rate of the network weights."""
     kernel_lr: float = Field(3e-2, gt=0)
-    """Learning rate of the kernel parameters (range, nugget, anisotropy)."""
+    """Peak learning rate of the kernel parameters (range, nugget, anisotropy)."""
     weight_decay: float = Field(0.0, ge=0)
-    """AdamW weight decay (not applied to kernel parameters)."""
+    """AdamW weight decay (not applied to kernel parameters, biases and norms)."""
+    warmup_steps: int = Field(20, ge=0)
+    """Linear learning-rate warm-up, then cosine decay to ``min_lr_ratio`` x peak."""
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """Final learning rate as a fraction of the peak."""
+    grad_clip: float = Field(1.0, ge=0)
+    """Gradient-norm clipping (0 disables)."""
     loss: Literal["nll", "crps"] = "crps"
     """Training loss: Gaussian negative log-likelihood or closed-form Gaussian CRPS."""
     kernel_warmup_steps: int = Field(0, ge=0)
     """Steps at the start during which the <q, k> residual is switched off (prior alone)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Training precision (bf16 on CPUs and GPUs that have it; fp16 on older GPUs)."""
+    zero_stage: int = Field(0, ge=0, le=3)
+    """DeepSpeed ZeRO stage."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass (saves memory at large N)."""
+    loader_workers: int = Field(0, ge=0)
+    """DataLoader worker processes per rank (0: a prefetch thread in the training process)."""
     seed: int = 0
     """Seed of weights and data order."""
     log_every: int = Field(10, ge=1)
-    """Steps between progress/metric updates."""
+    """Steps between progress and metric updates."""
+    eval_every: int = Field(100, ge=1)
+    """Steps between validations."""
+    eval_batches: int | None = Field(None, ge=1)
+    """Cap on validation batches per rank (None: the whole validation split)."""
+    patience: int | None = Field(None, ge=1)
+    """Early stopping: validations without improvement before stopping (None: never)."""
+    checkpoint_every: int = Field(100, ge=1)
+    """Steps between checkpoints."""
+    resume: Literal["auto", "never"] = "auto"
+    """``auto``: continue from the latest checkpoint of this run if there is one."""
+    out_dir: str = "runs"
+    """Outputs go to ``<out_dir>/<name>/`` (checkpoints, metrics.json, the exported model)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train (``auto``: CUDA when available)."""
 
 
 class TrackingConfig(_Section):
-    """MLflow tracking and registry."""
+    """MLflow tracking and model registry (pipeline/tracking.py)."""
 
+    enabled: bool = True
+    """Track the run in MLflow (rank 0 only)."""
     uri: str | None = None
     """Tracking URI; default ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlruns.db``."""
     experiment: str = "sit"
     """Experiment name."""
+    model_name: str | None = "sit-forecaster"
+    """Registered model name (the trained model gets alias ``candidate``); None: no registry."""
+    promote_metric: str = "test_crps"
+    """Test metric (lower is better) that ``launch/promote.py`` compares."""
+    log_model: bool = True
+    """Log the trained model as an MLflow pyfunc."""
 
 
 class DaskConfig(_Section):

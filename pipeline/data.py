@@ -20,7 +20,6 @@ where the mask is False. Windows never cross a split boundary.
 
 from __future__ import annotations
 
-import math
 import queue
 import threading
 from collections import OrderedDict

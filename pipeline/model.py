@@ -15,6 +15,7 @@ import math
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from pipeline.attention import GeoAttention
 from pipeline.config import ModelConfig
@@ -68,6 +69,7 @@ class Forecaster(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, 2 * horizon * features)
+        self.checkpoint_blocks = False  # activation checkpointing (set by the trainer)
 
     def kernels(self) -> list[CovarianceBias]:
         return [block.attn.kernel for block in self.blocks]
@@ -107,7 +109,10 @@ class Forecaster(nn.Module):
             h = h + self.node_embedding(node_index)[None]
         observed = mask.any(dim=(1, 3))  # [B, N]
         for block in self.blocks:
-            h = block(h, pos, observed, neighbours)
+            if self.checkpoint_blocks and self.training:
+                h = checkpoint(block, h, pos, observed, neighbours, use_reentrant=False)
+            else:
+                h = block(h, pos, observed, neighbours)
         out = self.head(self.norm(h)).view(b, n, self.horizon, f, 2)  # [B, N, H, F, 2]
         out = out.permute(0, 2, 1, 3, 4)  # [B, H, N, F, 2]
         last = _last_observed(x, mask)  # [B, N, F]

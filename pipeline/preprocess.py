@@ -59,18 +59,19 @@ def _write_block(
 ) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Read, clean and write values[g0:g1, n0:n1]; return train sums (sum, sumsq, count) and
     the count of observations in the block, per sensor and feature."""
-    values = source.read(g0, g1, sensors).astype(np.float32)  # [t, n, F]
+    values = np.asarray(source.read(g0, g1, sensors), dtype=np.float32)  # [t, n, F]
     mask = np.isfinite(values)
     if sentinels:
         mask &= ~np.isin(values, np.asarray(sentinels, dtype=np.float32))
-    values = np.where(mask, values, np.float32(np.nan))
+    if np.isinf(values).any() or sentinels:  # missing is NaN in the store, whatever the source
+        values = np.where(mask, values, np.float32(np.nan))
     root = zarr.open_group(store, mode="r+")
     root["values"][g0:g1, n0:n1] = values
     root["mask"][g0:g1, n0:n1] = mask
-    train = values[: max(0, min(g1, train_stop) - g0)].astype(np.float64)
-    tmask = mask[: len(train)]
-    zeros = np.where(tmask, train, 0.0)
-    return (n0, n1, zeros.sum(0), (zeros * zeros).sum(0), tmask.sum(0), mask.sum(0))
+    rows = max(0, min(g1, train_stop) - g0)
+    train = np.where(mask[:rows], values[:rows], np.float32(0))  # [rows, n, F]
+    return (n0, n1, train.sum(0, dtype=np.float64), np.square(train).sum(0, dtype=np.float64),
+            mask[:rows].sum(0), mask.sum(0))
 
 
 def _task_blocks(
@@ -117,6 +118,7 @@ def preprocess(cfg: Config, progress: bool = True) -> Path:
             root = create_arrays(tmp, t, n, f, k, data.time_chunk, data.node_chunk)
             blocks = _task_blocks(t, n, f, data.time_chunk, data.node_chunk, source.node_subsets)
             source_future = client.scatter(source, broadcast=True)
+            hashes = client.map(sha256, source.files, pure=False)  # overlaps the writes
             futures = [
                 client.submit(
                     _write_block, source_future, str(tmp), g0, g1, n0, n1, order[n0:n1],
@@ -154,7 +156,8 @@ def preprocess(cfg: Config, progress: bool = True) -> Path:
             root.attrs.update({
                 "schema_version": SCHEMA_VERSION, "freq": source.freq, "splits": split,
                 "features": source.features, "units": data.source.units, "crs": source.crs,
-                "sources": [{"path": str(p), "sha256": sha256(p)} for p in source.files],
+                "sources": [{"path": str(p), "sha256": h}
+                            for p, h in zip(source.files, client.gather(hashes), strict=True)],
                 "truth": source.truth, "time_chunk": data.time_chunk,
                 "node_chunk": data.node_chunk, "sentinels": list(data.source.sentinels),
                 "sensors_without_train_stats": [str(source.sensor_ids[order[j]])

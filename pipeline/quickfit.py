@@ -15,8 +15,8 @@ import torch
 from tqdm import tqdm
 
 from pipeline.config import Config
-from pipeline.geometry import positions_km
 from pipeline.data import WindowSource
+from pipeline.geometry import positions_km
 from pipeline.model import LOSSES, Forecaster, parameter_groups
 from pipeline.neighbours import k_nearest
 from pipeline.synthetic import SyntheticField

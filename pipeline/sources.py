@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import DataConfig
+from pipeline.errors import UserError
 from pipeline.synthetic import SyntheticField
 
 PMap = Callable[[Callable, Sequence], list]
@@ -32,7 +33,7 @@ SCAN_BLOCK = 32 << 20  # bytes per wide-CSV scan task
 _PREFIX = 256  # bytes read after each line start to find its timestamp
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """Bad input, described for the person who has to fix it."""
 
 
@@ -233,6 +234,19 @@ def _scan_block(path: str, offset: int, size: int, filesize: int) -> tuple[np.nd
     return starts, firsts
 
 
+def _parse_numbers(lines: list[bytes], drop_first: bool) -> np.ndarray | None:
+    """Cells of CSV lines of plain numbers (empty = NaN), flattened, as float32 at C speed
+    (one value per line through pandas' C parser); None if some cell is not a number."""
+    cells = [line.split(b",", 1)[1] for line in lines] if drop_first else lines
+    body = b"\n".join(cells).replace(b",", b"\n") + b"\n0"  # "0": keeps a last empty cell
+    try:
+        values = pd.read_csv(io.BytesIO(body), header=None, names=["v"], dtype=np.float32,
+                             skip_blank_lines=False, engine="c").to_numpy()[:-1, 0]
+    except ValueError:
+        return None
+    return values
+
+
 @dataclass
 class WideCsvSource(Source):
     path: Path = Path()
@@ -251,21 +265,29 @@ class WideCsvSource(Source):
             fh.seek(a)
             data = fh.read(b - a)
         where = f"{self.path}"
-        buf = np.frombuffer(data, dtype=np.uint8)
-        commas = np.add.reduceat(buf == 44, self.line_starts[r0:r1] - a)
+        lines = [line.rstrip(b"\r") for line in data.rstrip(b"\r\n").split(b"\n")]
+        commas = np.array([line.count(b",") for line in lines])
         wrong = np.flatnonzero(commas != len(self.columns) - 1)
-        if len(wrong):
-            i = int(wrong[0])
+        if len(wrong) or len(lines) != r1 - r0:
+            i = int(wrong[0]) if len(wrong) else len(lines)
+            found = commas[i] + 1 if i < len(lines) else 0
             raise SourceError(
-                f"{where}, line {r0 + i + 2}: {commas[i] + 1} fields, the header has "
+                f"{where}, line {r0 + i + 2}: {found} fields, the header has "
                 f"{len(self.columns)}; fix the ragged row"
             )
-        frame = pd.read_csv(io.BytesIO(data), header=None, names=self.columns,
-                            usecols=list(self.sensor_cols), skip_blank_lines=False)
-        frame = frame[[self.columns[c] for c in self.sensor_cols]]
-        _first_bad_cell(frame, [self.columns[c] for c in self.sensor_cols], where, r0 + 2)
-        vals = frame.to_numpy(dtype=np.float32)[:, sensors]  # [rows, n]
-        out[self.row_pos[r0:r1] - g0, :, 0] = vals
+        drop = bool(self.sensor_cols[0] > 0)
+        flat = _parse_numbers(lines, drop)
+        if flat is not None and flat.size == len(lines) * len(self.sensor_cols):
+            vals = flat.reshape(len(lines), len(self.sensor_cols))
+        else:  # a cell is not a plain number: find it (the slow path, errors only)
+            frame = pd.read_csv(io.BytesIO(data), header=None, names=self.columns,
+                                usecols=list(self.sensor_cols), skip_blank_lines=False)
+            names = [self.columns[c] for c in self.sensor_cols]
+            _first_bad_cell(frame[names], names, where, r0 + 2)
+            vals = frame[names].to_numpy(dtype=np.float32)
+        if r1 - r0 == g1 - g0:  # no gap in these rows: no scatter needed
+            return vals[:, sensors, None]
+        out[self.row_pos[r0:r1] - g0, :, 0] = vals[:, sensors]
         return out
 
 

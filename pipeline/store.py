@@ -34,13 +34,20 @@ from typing import Any
 import numpy as np
 import zarr
 
+from pipeline.errors import UserError
+
 SCHEMA_VERSION = 1
 MARKER = "COMPLETE"
 ARRAYS = ("values", "mask", "time", "coords", "sensor_id", "order", "neighbours",
           "neighbour_dist", "mean", "std")
 
 
-class StoreError(RuntimeError):
+# Blosc LZ4 with byte shuffle: GB/s to write and read, and smooth sensor series and masks
+# compress well; the big arrays are written once and read every epoch.
+FAST_CODEC = zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+
+
+class StoreError(UserError, RuntimeError):
     """A store that is missing, unfinished, of another schema version, or inconsistent."""
 
 
@@ -51,8 +58,9 @@ def create_arrays(
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
     chunks = (min(time_chunk, t), min(node_chunk, n), f)
     root.create_array("values", shape=(t, n, f), chunks=chunks, dtype="float32",
-                      fill_value=np.nan)
-    root.create_array("mask", shape=(t, n, f), chunks=chunks, dtype="bool", fill_value=False)
+                      fill_value=np.nan, compressors=FAST_CODEC)
+    root.create_array("mask", shape=(t, n, f), chunks=chunks, dtype="bool", fill_value=False,
+                      compressors=FAST_CODEC)
     root.create_array("time", shape=(t,), chunks=(t,), dtype="int64")
     root.create_array("coords", shape=(n, 2), chunks=(n, 2), dtype="float64")
     root.create_array("sensor_id", shape=(n,), chunks=(n,), dtype=str)

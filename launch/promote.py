@@ -1,0 +1,24 @@
+"""Move the registry alias `champion` to `candidate` when the candidate is better.
+
+    python launch/promote.py --config configs/small.yaml
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.cli import run  # noqa: E402
+from pipeline.tracking import promote  # noqa: E402
+
+
+def main(cfg) -> None:
+    r = promote(cfg)
+    cand = f"v{r['candidate'][0]} ({r['metric']} {r['candidate'][1]:.4f})"
+    champ = "none" if r["champion"] is None else f"v{r['champion'][0]} ({r['champion'][1]:.4f})"
+    verdict = "promoted to champion" if r["promoted"] else "kept as candidate"
+    print(f"{r['model']}: candidate {cand} vs champion {champ}: {verdict}")
+
+
+if __name__ == "__main__":
+    run(__doc__.strip().splitlines()[0], main)

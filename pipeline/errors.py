@@ -1,0 +1,6 @@
+"""The base of every error that a user fixes in their input (config, data, store, server)."""
+
+
+class UserError(Exception):
+    """Bad input or environment, described for the person who has to fix it; entry points
+    print it without a traceback and exit with status 2."""

@@ -1,0 +1,80 @@
+"""Diagnostic figures of a run (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from pipeline.covariance import correlation  # noqa: E402
+
+
+def correlation_curves(
+    kernels: list[dict], family: str, centres: np.ndarray, empirical: np.ndarray,
+    truth: dict | None,
+) -> plt.Figure:
+    """Learned correlation c_h(d) per head against the empirical correlation of the training
+    data (1 - semivariance / variance) and, when known, the true one."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    d = np.linspace(0, max(float(centres.max()), 1e-3), 200)
+    if family != "none":
+        for layer in kernels:
+            for h, (r, tau) in enumerate(zip(layer["range_km"], layer["nugget"], strict=True)):
+                rho = correlation(family, torch.tensor(d / r)).numpy()
+                ax.plot(d, (1 - tau) * rho, lw=1, label=f"layer {layer['layer']} head {h}: {r:.1f} km")
+    ax.plot(centres, empirical, "ko", ms=4, label="empirical (train split)")
+    if truth:
+        sill = truth["variance"] + truth["nugget"]
+        rho = correlation(truth["family"], torch.tensor(d / truth["range_km"])).numpy()
+        ax.plot(d, truth["variance"] / sill * rho, "k--", label=f"truth: {truth['range_km']} km")
+    ax.set(xlabel="distance (km)", ylabel="correlation", title="learned vs empirical covariance")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def pit_histogram(hist: list[float]) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    bins = len(hist)
+    ax.bar(np.arange(bins) / bins, np.asarray(hist) * bins, width=1 / bins, align="edge",
+           edgecolor="k")
+    ax.axhline(1.0, color="r", ls="--", label="calibrated")
+    ax.set(xlabel="PIT", ylabel="density", title="PIT histogram (test)")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def fan_chart(history: np.ndarray, mean: np.ndarray, std: np.ndarray, truth: np.ndarray,
+              names: list[str]) -> plt.Figure:
+    """Forecast fans for a few sensors: history [T_in, S], mean/std/truth [H, S]."""
+    fig, axes = plt.subplots(len(names), 1, figsize=(6, 2.2 * len(names)), squeeze=False)
+    t_in, h = len(history), len(mean)
+    past, future = np.arange(-t_in, 0), np.arange(h)
+    for i, ax in enumerate(axes[:, 0]):
+        ax.plot(past, history[:, i], "k-", lw=1)
+        ax.plot(future, truth[:, i], "k.", ms=4, label="observed")
+        ax.plot(future, mean[:, i], "b-", label="mean")
+        for z, alpha in ((1.6449, 0.2), (0.6745, 0.35)):
+            ax.fill_between(future, mean[:, i] - z * std[:, i], mean[:, i] + z * std[:, i],
+                            color="b", alpha=alpha, lw=0)
+        ax.set_title(f"sensor {names[i]}", fontsize=8)
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def loss_curves(train: list[tuple[int, float]], val: list[dict]) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss")
+    if val:
+        ax.plot([v["step"] for v in val], [v["val_loss"] for v in val], "o-", label="val loss")
+    ax.set(xlabel="step", ylabel="loss", title="loss")
+    ax.legend()
+    fig.tight_layout()
+    return fig

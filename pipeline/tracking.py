@@ -1,0 +1,232 @@
+"""MLflow tracking and the model registry (the only module that imports mlflow).
+
+Active on rank 0 only; elsewhere every method is a no-op. Tracking URI: ``tracking.uri``, else
+``$MLFLOW_TRACKING_URI``, else the embedded ``sqlite:///mlruns.db`` in the working directory.
+A server URI that does not answer is an error before training starts.
+
+Logged: the flattened config (params) and the config file, the store's fingerprint and the git
+commit (tags); the train loss, learning rate and learned range/nugget per head per step;
+validation metrics per evaluation; test metrics; figures (learned correlation against the
+empirical variogram of the training data and the truth, PIT histogram, a forecast fan chart,
+loss curves); the model as a pyfunc registered under ``tracking.model_name`` with alias
+``candidate``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import yaml
+from mlflow.tracking import MlflowClient
+
+from pipeline import figures
+from pipeline.config import Config, flatten
+from pipeline.errors import UserError
+from pipeline.export import Predictor
+from pipeline.geometry import positions_km
+from pipeline.store import Store
+from pipeline.variography import empirical_variogram
+
+DEFAULT_URI = "sqlite:///mlruns.db"
+PIP_REQUIREMENTS = ["torch", "numpy", "pydantic>=2", "pyyaml", "scipy", "zarr>=3", "mlflow"]
+
+
+class TrackingError(UserError, RuntimeError):
+    """The tracking server or registry cannot do what was asked."""
+
+
+def tracking_uri(cfg: Config) -> str:
+    return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def check_reachable(uri: str) -> None:
+    """Fail fast with a clear message when an HTTP tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as resp:
+            if resp.status != 200:
+                raise TrackingError(f"MLflow server {uri} answered /health with {resp.status}")
+    except (urllib.error.URLError, OSError) as exc:
+        raise TrackingError(
+            f"MLflow tracking server {uri} is unreachable ({exc}); start it, fix tracking.uri "
+            "/ MLFLOW_TRACKING_URI, or unset both to use the embedded sqlite:///mlruns.db"
+        ) from None
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class ForecastPyfunc(mlflow.pyfunc.PythonModel):
+    """The registered model. Input: a dict with ``x`` [batch, time_in, sensors, features]
+    (data units, NaN = missing, sensors in the order of the model's ``network.npz``) and
+    ``origin_time`` [batch] (int64 ns UTC of the first forecast step). Output: a dict with
+    ``mean`` and ``std`` [batch, horizon, sensors, features] in data units."""
+
+    def load_context(self, context) -> None:
+        self.predictor = Predictor(context.artifacts["model"])
+
+    def predict(self, context, model_input, params=None):
+        return self.predictor.predict(model_input["x"], model_input["origin_time"])
+
+
+class Tracker:
+    """One MLflow run of a training job (no-op when inactive)."""
+
+    def __init__(self, cfg: Config, active: bool = True, nested: bool = False) -> None:
+        self.cfg = cfg
+        self.active = active and cfg.tracking.enabled
+        self.nested = nested
+        self.run_id: str | None = None
+        self.train_losses: list[tuple[int, float]] = []
+
+    def start(self, store: Store) -> None:
+        if not self.active:
+            return
+        uri = tracking_uri(self.cfg)
+        check_reachable(uri)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(self.cfg.tracking.experiment)
+        run = mlflow.start_run(run_name=self.cfg.name, nested=self.nested)
+        self.run_id = run.info.run_id
+        mlflow.log_params({k: str(v)[:500] for k, v in flatten(self.cfg).items()})
+        mlflow.set_tags({"store": str(store.path), "store_fingerprint": store.fingerprint(),
+                         "git_commit": _git_commit()})
+        mlflow.log_text(yaml.safe_dump(self.cfg.model_dump(), sort_keys=False), "config.yaml")
+
+    def log_step(self, step: int, loss: float, kernels: list[dict], lr: float) -> None:
+        if not self.active:
+            return
+        self.train_losses.append((step, loss))
+        metrics = {"train_loss": loss, "lr": lr}
+        for layer in kernels:
+            for key in ("range_km", "nugget"):
+                for h, v in enumerate(layer.get(key, [])):
+                    metrics[f"{key}_l{layer['layer']}_h{h}"] = v
+        mlflow.log_metrics(metrics, step=step)
+
+    def log_validation(self, step: int, val: dict) -> None:
+        if not self.active:
+            return
+        metrics = {f"val_{k}": v for k, v in val["mean"].items()}
+        metrics["val_loss"] = val["loss"]
+        mlflow.log_metrics(metrics, step=step)
+
+    def finish(self, metrics: dict, model_dir: Path, store: Store) -> str | None:
+        """Log test metrics, figures and the model; register it; end the run.
+        Returns the registered model URI (``models:/NAME@candidate``) or the run's model URI."""
+        if not self.active:
+            return None
+        test = metrics["test"]
+        flat = {f"test_{k}": v for k, v in test["mean"].items()}
+        flat["test_pit_uniform_distance"] = test["pit_uniform_distance"]
+        for i, h in enumerate(test["horizon_steps"]):
+            flat.update({f"test_mae_h{h}": test["mae"][i], f"test_crps_h{h}": test["crps"][i]})
+        mlflow.log_metrics(flat)
+        mlflow.log_dict(metrics, "metrics.json")
+        self._log_figures(metrics, model_dir, store)
+        uri = None
+        if self.cfg.tracking.log_model:
+            uri = self._log_model(model_dir)
+        mlflow.end_run()
+        return uri
+
+    def _log_figures(self, metrics: dict, model_dir: Path, store: Store) -> None:
+        rng = np.random.default_rng(0)
+        a, b = store.split("train")
+        t, n, _ = store.shape
+        nodes = np.sort(rng.choice(n, min(n, 1500), replace=False))
+        steps = np.linspace(a, b - 1, min(20, b - a)).round().astype(int)
+        vals = store["values"].oindex[steps, nodes, 0]  # [S, n]
+        vals = (vals - store["mean"][:][nodes, 0]) / store["std"][:][nodes, 0]
+        pos, frame = positions_km(store["coords"][:][nodes], store.attrs["crs"])
+        plane = (pos @ frame.T)[:, :2]
+        span = float(np.ptp(plane, axis=0).max())
+        edges = np.linspace(0, span / 3 if span > 0 else 1.0, 16)
+        centres, gamma = empirical_variogram(plane, vals, edges, snapshots=len(steps))
+        fig = figures.correlation_curves(metrics["kernel"], self.cfg.model.kernel, centres,
+                                         1 - gamma, metrics.get("truth"))
+        mlflow.log_figure(fig, "figures/correlation.png")
+        mlflow.log_figure(figures.pit_histogram(metrics["test"]["pit_histogram"]),
+                          "figures/pit.png")
+        mlflow.log_figure(figures.loss_curves(self.train_losses, metrics["validation"]),
+                          "figures/loss.png")
+        predictor = Predictor(model_dir)
+        c, d = store.split("test")
+        ti, h = self.cfg.data.time_in, self.cfg.data.horizon
+        origin = c + ti
+        x = store["values"][origin - ti : origin][None]
+        out = predictor.predict(x, store["time"][origin : origin + 1])
+        pick = [0, n // 2, n - 1]
+        future = store["values"][origin : origin + h]
+        fig = figures.fan_chart(x[0][:, pick, 0], out["mean"][0][:, pick, 0],
+                                out["std"][0][:, pick, 0], future[:, pick, 0],
+                                [str(store["sensor_id"][i]) for i in pick])
+        mlflow.log_figure(fig, "figures/fan_chart.png")
+        import matplotlib.pyplot as plt
+
+        plt.close("all")
+
+    def _log_model(self, model_dir: Path) -> str:
+        name = self.cfg.tracking.model_name
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=ForecastPyfunc(),
+            artifacts={"model": str(model_dir)}, pip_requirements=PIP_REQUIREMENTS,
+            registered_model_name=name,
+        )
+        if name is None:
+            return info.model_uri
+        version = info.registered_model_version
+        MlflowClient().set_registered_model_alias(name, "candidate", str(version))
+        return f"models:/{name}@candidate"
+
+
+def load_model(uri: str, tracking: str | None = None):
+    """The registered pyfunc at ``uri`` (e.g. ``models:/NAME@candidate``)."""
+    if tracking:
+        mlflow.set_tracking_uri(tracking)
+    return mlflow.pyfunc.load_model(uri)
+
+
+def promote(cfg: Config) -> dict[str, Any]:
+    """Move alias ``champion`` to ``candidate`` when the candidate's test metric is lower."""
+    uri = tracking_uri(cfg)
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    client, name, metric = MlflowClient(), cfg.tracking.model_name, cfg.tracking.promote_metric
+    if name is None:
+        raise TrackingError("tracking.model_name is not set: nothing to promote")
+
+    def score(alias: str) -> tuple[str, float] | None:
+        try:
+            version = client.get_model_version_by_alias(name, alias)
+        except mlflow.exceptions.MlflowException:
+            return None
+        run = client.get_run(version.run_id)
+        if metric not in run.data.metrics:
+            raise TrackingError(f"run {version.run_id} of {name} v{version.version} has no "
+                                f"metric {metric!r} (tracking.promote_metric)")
+        return version.version, run.data.metrics[metric]
+
+    candidate = score("candidate")
+    if candidate is None:
+        raise TrackingError(f"registered model {name!r} has no version with alias 'candidate'")
+    champion = score("champion")
+    promoted = champion is None or (candidate[0] != champion[0] and candidate[1] < champion[1])
+    if promoted:
+        client.set_registered_model_alias(name, "champion", candidate[0])
+    return {"model": name, "metric": metric, "candidate": candidate, "champion": champion,
+            "promoted": promoted}
+
