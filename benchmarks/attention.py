@@ -52,7 +52,9 @@ def measure(backend: str, n: int, k: int, limit_gb: float, timeout: float) -> di
     try:
         proc = subprocess.run(
             [sys.executable, "-c", CHILD, backend, str(n), str(k), str(limit_gb)],
-            capture_output=True, text=True, timeout=timeout,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
     except subprocess.TimeoutExpired:
         return {"status": f"> {timeout:.0f} s"}
@@ -71,15 +73,20 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    print(f"# machine: {platform.machine()} {platform.processor()}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}; "
-          f"4 heads x 32, batch 1, matern32, k = {args.k}")
+    print(
+        f"# machine: {platform.machine()} {platform.processor()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}; "
+        f"4 heads x 32, batch 1, matern32, k = {args.k}"
+    )
     print("| N | dense s | dense MB | knn s | knn MB | dense/knn time | dense/knn memory |")
     print("|---|---|---|---|---|---|---|")
     dense_dead = False
     for n in args.sizes:
-        d = {"status": "skipped"} if dense_dead else measure(
-            "dense", n, args.k, args.memory_limit_gb, args.timeout)
+        d = (
+            {"status": "skipped"}
+            if dense_dead
+            else measure("dense", n, args.k, args.memory_limit_gb, args.timeout)
+        )
         dense_dead = d["status"] != "ok"
         kn = measure("knn", n, args.k, args.memory_limit_gb, args.timeout)
         fmt = lambda r, key: f"{r[key]:.3f}" if r["status"] == "ok" else r["status"]  # noqa: E731
@@ -87,8 +94,11 @@ def main() -> None:
         if d["status"] == kn["status"] == "ok":
             ratio_t = f"{d['seconds'] / kn['seconds']:.1f}x"
             ratio_m = f"{d['peak_mb'] / max(kn['peak_mb'], 1e-9):.1f}x"
-        print(f"| {n} | {fmt(d, 'seconds')} | {fmt(d, 'peak_mb')} | {fmt(kn, 'seconds')} | "
-              f"{fmt(kn, 'peak_mb')} | {ratio_t} | {ratio_m} |", flush=True)
+        print(
+            f"| {n} | {fmt(d, 'seconds')} | {fmt(d, 'peak_mb')} | {fmt(kn, 'seconds')} | "
+            f"{fmt(kn, 'peak_mb')} | {ratio_t} | {ratio_m} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

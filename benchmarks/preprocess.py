@@ -84,8 +84,9 @@ def generate_csv(path: Path, loc: Path, sensors: int, steps: int) -> None:
 def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
     """Wall seconds and peak resident MB of the command's whole process tree."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     root, peak = psutil.Process(proc.pid), 0
     while proc.poll() is None:
         try:
@@ -109,18 +110,31 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="sit-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    print(f"# machine: {platform.machine()}, {os.cpu_count()} cores, "
-          f"{psutil.virtual_memory().total / 2**30:.0f} GiB; work dir {work}")
+    print(
+        f"# machine: {platform.machine()}, {os.cpu_count()} cores, "
+        f"{psutil.virtual_memory().total / 2**30:.0f} GiB; work dir {work}"
+    )
     csv, loc = work / "wide.csv", work / "loc.csv"
     if not csv.exists():
         t0 = time.perf_counter()
         generate_csv(csv, loc, args.sensors, args.steps)
-        print(f"# generated {csv.stat().st_size / 2**20:.0f} MB CSV "
-              f"({args.sensors} x {args.steps}) in {time.perf_counter() - t0:.0f} s")
-    dask_cmd = [sys.executable, "launch/preprocess.py", f"data.store={work / 'dask.zarr'}",
-                "data.overwrite=true", "data.source.kind=wide_csv", f"data.source.path={csv}",
-                f"data.source.locations={loc}", "data.source.time_column=time",
-                "data.source.freq=5min", "dask.workers=2", "dask.threads_per_worker=1"]
+        print(
+            f"# generated {csv.stat().st_size / 2**20:.0f} MB CSV "
+            f"({args.sensors} x {args.steps}) in {time.perf_counter() - t0:.0f} s"
+        )
+    dask_cmd = [
+        sys.executable,
+        "launch/preprocess.py",
+        f"data.store={work / 'dask.zarr'}",
+        "data.overwrite=true",
+        "data.source.kind=wide_csv",
+        f"data.source.path={csv}",
+        f"data.source.locations={loc}",
+        "data.source.time_column=time",
+        "data.source.freq=5min",
+        "dask.workers=2",
+        "dask.threads_per_worker=1",
+    ]
     base_cmd = [sys.executable, "-c", BASELINE, str(csv), str(loc), str(work / "base.zarr")]
     shutil.rmtree(work / "base.zarr", ignore_errors=True)
     dask_t, dask_m = measure(dask_cmd, env)
@@ -129,17 +143,30 @@ def main() -> None:
     print("|---|---|---|")
     print(f"| pandas -> numpy -> zarr baseline (1 process) | {base_t:.1f} | {base_m:.0f} |")
     print(f"| Dask pipeline (2 workers x 1 thread) | {dask_t:.1f} | {dask_m:.0f} |")
-    print(f"| ratio baseline / Dask | {base_t / dask_t:.2f}x faster | "
-          f"{dask_m / base_m:.2f} of the baseline's memory |", flush=True)
+    print(
+        f"| ratio baseline / Dask | {base_t / dask_t:.2f}x faster | "
+        f"{dask_m / base_m:.2f} of the baseline's memory |",
+        flush=True,
+    )
     for n in args.synthetic:
         store = work / f"syn{n}.zarr"
-        cmd = [sys.executable, "launch/preprocess.py", f"data.store={store}",
-               "data.overwrite=true", f"data.synthetic.num_sensors={n}",
-               "data.synthetic.num_steps=2000", "dask.workers=2", "dask.threads_per_worker=1"]
+        cmd = [
+            sys.executable,
+            "launch/preprocess.py",
+            f"data.store={store}",
+            "data.overwrite=true",
+            f"data.synthetic.num_sensors={n}",
+            "data.synthetic.num_steps=2000",
+            "dask.workers=2",
+            "dask.threads_per_worker=1",
+        ]
         secs, mb = measure(cmd, env)
         size = sum(f.stat().st_size for f in store.rglob("*") if f.is_file()) / 2**30
-        print(f"| synthetic {n:,} sensors x 2,000 steps | {secs:.1f} | {mb:.0f} | "
-              f"(store {size:.1f} GiB)", flush=True)
+        print(
+            f"| synthetic {n:,} sensors x 2,000 steps | {secs:.1f} | {mb:.0f} | "
+            f"(store {size:.1f} GiB)",
+            flush=True,
+        )
         shutil.rmtree(store, ignore_errors=True)
 
 

@@ -29,8 +29,13 @@ from pipeline.variography import empirical_variogram, fit_variogram
 
 SETTINGS = {
     "prior": [
-        "model.heads=1", "model.qk_residual=false", "model.knn=64", "data.time_in=1",
-        "data.horizon=1", "data.synthetic.nugget=10", "train.kernel_lr=0.1",
+        "model.heads=1",
+        "model.qk_residual=false",
+        "model.knn=64",
+        "data.time_in=1",
+        "data.horizon=1",
+        "data.synthetic.nugget=10",
+        "train.kernel_lr=0.1",
     ],
     "full": ["model.knn=32", "data.synthetic.nugget=0.1"],
 }
@@ -38,12 +43,21 @@ SETTINGS = {
 
 def run(family: str, true_range: float, setting: str, steps: int) -> dict:
     init = 4.0 * true_range
-    cfg = load_config(None, [
-        f"data.synthetic.family={family}", f"data.synthetic.range_km={true_range}",
-        f"model.kernel={family}", f"model.init_range_km={init}", "model.layers=1",
-        "data.synthetic.num_sensors=400", "data.synthetic.num_steps=1500",
-        "data.synthetic.domain_km=100", f"train.steps={steps}", *SETTINGS[setting],
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"data.synthetic.family={family}",
+            f"data.synthetic.range_km={true_range}",
+            f"model.kernel={family}",
+            f"model.init_range_km={init}",
+            "model.layers=1",
+            "data.synthetic.num_sensors=400",
+            "data.synthetic.num_steps=1500",
+            "data.synthetic.domain_km=100",
+            f"train.steps={steps}",
+            *SETTINGS[setting],
+        ],
+    )
     t0 = time.perf_counter()
     result = fit_synthetic(cfg, progress=False)
     learned = result.learned()[0]["range_km"]
@@ -51,8 +65,13 @@ def run(family: str, true_range: float, setting: str, steps: int) -> dict:
     centres, gamma = empirical_variogram(result.coords, result.train_values, edges, snapshots=30)
     classical = fit_variogram(family, centres, gamma)["range_km"]
     return {
-        "family": family, "setting": setting, "true": true_range, "init": init,
-        "learned": learned, "classical": classical, "seconds": time.perf_counter() - t0,
+        "family": family,
+        "setting": setting,
+        "true": true_range,
+        "init": init,
+        "learned": learned,
+        "classical": classical,
+        "seconds": time.perf_counter() - t0,
     }
 
 
@@ -64,10 +83,14 @@ def main() -> None:
     torch.set_num_threads(1)  # small tensors: one thread is faster than two here
     ranges = [10.0] if args.quick else [5.0, 10.0, 20.0]
     settings = ["prior"] if args.quick else ["prior", "full"]
-    print(f"# machine: {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}")
-    print("| setting | family | true km | init km | learned km per head | rel. err (best head) "
-          "| GSTools fit km | rel. err | s |")
+    print(
+        f"# machine: {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
+    )
+    print(
+        "| setting | family | true km | init km | learned km per head | rel. err (best head) "
+        "| GSTools fit km | rel. err | s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for setting in settings:
         for family in ("matern32", "exponential"):
@@ -75,10 +98,12 @@ def main() -> None:
                 r = run(family, true_range, setting, args.steps)
                 errs = [abs(x - r["true"]) / r["true"] for x in r["learned"]]
                 heads = ", ".join(f"{x:.1f}" for x in r["learned"])
-                print(f"| {setting} | {family} | {r['true']:.0f} | {r['init']:.0f} | {heads} | "
-                      f"{min(errs):.0%} | {r['classical']:.1f} | "
-                      f"{abs(r['classical'] - r['true']) / r['true']:.0%} | {r['seconds']:.0f} |",
-                      flush=True)
+                print(
+                    f"| {setting} | {family} | {r['true']:.0f} | {r['init']:.0f} | {heads} | "
+                    f"{min(errs):.0%} | {r['classical']:.1f} | "
+                    f"{abs(r['classical'] - r['true']) / r['true']:.0%} | {r['seconds']:.0f} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

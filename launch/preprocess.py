@@ -1,6 +1,6 @@
 """Raw sensor data -> Zarr store, on a Dask cluster.
 
-    python launch/preprocess.py --config configs/los_loop.yaml [section.key=value ...]
+python launch/preprocess.py --config configs/los_loop.yaml [section.key=value ...]
 """
 
 import sys

@@ -1,6 +1,6 @@
 """Move the registry alias `champion` to `candidate` when the candidate is better.
 
-    python launch/promote.py --config configs/small.yaml
+python launch/promote.py --config configs/small.yaml
 """
 
 import sys

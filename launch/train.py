@@ -1,9 +1,9 @@
 """Train the spatially-informed transformer (DeepSpeed), evaluate, track and register it.
 
-    deepspeed launch/train.py --config configs/large.yaml            # all local GPUs
-    deepspeed --num_gpus 2 launch/train.py --config configs/small.yaml  # 2 CPU processes
-    deepspeed --hostfile infra/deepspeed/hostfile launch/train.py --config configs/large.yaml
-    python launch/train.py --config configs/small.yaml [section.key=value ...]  # one process
+deepspeed launch/train.py --config configs/large.yaml            # all local GPUs
+deepspeed --num_gpus 2 launch/train.py --config configs/small.yaml  # 2 CPU processes
+deepspeed --hostfile infra/deepspeed/hostfile launch/train.py --config configs/large.yaml
+python launch/train.py --config configs/small.yaml [section.key=value ...]  # one process
 """
 
 import sys
@@ -18,8 +18,10 @@ from pipeline.train import train  # noqa: E402
 def main(cfg) -> None:
     metrics = train(cfg)
     if metrics is not None and "model_uri" in metrics:
-        print(f"test MAE {metrics['test']['mean']['mae']:.4f}  CRPS "
-              f"{metrics['test']['mean']['crps']:.4f}  model {metrics['model_uri']}")
+        print(
+            f"test MAE {metrics['test']['mean']['mae']:.4f}  CRPS "
+            f"{metrics['test']['mean']['crps']:.4f}  model {metrics['model_uri']}"
+        )
 
 
 if __name__ == "__main__":

@@ -26,8 +26,14 @@ from pipeline.covariance import CovarianceBias
 
 
 def dense_attention(
-    q: Tensor, k: Tensor, v: Tensor, pos: Tensor, observed: Tensor,
-    kernel: CovarianceBias, neighbours: Tensor | None, use_qk: bool,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    pos: Tensor,
+    observed: Tensor,
+    kernel: CovarianceBias,
+    neighbours: Tensor | None,
+    use_qk: bool,
 ) -> Tensor:
     """q, k, v [B, H, N, dh]; pos [N, 3]; observed [B, N] -> [B, H, N, dh]."""
     n = q.shape[2]
@@ -44,8 +50,14 @@ def dense_attention(
 
 
 def knn_attention(
-    q: Tensor, k: Tensor, v: Tensor, pos: Tensor, observed: Tensor,
-    kernel: CovarianceBias, neighbours: Tensor | None, use_qk: bool,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    pos: Tensor,
+    observed: Tensor,
+    kernel: CovarianceBias,
+    neighbours: Tensor | None,
+    use_qk: bool,
 ) -> Tensor:
     """Like :func:`dense_attention` over each query's neighbours [N, k] only; entries -1
     (outside a spatial tile) are masked."""
@@ -53,13 +65,18 @@ def knn_attention(
         raise ValueError("the knn backend needs a neighbour index [node, k]")
     valid = neighbours >= 0  # [N, k]
     neighbours = neighbours.clamp_min(0)
-    n, kn = neighbours.shape
-    kk = k[:, :, neighbours]  # [B, H, N, k, dh]
-    vv = v[:, :, neighbours]  # [B, H, N, k, dh]
+    b, h, n, dh = q.shape
+    kn = neighbours.shape[1]
+    flat = neighbours.reshape(-1)
+    # gather whole sensor rows ([B, N, H * dh], contiguous): faster than per-head gathers
+    kk = k.transpose(1, 2).reshape(b, n, h * dh).index_select(1, flat)  # [B, N * k, H * dh]
+    vv = v.transpose(1, 2).reshape(b, n, h * dh).index_select(1, flat)
+    kk = kk.view(b, n, kn, h, dh).permute(0, 3, 1, 2, 4)  # [B, H, N, k, dh]
+    vv = vv.view(b, n, kn, h, dh).permute(0, 3, 1, 2, 4)
     if use_qk:
-        scores = (q.unsqueeze(-2) * kk).sum(-1) / math.sqrt(q.shape[-1])  # [B, H, N, k]
+        scores = (q.unsqueeze(-2) * kk).sum(-1) / math.sqrt(dh)  # [B, H, N, k]
     else:
-        scores = q.new_zeros(q.shape[0], q.shape[1], n, kn)
+        scores = q.new_zeros(b, h, n, kn)
     is_self = (neighbours == torch.arange(n, device=q.device)[:, None]) & valid  # [N, k]
     bias = kernel.log_bias(pos[:, None, :] - pos[neighbours], is_self)  # [H, N, k]
     if bias is not None:
@@ -117,4 +134,3 @@ class GeoAttention(nn.Module):
         out = BACKENDS[self.backend](q, k, v, pos, observed, self.kernel, neighbours, use_qk)
         out = out.transpose(1, 2).reshape(b, n, d)  # [B, N, H * dh]
         return self.dropout(self.out(out))
-

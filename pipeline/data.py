@@ -35,8 +35,15 @@ from pipeline.store import Store, open_store
 
 
 def cut_windows(
-    values: np.ndarray, mask: np.ndarray, time: np.ndarray, lo: int, origins: np.ndarray,
-    mean: np.ndarray, std: np.ndarray, time_in: int, horizon: int,
+    values: np.ndarray,
+    mask: np.ndarray,
+    time: np.ndarray,
+    lo: int,
+    origins: np.ndarray,
+    mean: np.ndarray,
+    std: np.ndarray,
+    time_in: int,
+    horizon: int,
 ) -> dict[str, torch.Tensor]:
     """Windows at ``origins`` from a span of rows starting at time step ``lo``.
 
@@ -77,8 +84,17 @@ class WindowSource:
 
     def batch(self, origins: np.ndarray) -> dict[str, torch.Tensor]:
         lo, hi = int(origins.min()) - self.time_in, int(origins.max()) + self.horizon
-        return cut_windows(self.values[lo:hi], self.mask[lo:hi], self.time, lo, origins,
-                           self.mean, self.std, self.time_in, self.horizon)
+        return cut_windows(
+            self.values[lo:hi],
+            self.mask[lo:hi],
+            self.time,
+            lo,
+            origins,
+            self.mean,
+            self.std,
+            self.time_in,
+            self.horizon,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,14 +177,30 @@ class WindowStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(
-        self, store: str, split: str, time_in: int, horizon: int, batch_size: int, k: int,
-        seed: int = 0, rank: int = 0, world_size: int = 1, tile_size: int | None = None,
-        start_step: int = 0, prefetch: int = 2, shuffle: bool = True,
+        self,
+        store: str,
+        split: str,
+        time_in: int,
+        horizon: int,
+        batch_size: int,
+        k: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        tile_size: int | None = None,
+        start_step: int = 0,
+        prefetch: int = 2,
+        shuffle: bool = True,
     ) -> None:
         super().__init__()
         self.path, self.split, self.batch_size = store, split, batch_size
         self.time_in, self.horizon, self.seed, self.shuffle = time_in, horizon, seed, shuffle
-        self.rank, self.world_size, self.start_step, self.prefetch = rank, world_size, start_step, prefetch
+        self.rank, self.world_size, self.start_step, self.prefetch = (
+            rank,
+            world_size,
+            start_step,
+            prefetch,
+        )
         st = open_store(store)
         n_store_k = st["neighbours"].shape[1]
         if k > n_store_k:
@@ -180,15 +212,20 @@ class WindowStream(torch.utils.data.IterableDataset):
         start, stop = st.split(split)
         self.origins = window_origins(start, stop, time_in, horizon)
         if len(self.origins) == 0:
-            raise ValueError(f"store {store}: split {split!r} [{start}, {stop}) holds no window "
-                             f"of {time_in} + {horizon} steps")
+            raise ValueError(
+                f"store {store}: split {split!r} [{start}, {stop}) holds no window "
+                f"of {time_in} + {horizon} steps"
+            )
         self.tiles = make_tiles(st["neighbours"][:], k, tile_size)
         pos, _ = positions_km(st["coords"][:], st.attrs["crs"])
         self.pos = pos.astype(np.float32)
         # blocks: (tile, origins whose time chunk is the same)
         groups = self.origins // self.time_chunk
-        self.blocks = [(t, self.origins[groups == g]) for t in range(len(self.tiles))
-                       for g in np.unique(groups)]
+        self.blocks = [
+            (t, self.origins[groups == g])
+            for t in range(len(self.tiles))
+            for g in np.unique(groups)
+        ]
 
     # -- the plan: a pure function of (seed, epoch, shard) ------------------------------------
 
@@ -226,8 +263,17 @@ class WindowStream(torch.utils.data.IterableDataset):
         tile = self.tiles[tile_i]
         lo, hi = int(origins.min()) - self.time_in, int(origins.max()) + self.horizon
         values, mask = cache.read(lo, hi, tile.nodes)
-        batch = cut_windows(values, mask, self.time, lo, origins, self.mean[tile.nodes],
-                            self.std[tile.nodes], self.time_in, self.horizon)
+        batch = cut_windows(
+            values,
+            mask,
+            self.time,
+            lo,
+            origins,
+            self.mean[tile.nodes],
+            self.std[tile.nodes],
+            self.time_in,
+            self.horizon,
+        )
         target = np.zeros(len(tile.nodes), dtype=bool)
         target[: tile.targets] = True
         batch.update(

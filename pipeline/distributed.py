@@ -57,16 +57,24 @@ def init(device: str = "auto") -> Context:
     if use_cuda and not torch.cuda.is_available():
         raise RuntimeError("train.device=cuda but no CUDA device is visible")
     if "RANK" not in os.environ:  # plain `python launch/train.py`: a group of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+        os.environ.update(
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())),
+        )
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo",
-                                   verbose=False)
-    return Context(dist.get_rank(), local_rank, dist.get_world_size(),
-                   torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"))
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
+    return Context(
+        dist.get_rank(),
+        local_rank,
+        dist.get_world_size(),
+        torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"),
+    )
 
 
 def ds_config(cfg: Config) -> dict[str, Any]:
@@ -129,8 +137,12 @@ def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "numpy": {
+            "key": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "gauss": float(np_state[4]),
+        },
         "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
     }
     if torch.cuda.is_available():
@@ -141,8 +153,9 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["gauss"]))
+    np.random.set_state(
+        ("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     if "cuda" in state and torch.cuda.is_available():
@@ -155,8 +168,10 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, trainer_state: dict, ctx:
     # trainer state first: DeepSpeed writes `latest` at the end of save_checkpoint, so a
     # checkpoint that `latest` names is complete on every rank
     (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
-    torch.save({**trainer_state, "rng": rng_state(), "world_size": ctx.world_size},
-               ckpt_dir / tag / f"trainer_rank{ctx.rank}.pt")
+    torch.save(
+        {**trainer_state, "rng": rng_state(), "world_size": ctx.world_size},
+        ckpt_dir / tag / f"trainer_rank{ctx.rank}.pt",
+    )
     dist.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag)
 

@@ -28,15 +28,21 @@ def export_model(model: Forecaster, cfg: Config, store: Store, out: Path) -> Pat
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     torch.save(state, out / "weights.pt")
     meta = {
-        "model": cfg.model.model_dump(), "time_in": cfg.data.time_in,
-        "horizon": cfg.data.horizon, "features": store.attrs["features"],
-        "units": store.attrs.get("units", ""), "freq": store.attrs["freq"],
+        "model": cfg.model.model_dump(),
+        "time_in": cfg.data.time_in,
+        "horizon": cfg.data.horizon,
+        "features": store.attrs["features"],
+        "units": store.attrs.get("units", ""),
+        "freq": store.attrs["freq"],
     }
     (out / "model.json").write_text(json.dumps(meta, indent=2))
     np.savez(
-        out / "network.npz", sensor_id=np.array([str(s) for s in store["sensor_id"][:]]),
-        coords=store["coords"][:], crs=np.array(store.attrs["crs"]),
-        neighbours=store["neighbours"][:, : cfg.model.knn], mean=store["mean"][:],
+        out / "network.npz",
+        sensor_id=np.array([str(s) for s in store["sensor_id"][:]]),
+        coords=store["coords"][:],
+        crs=np.array(store.attrs["crs"]),
+        neighbours=store["neighbours"][:, : cfg.model.knn],
+        mean=store["mean"][:],
         std=store["std"][:],
     )
     return out
@@ -51,8 +57,13 @@ class Predictor:
         net = np.load(path / "network.npz")
         self.meta, self.sensor_id = meta, net["sensor_id"]
         self.mean, self.std = net["mean"], net["std"]
-        self.model = Forecaster(ModelConfig(**meta["model"]), meta["time_in"], meta["horizon"],
-                                len(meta["features"]), len(self.sensor_id))
+        self.model = Forecaster(
+            ModelConfig(**meta["model"]),
+            meta["time_in"],
+            meta["horizon"],
+            len(meta["features"]),
+            len(self.sensor_id),
+        )
         self.model.load_state_dict(torch.load(path / "weights.pt", weights_only=True))
         self.model.eval()
         pos, frame = positions_km(net["coords"], str(net["crs"]))
@@ -67,12 +78,19 @@ class Predictor:
         x = np.asarray(x, dtype=np.float32)
         expect = (self.meta["time_in"], len(self.sensor_id), len(self.meta["features"]))
         if x.ndim != 4 or x.shape[1:] != expect:
-            raise ValueError(f"x must have shape [batch, {expect[0]}, {expect[1]}, {expect[2]}] "
-                             f"(batch, time_in, sensors, features); got {list(x.shape)}")
+            raise ValueError(
+                f"x must have shape [batch, {expect[0]}, {expect[1]}, {expect[2]}] "
+                f"(batch, time_in, sensors, features); got {list(x.shape)}"
+            )
         mask = np.isfinite(x)
         norm = np.where(mask, (x - self.mean) / self.std, 0.0).astype(np.float32)
         cal = calendar_features(np.asarray(origin_time, dtype=np.int64).reshape(-1))
         with torch.no_grad():
-            mean, std = self.model(torch.from_numpy(norm), torch.from_numpy(mask),
-                                   torch.from_numpy(cal), self.pos, self.neighbours)
+            mean, std = self.model(
+                torch.from_numpy(norm),
+                torch.from_numpy(mask),
+                torch.from_numpy(cal),
+                self.pos,
+                self.neighbours,
+            )
         return {"mean": mean.numpy() * self.std + self.mean, "std": std.numpy() * self.std}

@@ -14,7 +14,10 @@ from pipeline.covariance import correlation  # noqa: E402
 
 
 def correlation_curves(
-    kernels: list[dict], family: str, centres: np.ndarray, empirical: np.ndarray,
+    kernels: list[dict],
+    family: str,
+    centres: np.ndarray,
+    empirical: np.ndarray,
     truth: dict | None,
 ) -> plt.Figure:
     """Learned correlation c_h(d) per head against the empirical correlation of the training
@@ -25,7 +28,9 @@ def correlation_curves(
         for layer in kernels:
             for h, (r, tau) in enumerate(zip(layer["range_km"], layer["nugget"], strict=True)):
                 rho = correlation(family, torch.tensor(d / r)).numpy()
-                ax.plot(d, (1 - tau) * rho, lw=1, label=f"layer {layer['layer']} head {h}: {r:.1f} km")
+                ax.plot(
+                    d, (1 - tau) * rho, lw=1, label=f"layer {layer['layer']} head {h}: {r:.1f} km"
+                )
     ax.plot(centres, empirical, "ko", ms=4, label="empirical (train split)")
     if truth:
         sill = truth["variance"] + truth["nugget"]
@@ -40,8 +45,9 @@ def correlation_curves(
 def pit_histogram(hist: list[float]) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     bins = len(hist)
-    ax.bar(np.arange(bins) / bins, np.asarray(hist) * bins, width=1 / bins, align="edge",
-           edgecolor="k")
+    ax.bar(
+        np.arange(bins) / bins, np.asarray(hist) * bins, width=1 / bins, align="edge", edgecolor="k"
+    )
     ax.axhline(1.0, color="r", ls="--", label="calibrated")
     ax.set(xlabel="PIT", ylabel="density", title="PIT histogram (test)")
     ax.legend()
@@ -49,8 +55,9 @@ def pit_histogram(hist: list[float]) -> plt.Figure:
     return fig
 
 
-def fan_chart(history: np.ndarray, mean: np.ndarray, std: np.ndarray, truth: np.ndarray,
-              names: list[str]) -> plt.Figure:
+def fan_chart(
+    history: np.ndarray, mean: np.ndarray, std: np.ndarray, truth: np.ndarray, names: list[str]
+) -> plt.Figure:
     """Forecast fans for a few sensors: history [T_in, S], mean/std/truth [H, S]."""
     fig, axes = plt.subplots(len(names), 1, figsize=(6, 2.2 * len(names)), squeeze=False)
     t_in, h = len(history), len(mean)
@@ -60,8 +67,14 @@ def fan_chart(history: np.ndarray, mean: np.ndarray, std: np.ndarray, truth: np.
         ax.plot(future, truth[:, i], "k.", ms=4, label="observed")
         ax.plot(future, mean[:, i], "b-", label="mean")
         for z, alpha in ((1.6449, 0.2), (0.6745, 0.35)):
-            ax.fill_between(future, mean[:, i] - z * std[:, i], mean[:, i] + z * std[:, i],
-                            color="b", alpha=alpha, lw=0)
+            ax.fill_between(
+                future,
+                mean[:, i] - z * std[:, i],
+                mean[:, i] + z * std[:, i],
+                color="b",
+                alpha=alpha,
+                lw=0,
+            )
         ax.set_title(f"sensor {names[i]}", fontsize=8)
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()

@@ -80,7 +80,7 @@ class MetricAccumulator:
             "coverage_50": col["in50"].sum() / total,
             "coverage_90": col["in90"].sum() / total,
         }
-        hist = s[:, len(_COLS):].sum(0)
+        hist = s[:, len(_COLS) :].sum(0)
         hist = hist / hist.sum().clamp_min(1)
         return {
             "horizon_steps": list(range(1, self.horizon + 1)),

@@ -30,8 +30,12 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         kernel = CovarianceBias(
-            cfg.kernel, cfg.heads, cfg.init_range_km, cfg.init_nugget,
-            anisotropy=cfg.anisotropy, learnable=cfg.learn_kernel,
+            cfg.kernel,
+            cfg.heads,
+            cfg.init_range_km,
+            cfg.init_nugget,
+            anisotropy=cfg.anisotropy,
+            learnable=cfg.learn_kernel,
         )
         self.norm1 = nn.LayerNorm(cfg.d_model)
         self.attn = GeoAttention(
@@ -51,10 +55,14 @@ class Block(nn.Module):
 
 
 class Forecaster(nn.Module):
-    """[batch, time_in, node, feature] window -> Gaussian forecast [batch, horizon, node, feature]."""
+    """Window [batch, time_in, node, feature] -> Gaussian forecast [batch, horizon, node, F]."""
 
     def __init__(
-        self, cfg: ModelConfig, time_in: int, horizon: int, features: int,
+        self,
+        cfg: ModelConfig,
+        time_in: int,
+        horizon: int,
+        features: int,
         num_nodes: int | None = None,
     ) -> None:
         super().__init__()

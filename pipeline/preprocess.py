@@ -45,8 +45,11 @@ def dask_client(cfg: DaskConfig) -> Iterator[Client]:
         return
     with (
         LocalCluster(
-            n_workers=cfg.workers, threads_per_worker=cfg.threads_per_worker, processes=True,
-            host="127.0.0.1", dashboard_address=None,
+            n_workers=cfg.workers,
+            threads_per_worker=cfg.threads_per_worker,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
         ) as cluster,
         Client(cluster) as client,
     ):
@@ -54,8 +57,15 @@ def dask_client(cfg: DaskConfig) -> Iterator[Client]:
 
 
 def _write_block(
-    source: Source, store: str, g0: int, g1: int, n0: int, n1: int, sensors: np.ndarray,
-    sentinels: tuple[float, ...], train_stop: int,
+    source: Source,
+    store: str,
+    g0: int,
+    g1: int,
+    n0: int,
+    n1: int,
+    sensors: np.ndarray,
+    sentinels: tuple[float, ...],
+    train_stop: int,
 ) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Read, clean and write values[g0:g1, n0:n1]; return train sums (sum, sumsq, count) and
     the count of observations in the block, per sensor and feature."""
@@ -70,8 +80,14 @@ def _write_block(
     root["mask"][g0:g1, n0:n1] = mask
     rows = max(0, min(g1, train_stop) - g0)
     train = np.where(mask[:rows], values[:rows], np.float32(0))  # [rows, n, F]
-    return (n0, n1, train.sum(0, dtype=np.float64), np.square(train).sum(0, dtype=np.float64),
-            mask[:rows].sum(0), mask.sum(0))
+    return (
+        n0,
+        n1,
+        train.sum(0, dtype=np.float64),
+        np.square(train).sum(0, dtype=np.float64),
+        mask[:rows].sum(0),
+        mask.sum(0),
+    )
 
 
 def _task_blocks(
@@ -81,8 +97,11 @@ def _task_blocks(
     chunk), about TASK_VALUES values each (so a task's memory is bounded whatever N)."""
     nodes = node_chunk if node_subsets else n
     rows = max(1, TASK_VALUES // (nodes * f) // time_chunk) * time_chunk
-    return [(g0, min(g0 + rows, t), n0, min(n0 + nodes, n))
-            for g0 in range(0, t, rows) for n0 in range(0, n, nodes)]
+    return [
+        (g0, min(g0 + rows, t), n0, min(n0 + nodes, n))
+        for g0 in range(0, t, rows)
+        for n0 in range(0, n, nodes)
+    ]
 
 
 def splits(t: int, train_fraction: float, val_fraction: float) -> dict[str, list[int]]:
@@ -121,15 +140,29 @@ def preprocess(cfg: Config, progress: bool = True) -> Path:
             hashes = client.map(sha256, source.files, pure=False)  # overlaps the writes
             futures = [
                 client.submit(
-                    _write_block, source_future, str(tmp), g0, g1, n0, n1, order[n0:n1],
-                    tuple(data.source.sentinels), split["train"][1], pure=False,
+                    _write_block,
+                    source_future,
+                    str(tmp),
+                    g0,
+                    g1,
+                    n0,
+                    n1,
+                    order[n0:n1],
+                    tuple(data.source.sentinels),
+                    split["train"][1],
+                    pure=False,
                 )
                 for g0, g1, n0, n1 in blocks
             ]
             total, total_sq = np.zeros((n, f)), np.zeros((n, f))
             count, seen = np.zeros((n, f)), np.zeros((n, f))
-            bar = tqdm(as_completed(futures), total=len(futures), desc="preprocess",
-                       unit="chunk", disable=not progress)
+            bar = tqdm(
+                as_completed(futures),
+                total=len(futures),
+                desc="preprocess",
+                unit="chunk",
+                disable=not progress,
+            )
             for future in bar:
                 n0, n1, s, sq, c, obs = future.result()
                 total[n0:n1] += s
@@ -153,17 +186,28 @@ def preprocess(cfg: Config, progress: bool = True) -> Path:
             root["neighbour_dist"][:] = nd.astype(np.float32)
             root["mean"][:] = mean
             root["std"][:] = std
-            root.attrs.update({
-                "schema_version": SCHEMA_VERSION, "freq": source.freq, "splits": split,
-                "features": source.features, "units": data.source.units, "crs": source.crs,
-                "sources": [{"path": str(p), "sha256": h}
-                            for p, h in zip(source.files, client.gather(hashes), strict=True)],
-                "truth": source.truth, "time_chunk": data.time_chunk,
-                "node_chunk": data.node_chunk, "sentinels": list(data.source.sentinels),
-                "sensors_without_train_stats": [str(source.sensor_ids[order[j]])
-                                                for j in fallback[:100]],
-                "observed_fraction": float(seen.sum() / (t * n * f)),
-            })
+            root.attrs.update(
+                {
+                    "schema_version": SCHEMA_VERSION,
+                    "freq": source.freq,
+                    "splits": split,
+                    "features": source.features,
+                    "units": data.source.units,
+                    "crs": source.crs,
+                    "sources": [
+                        {"path": str(p), "sha256": h}
+                        for p, h in zip(source.files, client.gather(hashes), strict=True)
+                    ],
+                    "truth": source.truth,
+                    "time_chunk": data.time_chunk,
+                    "node_chunk": data.node_chunk,
+                    "sentinels": list(data.source.sentinels),
+                    "sensors_without_train_stats": [
+                        str(source.sensor_ids[order[j]]) for j in fallback[:100]
+                    ],
+                    "observed_fraction": float(seen.sum() / (t * n * f)),
+                }
+            )
     return target
 
 

@@ -43,9 +43,13 @@ def synthetic_source(cfg: Config) -> tuple[WindowSource, np.ndarray]:
     n_train = int(syn.num_steps * cfg.data.train_fraction)
     time = pd.date_range(syn.start, periods=syn.num_steps, freq=syn.freq).as_unit("ns").asi8
     src = WindowSource(
-        values=values, mask=np.ones_like(values, dtype=bool), time=time,
-        mean=values[:n_train].mean(0), std=values[:n_train].std(0) + 1e-6,
-        time_in=cfg.data.time_in, horizon=cfg.data.horizon,
+        values=values,
+        mask=np.ones_like(values, dtype=bool),
+        time=time,
+        mean=values[:n_train].mean(0),
+        std=values[:n_train].std(0) + 1e-6,
+        time_in=cfg.data.time_in,
+        horizon=cfg.data.horizon,
     )
     return src, fld.coords(np.arange(syn.num_sensors))
 

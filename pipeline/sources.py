@@ -75,7 +75,9 @@ def _check_ids(ids: Sequence[str], where: str) -> np.ndarray:
             dup.append(s)
         seen.add(s)
     if dup:
-        raise SourceError(f"{where}: duplicate sensor ids {sorted(set(dup))[:10]}; ids must be unique")
+        raise SourceError(
+            f"{where}: duplicate sensor ids {sorted(set(dup))[:10]}; ids must be unique"
+        )
     empty = [i for i, s in enumerate(ids) if s == ""]
     if empty:
         raise SourceError(f"{where}: empty sensor id at column/row {empty[0]}")
@@ -163,7 +165,9 @@ def regular_axis(
             )
     if freq is None:
         if len(t) < 2:
-            raise SourceError(f"{where}: cannot infer the time step from one row; set data.source.freq")
+            raise SourceError(
+                f"{where}: cannot infer the time step from one row; set data.source.freq"
+            )
         step = int(pd.Series(np.diff(t)).mode().iloc[0])
         freq = pd.tseries.frequencies.to_offset(pd.Timedelta(step, "ns")).freqstr
     else:
@@ -240,8 +244,14 @@ def _parse_numbers(lines: list[bytes], drop_first: bool) -> np.ndarray | None:
     cells = [line.split(b",", 1)[1] for line in lines] if drop_first else lines
     body = b"\n".join(cells).replace(b",", b"\n") + b"\n0"  # "0": keeps a last empty cell
     try:
-        values = pd.read_csv(io.BytesIO(body), header=None, names=["v"], dtype=np.float32,
-                             skip_blank_lines=False, engine="c").to_numpy()[:-1, 0]
+        values = pd.read_csv(
+            io.BytesIO(body),
+            header=None,
+            names=["v"],
+            dtype=np.float32,
+            skip_blank_lines=False,
+            engine="c",
+        ).to_numpy()[:-1, 0]
     except ValueError:
         return None
     return values
@@ -280,8 +290,13 @@ class WideCsvSource(Source):
         if flat is not None and flat.size == len(lines) * len(self.sensor_cols):
             vals = flat.reshape(len(lines), len(self.sensor_cols))
         else:  # a cell is not a plain number: find it (the slow path, errors only)
-            frame = pd.read_csv(io.BytesIO(data), header=None, names=self.columns,
-                                usecols=list(self.sensor_cols), skip_blank_lines=False)
+            frame = pd.read_csv(
+                io.BytesIO(data),
+                header=None,
+                names=self.columns,
+                usecols=list(self.sensor_cols),
+                skip_blank_lines=False,
+            )
             names = [self.columns[c] for c in self.sensor_cols]
             _first_bad_cell(frame[names], names, where, r0 + 2)
             vals = frame[names].to_numpy(dtype=np.float32)
@@ -310,12 +325,16 @@ def open_wide_csv(cfg: DataConfig, pmap: PMap) -> WideCsvSource:
                 f"the header; the header starts {columns[:5]}"
             )
         if columns[0] != src.time_column:
-            raise SourceError(f"{path}: the time column {src.time_column!r} must be the first column")
+            raise SourceError(
+                f"{path}: the time column {src.time_column!r} must be the first column"
+            )
     sensor_cols = np.arange(1 if src.time_column else 0, len(columns))
     ids = _check_ids([columns[c] for c in sensor_cols], f"{path} header")
     body = len(header_line)
-    blocks = [(str(path), o, min(SCAN_BLOCK, filesize - o), filesize)
-              for o in range(body, filesize, SCAN_BLOCK)]
+    blocks = [
+        (str(path), o, min(SCAN_BLOCK, filesize - o), filesize)
+        for o in range(body, filesize, SCAN_BLOCK)
+    ]
     scans = pmap(lambda args: _scan_block(*args), blocks)
     starts = np.concatenate([[body]] + [s for s, _ in scans]).astype(np.int64)
     starts = starts[starts < filesize]
@@ -334,9 +353,19 @@ def open_wide_csv(cfg: DataConfig, pmap: PMap) -> WideCsvSource:
         time, row_pos, freq = _axis_from_start(src.start, src.freq, rows, str(path))
     coords, crs = load_locations(src.locations, src.locations_header, ids)
     return WideCsvSource(
-        sensor_ids=ids, coords=coords, crs=crs, time=time, freq=freq, features=["value"],
-        files=[path, Path(src.locations)], node_subsets=False, path=path, columns=columns,
-        sensor_cols=sensor_cols, line_starts=line_starts, row_pos=row_pos,
+        sensor_ids=ids,
+        coords=coords,
+        crs=crs,
+        time=time,
+        freq=freq,
+        features=["value"],
+        files=[path, Path(src.locations)],
+        node_subsets=False,
+        path=path,
+        columns=columns,
+        sensor_cols=sensor_cols,
+        line_starts=line_starts,
+        row_pos=row_pos,
     )
 
 
@@ -387,14 +416,20 @@ def open_long(cfg: DataConfig, pmap: PMap) -> ArraySource:
             values = values.assign(**{col: num})
     stamps = _parse_times(frame[time_col].astype(str).tolist(), where, first_line)
     sensor = frame[src.sensor_column].astype(str).str.strip().to_numpy()
-    dup = pd.DataFrame({"s": sensor, "t": stamps.as_unit("ns").asi8}).duplicated(keep=False).to_numpy()
+    dup = (
+        pd.DataFrame({"s": sensor, "t": stamps.as_unit("ns").asi8})
+        .duplicated(keep=False)
+        .to_numpy()
+    )
     if dup.any():
         i = np.flatnonzero(dup)[:2]
         raise SourceError(
             f"{where}: sensor {sensor[i[0]]!r} has two rows for {stamps[i[0]]} ({unit}s "
             f"{i[0] + first_line} and {i[1] + first_line}); keep one"
         )
-    uniq = pd.DatetimeIndex(np.unique(stamps.as_unit("ns").asi8).astype("datetime64[ns]")).tz_localize("UTC")
+    uniq = pd.DatetimeIndex(
+        np.unique(stamps.as_unit("ns").asi8).astype("datetime64[ns]")
+    ).tz_localize("UTC")
     time, _, freq = regular_axis(uniq, src.freq, where, first_line)
     ids = _check_ids(list(dict.fromkeys(sensor)), where)
     step = (time[1] - time[0]) if len(time) > 1 else 1
@@ -404,8 +439,14 @@ def open_long(cfg: DataConfig, pmap: PMap) -> ArraySource:
     out[ti, ni] = values.to_numpy(np.float32)
     coords, crs = load_locations(src.locations, src.locations_header, ids)
     return ArraySource(
-        sensor_ids=ids, coords=coords, crs=crs, time=time, freq=freq,
-        features=list(src.value_columns), files=[path, Path(src.locations)], values=out,
+        sensor_ids=ids,
+        coords=coords,
+        crs=crs,
+        time=time,
+        freq=freq,
+        features=list(src.value_columns),
+        files=[path, Path(src.locations)],
+        values=out,
     )
 
 
@@ -447,10 +488,12 @@ def open_hdf5(cfg: DataConfig, pmap: PMap) -> Hdf5Source:
             )
         group = fh[src.hdf5_key]
         if "block1_values" in group:
-            raise SourceError(f"{path}: frame {src.hdf5_key!r} has several dtype blocks; "
-                              "store one float block")
-        ids = _check_ids([x.decode() if isinstance(x, bytes) else str(x)
-                          for x in group["axis0"][:]], str(path))
+            raise SourceError(
+                f"{path}: frame {src.hdf5_key!r} has several dtype blocks; store one float block"
+            )
+        ids = _check_ids(
+            [x.decode() if isinstance(x, bytes) else str(x) for x in group["axis0"][:]], str(path)
+        )
         raw_t = group["axis1"][:]
         kind = group["axis1"].attrs.get("kind", b"datetime64")  # pandas >= 3 records the unit
         kind = kind.decode() if isinstance(kind, bytes) else str(kind)
@@ -462,8 +505,16 @@ def open_hdf5(cfg: DataConfig, pmap: PMap) -> Hdf5Source:
     time, row_pos, freq = regular_axis(stamps, src.freq, str(path), 0)
     coords, crs = load_locations(src.locations, src.locations_header, ids)
     return Hdf5Source(
-        sensor_ids=ids, coords=coords, crs=crs, time=time, freq=freq, features=["value"],
-        files=[path, Path(src.locations)], node_subsets=False, path=path, key=src.hdf5_key,
+        sensor_ids=ids,
+        coords=coords,
+        crs=crs,
+        time=time,
+        freq=freq,
+        features=["value"],
+        files=[path, Path(src.locations)],
+        node_subsets=False,
+        path=path,
+        key=src.hdf5_key,
         row_pos=row_pos,
     )
 
@@ -488,8 +539,13 @@ def open_synthetic(cfg: DataConfig, pmap: PMap) -> SyntheticSource:
     width = max(1, math.ceil(math.log10(n)))
     return SyntheticSource(
         sensor_ids=np.asarray([f"s{i:0{width}d}" for i in range(n)], dtype=object),
-        coords=fld.coords(np.arange(n)), crs="xy", time=time.as_unit("ns").asi8, freq=syn.freq,
-        features=["value"], truth=fld.truth(), field_=fld,
+        coords=fld.coords(np.arange(n)),
+        crs="xy",
+        time=time.as_unit("ns").asi8,
+        freq=syn.freq,
+        features=["value"],
+        truth=fld.truth(),
+        field_=fld,
     )
 
 

@@ -38,8 +38,18 @@ from pipeline.errors import UserError
 
 SCHEMA_VERSION = 1
 MARKER = "COMPLETE"
-ARRAYS = ("values", "mask", "time", "coords", "sensor_id", "order", "neighbours",
-          "neighbour_dist", "mean", "std")
+ARRAYS = (
+    "values",
+    "mask",
+    "time",
+    "coords",
+    "sensor_id",
+    "order",
+    "neighbours",
+    "neighbour_dist",
+    "mean",
+    "std",
+)
 
 
 # Blosc LZ4 with byte shuffle: GB/s to write and read, and smooth sensor series and masks
@@ -57,17 +67,28 @@ def create_arrays(
     """Create the empty arrays of a store at ``path`` (a temporary path: see atomic_store)."""
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
     chunks = (min(time_chunk, t), min(node_chunk, n), f)
-    root.create_array("values", shape=(t, n, f), chunks=chunks, dtype="float32",
-                      fill_value=np.nan, compressors=FAST_CODEC)
-    root.create_array("mask", shape=(t, n, f), chunks=chunks, dtype="bool", fill_value=False,
-                      compressors=FAST_CODEC)
+    root.create_array(
+        "values",
+        shape=(t, n, f),
+        chunks=chunks,
+        dtype="float32",
+        fill_value=np.nan,
+        compressors=FAST_CODEC,
+    )
+    root.create_array(
+        "mask",
+        shape=(t, n, f),
+        chunks=chunks,
+        dtype="bool",
+        fill_value=False,
+        compressors=FAST_CODEC,
+    )
     root.create_array("time", shape=(t,), chunks=(t,), dtype="int64")
     root.create_array("coords", shape=(n, 2), chunks=(n, 2), dtype="float64")
     root.create_array("sensor_id", shape=(n,), chunks=(n,), dtype=str)
     root.create_array("order", shape=(n,), chunks=(n,), dtype="int64")
     root.create_array("neighbours", shape=(n, k), chunks=(min(n, 1 << 18), k), dtype="int32")
-    root.create_array("neighbour_dist", shape=(n, k), chunks=(min(n, 1 << 18), k),
-                      dtype="float32")
+    root.create_array("neighbour_dist", shape=(n, k), chunks=(min(n, 1 << 18), k), dtype="float32")
     root.create_array("mean", shape=(n, f), chunks=(n, f), dtype="float32")
     root.create_array("std", shape=(n, f), chunks=(n, f), dtype="float32")
     return root
@@ -109,8 +130,15 @@ def validate(root: zarr.Group, where: Path) -> None:
         if name not in root:
             raise StoreError(f"store {where}: array {name!r} is missing")
     t, n, f = root["values"].shape
-    expect = {"mask": (t, n, f), "time": (t,), "coords": (n, 2), "sensor_id": (n,),
-              "order": (n,), "mean": (n, f), "std": (n, f)}
+    expect = {
+        "mask": (t, n, f),
+        "time": (t,),
+        "coords": (n, 2),
+        "sensor_id": (n,),
+        "order": (n,),
+        "mean": (n, f),
+        "std": (n, f),
+    }
     for name, shape in expect.items():
         if tuple(root[name].shape) != shape:
             raise StoreError(f"store {where}: {name} has shape {root[name].shape}, want {shape}")
@@ -177,9 +205,7 @@ def atomic_store(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     left as it was."""
     target = Path(target)
     if target.exists() and not overwrite:
-        raise StoreError(
-            f"store {target} already exists; set data.overwrite=true to replace it"
-        )
+        raise StoreError(f"store {target} already exists; set data.overwrite=true to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(target)
     tmp = target.parent / f".{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"

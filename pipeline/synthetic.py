@@ -114,7 +114,9 @@ class SyntheticField:
         """AR(1) Fourier coefficients [T, 2M], stationary with unit variance (cached)."""
         if self._coef is None:
             phi = self.cfg.ar_coef
-            eps = _rng(self.cfg.seed, _COEF).standard_normal((self.cfg.num_steps, 2 * len(self.omega)))
+            eps = _rng(self.cfg.seed, _COEF).standard_normal(
+                (self.cfg.num_steps, 2 * len(self.omega))
+            )
             # a_0 = eps_0; a_t = phi a_{t-1} + sqrt(1 - phi^2) eps_t
             zi = (phi * eps[0])[None]
             rest = lfilter([math.sqrt(1 - phi * phi)], [1.0, -phi], eps[1:], axis=0, zi=zi)[0]
@@ -130,9 +132,10 @@ class SyntheticField:
 
     def noise(self, t0: int, t1: int, sensors: np.ndarray) -> np.ndarray:
         """Standard-normal measurement noise [t1 - t0, n], a pure function of (t, sensor)."""
-        counter = np.arange(t0, t1, dtype=np.uint64)[:, None] * np.uint64(
-            self.cfg.num_sensors
-        ) + np.asarray(sensors, dtype=np.uint64)[None, :]
+        counter = (
+            np.arange(t0, t1, dtype=np.uint64)[:, None] * np.uint64(self.cfg.num_sensors)
+            + np.asarray(sensors, dtype=np.uint64)[None, :]
+        )
         return counter_normal(self.cfg.seed, _NOISE_A, _NOISE_B, counter)
 
     def values(self, t0: int, t1: int, sensors: np.ndarray | None = None) -> np.ndarray:
@@ -140,15 +143,22 @@ class SyntheticField:
         mean + field + sqrt(nugget) * noise."""
         if sensors is None:
             sensors = np.arange(self.cfg.num_sensors)
-        obs = self.latent(t0, t1, sensors) + math.sqrt(self.cfg.nugget) * self.noise(t0, t1, sensors)
+        obs = self.latent(t0, t1, sensors) + math.sqrt(self.cfg.nugget) * self.noise(
+            t0, t1, sensors
+        )
         return (obs + self.cfg.mean).astype(np.float32)
 
     def truth(self) -> dict[str, float | str]:
         """The true parameters (written into the store's attributes)."""
         c = self.cfg
         return {
-            "family": c.family, "range_km": c.range_km, "variance": c.variance,
-            "nugget": c.nugget, "nugget_fraction": c.nugget / (c.variance + c.nugget),
+            "family": c.family,
+            "range_km": c.range_km,
+            "variance": c.variance,
+            "nugget": c.nugget,
+            "nugget_fraction": c.nugget / (c.variance + c.nugget),
             "anisotropy_angle_deg": c.anisotropy_angle_deg,
-            "anisotropy_ratio": c.anisotropy_ratio, "ar_coef": c.ar_coef, "seed": c.seed,
+            "anisotropy_ratio": c.anisotropy_ratio,
+            "ar_coef": c.ar_coef,
+            "seed": c.seed,
         }

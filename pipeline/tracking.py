@@ -63,8 +63,9 @@ def check_reachable(uri: str) -> None:
 
 def _git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=5, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -102,8 +103,13 @@ class Tracker:
         run = mlflow.start_run(run_name=self.cfg.name, nested=self.nested)
         self.run_id = run.info.run_id
         mlflow.log_params({k: str(v)[:500] for k, v in flatten(self.cfg).items()})
-        mlflow.set_tags({"store": str(store.path), "store_fingerprint": store.fingerprint(),
-                         "git_commit": _git_commit()})
+        mlflow.set_tags(
+            {
+                "store": str(store.path),
+                "store_fingerprint": store.fingerprint(),
+                "git_commit": _git_commit(),
+            }
+        )
         mlflow.log_text(yaml.safe_dump(self.cfg.model_dump(), sort_keys=False), "config.yaml")
 
     def log_step(self, step: int, loss: float, kernels: list[dict], lr: float) -> None:
@@ -156,13 +162,16 @@ class Tracker:
         span = float(np.ptp(plane, axis=0).max())
         edges = np.linspace(0, span / 3 if span > 0 else 1.0, 16)
         centres, gamma = empirical_variogram(plane, vals, edges, snapshots=len(steps))
-        fig = figures.correlation_curves(metrics["kernel"], self.cfg.model.kernel, centres,
-                                         1 - gamma, metrics.get("truth"))
+        fig = figures.correlation_curves(
+            metrics["kernel"], self.cfg.model.kernel, centres, 1 - gamma, metrics.get("truth")
+        )
         mlflow.log_figure(fig, "figures/correlation.png")
-        mlflow.log_figure(figures.pit_histogram(metrics["test"]["pit_histogram"]),
-                          "figures/pit.png")
-        mlflow.log_figure(figures.loss_curves(self.train_losses, metrics["validation"]),
-                          "figures/loss.png")
+        mlflow.log_figure(
+            figures.pit_histogram(metrics["test"]["pit_histogram"]), "figures/pit.png"
+        )
+        mlflow.log_figure(
+            figures.loss_curves(self.train_losses, metrics["validation"]), "figures/loss.png"
+        )
         predictor = Predictor(model_dir)
         c, d = store.split("test")
         ti, h = self.cfg.data.time_in, self.cfg.data.horizon
@@ -171,9 +180,13 @@ class Tracker:
         out = predictor.predict(x, store["time"][origin : origin + 1])
         pick = [0, n // 2, n - 1]
         future = store["values"][origin : origin + h]
-        fig = figures.fan_chart(x[0][:, pick, 0], out["mean"][0][:, pick, 0],
-                                out["std"][0][:, pick, 0], future[:, pick, 0],
-                                [str(store["sensor_id"][i]) for i in pick])
+        fig = figures.fan_chart(
+            x[0][:, pick, 0],
+            out["mean"][0][:, pick, 0],
+            out["std"][0][:, pick, 0],
+            future[:, pick, 0],
+            [str(store["sensor_id"][i]) for i in pick],
+        )
         mlflow.log_figure(fig, "figures/fan_chart.png")
         import matplotlib.pyplot as plt
 
@@ -182,8 +195,10 @@ class Tracker:
     def _log_model(self, model_dir: Path) -> str:
         name = self.cfg.tracking.model_name
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=ForecastPyfunc(),
-            artifacts={"model": str(model_dir)}, pip_requirements=PIP_REQUIREMENTS,
+            name="model",
+            python_model=ForecastPyfunc(),
+            artifacts={"model": str(model_dir)},
+            pip_requirements=PIP_REQUIREMENTS,
             registered_model_name=name,
         )
         if name is None:
@@ -216,8 +231,10 @@ def promote(cfg: Config) -> dict[str, Any]:
             return None
         run = client.get_run(version.run_id)
         if metric not in run.data.metrics:
-            raise TrackingError(f"run {version.run_id} of {name} v{version.version} has no "
-                                f"metric {metric!r} (tracking.promote_metric)")
+            raise TrackingError(
+                f"run {version.run_id} of {name} v{version.version} has no "
+                f"metric {metric!r} (tracking.promote_metric)"
+            )
         return version.version, run.data.metrics[metric]
 
     candidate = score("candidate")
@@ -227,6 +244,10 @@ def promote(cfg: Config) -> dict[str, Any]:
     promoted = champion is None or (candidate[0] != champion[0] and candidate[1] < champion[1])
     if promoted:
         client.set_registered_model_alias(name, "champion", candidate[0])
-    return {"model": name, "metric": metric, "candidate": candidate, "champion": champion,
-            "promoted": promoted}
-
+    return {
+        "model": name,
+        "metric": metric,
+        "candidate": candidate,
+        "champion": champion,
+        "promoted": promoted,
+    }

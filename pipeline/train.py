@@ -46,8 +46,9 @@ def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
 
 def _forward(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """mean, std (float32, normalised units) and the loss mask (observed targets only)."""
-    mean, std = engine(batch["x"], batch["x_mask"], batch["calendar"], batch["pos"],
-                       batch["neighbours"])
+    mean, std = engine(
+        batch["x"], batch["x_mask"], batch["calendar"], batch["pos"], batch["neighbours"]
+    )
     mask = batch["y_mask"] & batch["target"][None, None, :, None]
     return mean.float(), std.float(), mask
 
@@ -55,9 +56,17 @@ def _forward(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 def evaluate(engine, cfg: Config, split: str, ctx, max_batches: int | None = None) -> dict:
     """Metrics of ``split`` in the data's units, over every rank's share (one pass)."""
     stream = WindowStream(
-        cfg.data.store, split, cfg.data.time_in, cfg.data.horizon, cfg.train.batch_size,
-        cfg.model.knn, seed=cfg.train.seed, rank=ctx.rank, world_size=ctx.world_size,
-        tile_size=cfg.data.tile_size, shuffle=False,
+        cfg.data.store,
+        split,
+        cfg.data.time_in,
+        cfg.data.horizon,
+        cfg.train.batch_size,
+        cfg.model.knn,
+        seed=cfg.train.seed,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        tile_size=cfg.data.tile_size,
+        shuffle=False,
     )
     store = open_store(cfg.data.store)
     mean_s = torch.from_numpy(store["mean"][:]).to(ctx.device)
@@ -111,30 +120,55 @@ def train(cfg: Config, report: Reporter | None = None, tracker: Tracker | None =
     engine = distributed.build_engine(model.to(ctx.device), cfg)
     dtype = distributed.engine_dtype(engine)
 
-    state = {"step": 0, "micro_step": 0, "best_val": math.inf, "bad_evals": 0, "history": []}
+    state = {
+        "step": 0,
+        "micro_step": 0,
+        "best_val": math.inf,
+        "bad_evals": 0,
+        "history": [],
+        "train_loss": [],
+    }
     restored = None
     if cfg.train.resume == "auto":
         restored = distributed.load_checkpoint(engine, ckpt_dir, ctx, cfg.train.zero_stage)
     if restored is not None:
         state.update({k: restored[k] for k in state})
         if ctx.is_main:
-            print(f"resumed from step {state['step']} ({ckpt_dir})"
-                  + (", data re-sharded for the new world size" if restored["resharded"] else ""))
+            print(
+                f"resumed from step {state['step']} ({ckpt_dir})"
+                + (", data re-sharded for the new world size" if restored["resharded"] else "")
+            )
 
     stream = WindowStream(
-        cfg.data.store, "train", cfg.data.time_in, cfg.data.horizon, cfg.train.batch_size,
-        cfg.model.knn, seed=cfg.train.seed, rank=ctx.rank, world_size=ctx.world_size,
-        tile_size=cfg.data.tile_size, start_step=state["micro_step"],
+        cfg.data.store,
+        "train",
+        cfg.data.time_in,
+        cfg.data.horizon,
+        cfg.train.batch_size,
+        cfg.model.knn,
+        seed=cfg.train.seed,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        tile_size=cfg.data.tile_size,
+        start_step=state["micro_step"],
     )
     loader = torch.utils.data.DataLoader(
-        stream, batch_size=None, num_workers=cfg.train.loader_workers,
+        stream,
+        batch_size=None,
+        num_workers=cfg.train.loader_workers,
         pin_memory=ctx.device.type == "cuda",
         persistent_workers=cfg.train.loader_workers > 0,
     )
     batches = iter(loader)
     loss_fn = LOSSES[cfg.train.loss]
-    bar = tqdm(total=cfg.train.steps, initial=state["step"], desc=cfg.name, unit="step",
-               disable=not ctx.is_main, dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.train.steps,
+        initial=state["step"],
+        desc=cfg.name,
+        unit="step",
+        disable=not ctx.is_main,
+        dynamic_ncols=True,
+    )
     wait_s = compute_s = 0.0
     samples = 0
     stopped_early = False
@@ -160,14 +194,24 @@ def train(cfg: Config, report: Reporter | None = None, tracker: Tracker | None =
         state["step"] = step = step + 1
         bar.update(1)
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            state["train_loss"].append([step, step_loss])
             kernels = kernel_params(model)
-            bar.set_postfix(loss=f"{step_loss:.4f}", range=f"{kernels[0].get('range_km', [0])[0]:.1f}km",
-                            wait=f"{wait_s / max(wait_s + compute_s, 1e-9):.0%}")
+            bar.set_postfix(
+                loss=f"{step_loss:.4f}",
+                range=f"{kernels[0].get('range_km', [0])[0]:.1f}km",
+                wait=f"{wait_s / max(wait_s + compute_s, 1e-9):.0%}",
+            )
             tracker.log_step(step, step_loss, kernels, engine.get_lr()[0])
         if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
             val = evaluate(engine, cfg, "val", ctx, cfg.train.eval_batches)
-            state["history"].append({"step": step, "val_loss": val["loss"],
-                                     "val_mae": val["mean"]["mae"], "val_crps": val["mean"]["crps"]})
+            state["history"].append(
+                {
+                    "step": step,
+                    "val_loss": val["loss"],
+                    "val_mae": val["mean"]["mae"],
+                    "val_crps": val["mean"]["crps"],
+                }
+            )
             tracker.log_validation(step, val)
             if report is not None:
                 report(step, val)
@@ -191,12 +235,14 @@ def train(cfg: Config, report: Reporter | None = None, tracker: Tracker | None =
         "precision": cfg.train.precision,
         "test": test,
         "validation": state["history"],
+        "train_loss": state["train_loss"],
         "kernel": kernel_params(model),
         "truth": store.attrs.get("truth"),
         "store": {"path": str(store.path), "fingerprint": store.fingerprint()},
         "timing": {
             "samples_per_s": samples / max(wait_s + compute_s, 1e-9),
-            "step_s": (wait_s + compute_s) / max(1, state["micro_step"] - (restored or {}).get("micro_step", 0)),
+            "step_s": (wait_s + compute_s)
+            / max(1, state["micro_step"] - (restored or {}).get("micro_step", 0)),
             "data_wait_fraction": wait_s / max(wait_s + compute_s, 1e-9),
         },
     }

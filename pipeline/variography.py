@@ -29,8 +29,12 @@ def gstools_model(family: str, range_km: float = 1.0, variance: float = 1.0, nug
 
 
 def empirical_variogram(
-    coords: np.ndarray, values: np.ndarray, bin_edges: np.ndarray,
-    snapshots: int = 20, pairs: int | None = 20_000, seed: int = 0,
+    coords: np.ndarray,
+    values: np.ndarray,
+    bin_edges: np.ndarray,
+    snapshots: int = 20,
+    pairs: int | None = 20_000,
+    seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Bin centres and semivariance, averaged over ``snapshots`` time steps spread evenly across
     ``values`` [T, N] (x/y km ``coords`` [N, 2]); each snapshot standardised by nothing but
@@ -42,8 +46,11 @@ def empirical_variogram(
         v = values[step]
         ok = np.isfinite(v)
         centres, gamma, count = gs.vario_estimate(
-            (coords[ok, 0], coords[ok, 1]), v[ok] - v[ok].mean(), bin_edges,
-            sampling_size=min(pairs, ok.sum()) if pairs else None, sampling_seed=seed + i,
+            (coords[ok, 0], coords[ok, 1]),
+            v[ok] - v[ok].mean(),
+            bin_edges,
+            sampling_size=min(pairs, ok.sum()) if pairs else None,
+            sampling_seed=seed + i,
             return_counts=True,
         )
         gammas.append(gamma)
@@ -57,5 +64,8 @@ def fit_variogram(family: str, centres: np.ndarray, gamma: np.ndarray) -> dict[s
     """Fit ``family`` (range, sill, nugget) to an empirical variogram; returns the parameters."""
     model = gstools_model(family)
     model.fit_variogram(centres, gamma, nugget=True)
-    return {"range_km": float(model.len_scale), "variance": float(model.var),
-            "nugget": float(model.nugget)}
+    return {
+        "range_km": float(model.len_scale),
+        "variance": float(model.var),
+        "nugget": float(model.nugget),
+    }

@@ -23,8 +23,9 @@ def scheduler():
     """A real local Dask cluster shared by the tests (passed as dask.scheduler)."""
     from dask.distributed import LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1",
-                      dashboard_address=None) as cluster:
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None
+    ) as cluster:
         yield cluster.scheduler_address
 
 
@@ -35,9 +36,18 @@ def synthetic_store(scheduler, tmp_path_factory):
     from pipeline.preprocess import preprocess
 
     path = tmp_path_factory.mktemp("stores") / "syn.zarr"
-    cfg = load_config(None, [
-        f"dask.scheduler={scheduler}", f"data.store={path}", "data.synthetic.num_sensors=300",
-        "data.synthetic.num_steps=400", "data.time_chunk=32", "data.node_chunk=64",
-        "data.time_in=6", "data.horizon=3", "data.neighbours=8",
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"dask.scheduler={scheduler}",
+            f"data.store={path}",
+            "data.synthetic.num_sensors=300",
+            "data.synthetic.num_steps=400",
+            "data.time_chunk=32",
+            "data.node_chunk=64",
+            "data.time_in=6",
+            "data.horizon=3",
+            "data.neighbours=8",
+        ],
+    )
     return preprocess(cfg, progress=False)

@@ -17,7 +17,9 @@ def test_every_config_loads(path):
 
 
 def test_defaults_and_overrides():
-    cfg = load_config(None, ["model.kernel=exponential", "train.steps=7", "data.synthetic.range_km=3.5"])
+    cfg = load_config(
+        None, ["model.kernel=exponential", "train.steps=7", "data.synthetic.range_km=3.5"]
+    )
     assert cfg.model.kernel == "exponential"
     assert cfg.train.steps == 7
     assert cfg.data.synthetic.range_km == 3.5
@@ -25,7 +27,9 @@ def test_defaults_and_overrides():
 
 
 def test_unknown_key_names_it_and_suggests():
-    with pytest.raises(ConfigError, match=r"unknown key 'model\.kernal'.*did you mean 'model\.kernel'"):
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'model\.kernal'.*did you mean 'model\.kernel'"
+    ):
         load_config(None, ["model.kernal=matern32"])
 
 

@@ -14,8 +14,10 @@ def stream(path, **kw):
 
 def epoch_items(s, world, workers, epoch=0):
     shards = world * workers
-    return [[(t, o) for t, origins in s.shard_batches(epoch, sh, shards) for o in origins]
-            for sh in range(shards)]
+    return [
+        [(t, o) for t, origins in s.shard_batches(epoch, sh, shards) for o in origins]
+        for sh in range(shards)
+    ]
 
 
 @pytest.mark.parametrize("world,workers", [(1, 1), (2, 1), (2, 2), (3, 2)])

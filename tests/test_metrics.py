@@ -34,11 +34,17 @@ def test_metrics_match_reference_implementations():
         assert res["mae"][h] == pytest.approx(np.abs(e).mean(), rel=1e-12)
         assert res["rmse"][h] == pytest.approx(np.sqrt((e**2).mean()), rel=1e-12)
         nz = m & (np.abs(y[:, h]) > 1e-6)
-        assert res["mape"][h] == pytest.approx((np.abs(y - mean)[:, h][nz] / np.abs(y[:, h][nz])).mean(), rel=1e-12)
+        assert res["mape"][h] == pytest.approx(
+            (np.abs(y - mean)[:, h][nz] / np.abs(y[:, h][nz])).mean(), rel=1e-12
+        )
         assert res["crps"][h] == pytest.approx(crps[:, h][m].mean(), rel=1e-10)
         zh = z[:, h][m]
-        assert res["coverage_50"][h] == pytest.approx(((zh >= lo50) & (zh <= hi50)).mean(), rel=1e-12)
-        assert res["coverage_90"][h] == pytest.approx(((zh >= lo90) & (zh <= hi90)).mean(), rel=1e-12)
+        assert res["coverage_50"][h] == pytest.approx(
+            ((zh >= lo50) & (zh <= hi50)).mean(), rel=1e-12
+        )
+        assert res["coverage_90"][h] == pytest.approx(
+            ((zh >= lo90) & (zh <= hi90)).mean(), rel=1e-12
+        )
     u = stats.norm.cdf(z[mask])
     hist = np.histogram(u, bins=10, range=(0, 1))[0] / mask.sum()
     np.testing.assert_allclose(res["pit_histogram"], hist, atol=1e-12)
@@ -52,10 +58,17 @@ def test_calibrated_forecasts_have_flat_pit_and_nominal_coverage():
     mean, std = rng.normal(size=shape), rng.uniform(0.5, 2, shape)
     y = mean + std * rng.normal(size=shape)
     acc = MetricAccumulator(2)
-    acc.update(torch.tensor(mean), torch.tensor(std), torch.tensor(y), torch.ones(shape, dtype=torch.bool))
+    acc.update(
+        torch.tensor(mean), torch.tensor(std), torch.tensor(y), torch.ones(shape, dtype=torch.bool)
+    )
     res = acc.result()
     assert res["pit_uniform_distance"] < 0.02
     assert abs(res["mean"]["coverage_90"] - 0.9) < 0.01
     overconfident = MetricAccumulator(2)
-    overconfident.update(torch.tensor(mean), torch.tensor(std / 3), torch.tensor(y), torch.ones(shape, dtype=torch.bool))
+    overconfident.update(
+        torch.tensor(mean),
+        torch.tensor(std / 3),
+        torch.tensor(y),
+        torch.ones(shape, dtype=torch.bool),
+    )
     assert overconfident.result()["pit_uniform_distance"] > 0.2

@@ -19,12 +19,21 @@ def _inputs(n=30, b=2, t=6, f=2, seed=0):
     x = torch.randn(b, t, n, f, generator=g)
     mask = torch.rand(b, t, n, f, generator=g) > 0.2
     cal = torch.randn(b, 4, generator=g)
-    return x, mask, cal, torch.tensor(pos, dtype=torch.float32), torch.from_numpy(k_nearest(pos, 8)[0]), frame
+    return (
+        x,
+        mask,
+        cal,
+        torch.tensor(pos, dtype=torch.float32),
+        torch.from_numpy(k_nearest(pos, 8)[0]),
+        frame,
+    )
 
 
 @pytest.mark.parametrize("backend", ["dense", "knn"])
 def test_forecaster_shapes_and_gradients(backend):
-    cfg = load_config(None, [f"model.backend={backend}", "model.anisotropy=true", "model.d_model=32"])
+    cfg = load_config(
+        None, [f"model.backend={backend}", "model.anisotropy=true", "model.d_model=32"]
+    )
     x, mask, cal, pos, nb, frame = _inputs()
     model = Forecaster(cfg.model, time_in=6, horizon=3, features=2)
     model.set_frame(torch.tensor(frame, dtype=torch.float32))
@@ -68,4 +77,6 @@ def test_crps_matches_scoringrules_and_nll_matches_scipy():
     assert masked == pytest.approx(ref[mask].mean(), abs=1e-10)
     nll = gaussian_nll(t(mu), t(sigma), t(y), torch.tensor(mask)).item()
     assert nll == pytest.approx(-stats.norm.logpdf(y, mu, sigma)[mask].mean(), abs=1e-10)
-    assert not math.isnan(gaussian_crps(t(mu), t(sigma), t(y), torch.zeros(200, dtype=torch.bool)).item())
+    assert not math.isnan(
+        gaussian_crps(t(mu), t(sigma), t(y), torch.zeros(200, dtype=torch.bool)).item()
+    )

@@ -25,22 +25,33 @@ def write_case(tmp_path, rows=None, header=None, locations=None):
     header = header or ["time", *IDS]
     if rows is None:
         t = pd.date_range("2024-01-01", periods=60, freq="1h")
-        rows = [[str(s)] + [f"{v:.2f}" for v in np.random.default_rng(i).normal(50, 5, 4)]
-                for i, s in enumerate(t)]
+        rows = [
+            [str(s)] + [f"{v:.2f}" for v in np.random.default_rng(i).normal(50, 5, 4)]
+            for i, s in enumerate(t)
+        ]
     data = tmp_path / "data.csv"
     data.write_text("\n".join([",".join(header)] + [",".join(r) for r in rows]) + "\n")
     loc = tmp_path / "loc.csv"
     locations = locations or [(s, 34.0 + 0.01 * i, -118.0 - 0.01 * i) for i, s in enumerate(IDS)]
-    loc.write_text("sensor_id,latitude,longitude\n" + "\n".join(f"{a},{b},{c}" for a, b, c in locations) + "\n")
+    loc.write_text(
+        "sensor_id,latitude,longitude\n" + "\n".join(f"{a},{b},{c}" for a, b, c in locations) + "\n"
+    )
     return [
-        "data.source.kind=wide_csv", f"data.source.path={data}", f"data.source.locations={loc}",
-        "data.source.time_column=time", f"data.store={tmp_path / 'out.zarr'}",
-        "data.time_in=4", "data.horizon=2", "data.neighbours=3",
+        "data.source.kind=wide_csv",
+        f"data.source.path={data}",
+        f"data.source.locations={loc}",
+        "data.source.time_column=time",
+        f"data.store={tmp_path / 'out.zarr'}",
+        "data.time_in=4",
+        "data.horizon=2",
+        "data.neighbours=3",
     ]
 
 
 def run(scheduler, overrides):
-    return preprocess(load_config(None, [f"dask.scheduler={scheduler}", *overrides]), progress=False)
+    return preprocess(
+        load_config(None, [f"dask.scheduler={scheduler}", *overrides]), progress=False
+    )
 
 
 def expect_error(scheduler, tmp_path, overrides, *patterns):
@@ -81,7 +92,9 @@ def test_header_only(scheduler, tmp_path):
 def test_non_numeric_cell(scheduler, tmp_path):
     rows = _rows()
     rows[9][3] = "abc"
-    expect_error(scheduler, tmp_path, write_case(tmp_path, rows), "data.csv", "line 11", "'c3'", "'abc'")
+    expect_error(
+        scheduler, tmp_path, write_case(tmp_path, rows), "data.csv", "line 11", "'c3'", "'abc'"
+    )
 
 
 @pytest.mark.parametrize("extra", [True, False], ids=["too-many", "too-few"])
@@ -99,7 +112,9 @@ def test_duplicate_sensor_ids(scheduler, tmp_path):
 def test_duplicate_timestamps(scheduler, tmp_path):
     rows = _rows()
     rows[5][0] = rows[4][0]
-    expect_error(scheduler, tmp_path, write_case(tmp_path, rows), "duplicate timestamp", "lines 6 and 7")
+    expect_error(
+        scheduler, tmp_path, write_case(tmp_path, rows), "duplicate timestamp", "lines 6 and 7"
+    )
 
 
 def test_non_monotonic_timestamps(scheduler, tmp_path):
@@ -119,19 +134,25 @@ def test_gaps_become_masked_rows(scheduler, tmp_path):
 
 def test_sensor_without_location(scheduler, tmp_path):
     locs = [(s, 34.0 + 0.01 * i, -118.0) for i, s in enumerate(IDS[:3])]
-    expect_error(scheduler, tmp_path, write_case(tmp_path, locations=locs), "loc.csv", "no location", "d4")
+    expect_error(
+        scheduler, tmp_path, write_case(tmp_path, locations=locs), "loc.csv", "no location", "d4"
+    )
 
 
 def test_location_without_data(scheduler, tmp_path):
     locs = [(s, 34.0 + 0.01 * i, -118.0) for i, s in enumerate([*IDS, "zz"])]
-    expect_error(scheduler, tmp_path, write_case(tmp_path, locations=locs), "loc.csv", "no data", "zz")
+    expect_error(
+        scheduler, tmp_path, write_case(tmp_path, locations=locs), "loc.csv", "no data", "zz"
+    )
 
 
 @pytest.mark.parametrize("lat", ["91.5", "nan", ""])
 def test_bad_latitude(scheduler, tmp_path, lat):
     locs = [(s, 34.0 + 0.01 * i, -118.0) for i, s in enumerate(IDS)]
     locs[2] = ("c3", lat, -118.0)
-    expect_error(scheduler, tmp_path, write_case(tmp_path, locations=locs), "loc.csv", "line 4", "'c3'")
+    expect_error(
+        scheduler, tmp_path, write_case(tmp_path, locations=locs), "loc.csv", "line 4", "'c3'"
+    )
 
 
 def test_sensor_without_any_observation(scheduler, tmp_path):
@@ -176,11 +197,18 @@ def test_unfinished_and_other_version_stores_are_refused(scheduler, tmp_path):
 
 def test_killed_mid_write_leaves_no_finished_store(tmp_path):
     target = tmp_path / "big.zarr"
-    cmd = [sys.executable, str(ROOT / "launch" / "preprocess.py"), f"data.store={target}",
-           "data.synthetic.num_sensors=20000", "data.synthetic.num_steps=3000",
-           "data.node_chunk=2048", "dask.workers=1"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    cmd = [
+        sys.executable,
+        str(ROOT / "launch" / "preprocess.py"),
+        f"data.store={target}",
+        "data.synthetic.num_sensors=20000",
+        "data.synthetic.num_steps=3000",
+        "data.node_chunk=2048",
+        "dask.workers=1",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.time() + 120
     while time.time() < deadline:  # wait until chunks are being written
         partials = list(tmp_path.glob(".big.zarr.partial-*/values/c"))
@@ -194,8 +222,13 @@ def test_killed_mid_write_leaves_no_finished_store(tmp_path):
     assert not (target / MARKER).exists()
     with pytest.raises(StoreError):
         open_store(target)
-    small = [*cmd[:2], f"data.store={target}", "data.synthetic.num_sensors=300",
-             "data.synthetic.num_steps=200", "dask.workers=1"]
+    small = [
+        *cmd[:2],
+        f"data.store={target}",
+        "data.synthetic.num_sensors=300",
+        "data.synthetic.num_steps=200",
+        "dask.workers=1",
+    ]
     subprocess.run(small, cwd=ROOT, check=True, capture_output=True, timeout=300)
     assert open_store(target).shape == (200, 300, 1)
     assert not list(tmp_path.glob(".big.zarr.partial-*")), "stale partial store not cleaned"
@@ -215,13 +248,24 @@ def test_long_formats_with_two_features(scheduler, tmp_path, kind):
     path = tmp_path / ("long.csv" if kind == "long_csv" else "long.parquet")
     frame.to_csv(path, index=False) if kind == "long_csv" else frame.to_parquet(path)
     ov = [o for o in ov if "time_column" not in o and "source.path" not in o]
-    store = open_store(run(scheduler, ov + [f"data.source.kind={kind}", f"data.source.path={path}",
-                                            "data.source.value_columns=[value, flow]"]))
+    store = open_store(
+        run(
+            scheduler,
+            ov
+            + [
+                f"data.source.kind={kind}",
+                f"data.source.path={path}",
+                "data.source.value_columns=[value, flow]",
+            ],
+        )
+    )
     assert store.shape == (30, 4, 2) and store.attrs["freq"] == "15min"
     assert (~store["mask"][:]).sum() == 4  # 2 rows x 2 features
     ids = list(store["sensor_id"][:])
     row = _long_frame().iloc[6]
-    np.testing.assert_allclose(store["values"][1, ids.index(row.sensor_id)], [row.value, row.flow], rtol=1e-6)
+    np.testing.assert_allclose(
+        store["values"][1, ids.index(row.sensor_id)], [row.value, row.flow], rtol=1e-6
+    )
 
 
 def test_long_duplicate_observation(scheduler, tmp_path):
@@ -229,9 +273,14 @@ def test_long_duplicate_observation(scheduler, tmp_path):
     frame = _long_frame()
     frame = pd.concat([frame, frame.iloc[[3]]])
     frame.to_csv(tmp_path / "long.csv", index=False)
-    expect_error(scheduler, tmp_path, ov + ["data.source.kind=long_csv",
-                                            f"data.source.path={tmp_path / 'long.csv'}"],
-                 "long.csv", "two rows", "'d4'")
+    expect_error(
+        scheduler,
+        tmp_path,
+        ov + ["data.source.kind=long_csv", f"data.source.path={tmp_path / 'long.csv'}"],
+        "long.csv",
+        "two rows",
+        "'d4'",
+    )
 
 
 def test_hdf5_metr_la_layout(scheduler, tmp_path):
@@ -240,8 +289,17 @@ def test_hdf5_metr_la_layout(scheduler, tmp_path):
     frame = pd.DataFrame(np.random.default_rng(1).uniform(1, 70, (50, 4)), index=t, columns=IDS)
     frame.iloc[7, 2] = 0.0
     frame.to_hdf(tmp_path / "metr.h5", key="df", format="fixed")
-    store = open_store(run(scheduler, ov + ["data.source.kind=hdf5", f"data.source.path={tmp_path / 'metr.h5'}",
-                                            "data.source.sentinels=[0]"]))
+    store = open_store(
+        run(
+            scheduler,
+            ov
+            + [
+                "data.source.kind=hdf5",
+                f"data.source.path={tmp_path / 'metr.h5'}",
+                "data.source.sentinels=[0]",
+            ],
+        )
+    )
     assert store.shape == (50, 4, 1) and store.attrs["freq"] == "5min"
     ids = list(store["sensor_id"][:])
     assert not store["mask"][7, ids.index("c3"), 0]

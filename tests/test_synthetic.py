@@ -10,10 +10,15 @@ def test_values_do_not_depend_on_chunking():
     field = SyntheticField(SyntheticConfig(num_sensors=5000, num_steps=600, seed=3))
     everyone = np.arange(5000)
     whole = field.values(0, 600)
-    tiles = np.block([
-        [field.values(t0, min(t0 + 97, 600), everyone[n0 : n0 + 1333]) for n0 in range(0, 5000, 1333)]
-        for t0 in range(0, 600, 97)
-    ])
+    tiles = np.block(
+        [
+            [
+                field.values(t0, min(t0 + 97, 600), everyone[n0 : n0 + 1333])
+                for n0 in range(0, 5000, 1333)
+            ]
+            for t0 in range(0, 600, 97)
+        ]
+    )
     np.testing.assert_array_equal(tiles, whole)
     scattered = np.random.default_rng(0).permutation(5000)[:700]  # any subset, any order
     np.testing.assert_array_equal(field.values(50, 120, scattered), whole[50:120, scattered])
@@ -45,14 +50,23 @@ def test_empirical_variogram_matches_theory(family):
     sqrt(2/1800) = 3 % of the sill at the largest lags, less at short ones.
     """
     cfg = SyntheticConfig(
-        family=family, range_km=15.0, variance=1.0, nugget=0.1, num_sensors=1500,
-        num_steps=4800, num_features=2048, domain_km=100.0, seed=11,
+        family=family,
+        range_km=15.0,
+        variance=1.0,
+        nugget=0.1,
+        num_sensors=1500,
+        num_steps=4800,
+        num_features=2048,
+        domain_km=100.0,
+        seed=11,
     )
     field = SyntheticField(cfg)
     steps = np.arange(0, 4800, 120)
     values = np.stack([field.values(t, t + 1)[0] for t in steps])
     edges = np.linspace(0, 45, 10)
-    centres, gamma = empirical_variogram(field.coords(np.arange(1500)), values, edges, snapshots=len(steps), pairs=None)
+    centres, gamma = empirical_variogram(
+        field.coords(np.arange(1500)), values, edges, snapshots=len(steps), pairs=None
+    )
     theory = gstools_model(family, 15.0, 1.0, 0.1).variogram(centres)
     np.testing.assert_allclose(gamma, theory, atol=0.1)
     assert gamma[0] < 0.5 * gamma[-1]  # spatial structure is really there

@@ -1,0 +1,47 @@
+"""A plain-text summary of a run's metrics.json (printed by the demo and by training)."""
+
+from __future__ import annotations
+
+
+def summary(metrics: dict, tracking_uri: str | None = None) -> str:
+    test = metrics["test"]
+    lines = [
+        f"run {metrics['name']}: {metrics['steps']} steps on {metrics['world_size']} "
+        f"process(es), {metrics['device']}, {metrics['precision']}",
+        "",
+        "test split, per horizon step:",
+        "  step    MAE      RMSE     CRPS     cover50  cover90",
+    ]
+    for i, h in enumerate(test["horizon_steps"]):
+        lines.append(
+            f"  {h:>4} {test['mae'][i]:8.4f} {test['rmse'][i]:8.4f} {test['crps'][i]:8.4f}"
+            f" {test['coverage_50'][i]:8.3f} {test['coverage_90'][i]:8.3f}"
+        )
+    m = test["mean"]
+    lines.append(
+        f"  mean {m['mae']:8.4f} {m['rmse']:8.4f} {m['crps']:8.4f} "
+        f"{m['coverage_50']:8.3f} {m['coverage_90']:8.3f}"
+    )
+    lines.append(f"  PIT distance from uniform: {test['pit_uniform_distance']:.3f}")
+    lines.append("")
+    truth = metrics.get("truth")
+    for layer in metrics["kernel"]:
+        ranges = ", ".join(f"{r:.1f}" for r in layer["range_km"])
+        nuggets = ", ".join(f"{t:.2f}" for t in layer["nugget"])
+        lines.append(f"learned range (km) layer {layer['layer']}: {ranges}; nugget: {nuggets}")
+    if truth:
+        lines.append(
+            f"true range: {truth['range_km']} km ({truth['family']}), nugget fraction "
+            f"{truth['nugget_fraction']:.2f}"
+        )
+    timing = metrics.get("timing", {})
+    if timing:
+        lines.append(
+            f"speed: {timing['samples_per_s']:.1f} windows/s, data wait "
+            f"{timing['data_wait_fraction']:.1%} of step time"
+        )
+    if metrics.get("model_uri"):
+        lines.append(f"registered model: {metrics['model_uri']}")
+    if tracking_uri:
+        lines.append(f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1")
+    return "\n".join(lines)

@@ -1,0 +1,147 @@
+"""DeepSpeed training end to end on CPU: 2 processes, resume after SIGKILL, another world size,
+checkpoints that load with weights_only=True."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+
+
+def tiny(store, out, name, steps, extra=()):
+    return [
+        f"data.store={store}",
+        f"train.out_dir={out}",
+        f"name={name}",
+        f"train.steps={steps}",
+        "data.time_in=6",
+        "data.horizon=3",
+        "model.d_model=16",
+        "model.heads=2",
+        "model.layers=1",
+        "model.knn=8",
+        "train.batch_size=4",
+        "train.log_every=1",
+        "train.eval_every=4",
+        "train.eval_batches=2",
+        "train.checkpoint_every=4",
+        "train.warmup_steps=2",
+        "train.lr=0.01",
+        "tracking.enabled=false",
+        *extra,
+    ]
+
+
+def env():
+    return {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+def launch(args, procs=2, **kw):
+    if procs == 1:
+        cmd = [sys.executable, "launch/train.py", *args]
+    else:
+        port = str(29500 + os.getpid() % 1000)
+        cmd = [DEEPSPEED, "--num_gpus", str(procs), "--master_port", port, "launch/train.py", *args]
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env(),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
+
+
+def finish(proc, timeout=600):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def metrics(out, name):
+    return json.loads((Path(out) / name / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def reference(synthetic_store, tmp_path_factory):
+    """An uninterrupted 2-process run of 12 steps."""
+    out = tmp_path_factory.mktemp("runs")
+    finish(launch(tiny(synthetic_store, out, "ref", 12)))
+    return out
+
+
+def test_two_processes_train_and_the_loss_goes_down(reference):
+    m = metrics(reference, "ref")
+    assert m["world_size"] == 2 and m["steps"] == 12
+    losses = [loss for _, loss in m["train_loss"]]
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, losses
+    assert (
+        m["validation"][-1]["val_loss"] < m["validation"][0]["val_loss"] + 1e-9
+        or m["validation"][-1]["val_loss"] < losses[0]
+    )
+    assert len(m["test"]["mae"]) == 3 and m["test"]["count"] > 0
+
+
+def test_checkpoints_load_with_weights_only(reference):
+    files = list((reference / "ref" / "checkpoints").rglob("*.pt"))
+    assert len(files) >= 3
+    for f in files:
+        torch.load(f, weights_only=True)
+    torch.load(reference / "ref" / "model" / "weights.pt", weights_only=True)
+
+
+def test_resume_after_sigkill_matches_the_uninterrupted_run(reference, synthetic_store, tmp_path):
+    proc = launch(tiny(synthetic_store, tmp_path, "ref", 12))
+    latest = tmp_path / "ref" / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (latest.exists() and "00000008" in latest.read_text()):
+        if proc.poll() is not None:
+            pytest.fail("the run ended before it could be killed: " + proc.stdout.read()[-2000:])
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "ref" / "metrics.json").exists()
+    out = finish(launch(tiny(synthetic_store, tmp_path, "ref", 12)))
+    assert "resumed from step 8" in out
+    want = torch.load(reference / "ref" / "model" / "weights.pt", weights_only=True)
+    got = torch.load(tmp_path / "ref" / "model" / "weights.pt", weights_only=True)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=key)
+    ref_loss = dict(map(tuple, metrics(reference, "ref")["train_loss"]))
+    new_loss = dict(map(tuple, metrics(tmp_path, "ref")["train_loss"]))
+    for step in range(9, 13):
+        assert new_loss[step] == pytest.approx(ref_loss[step], abs=1e-6), step
+
+
+def test_resume_with_another_world_size(reference, synthetic_store, tmp_path):
+    shutil.copytree(reference / "ref", tmp_path / "ref")
+    (tmp_path / "ref" / "metrics.json").unlink()
+    out = finish(launch(tiny(synthetic_store, tmp_path, "ref", 16), procs=1))
+    assert "resumed from step 12" in out and "re-sharded" in out
+    m = metrics(tmp_path, "ref")
+    assert m["steps"] == 16 and m["world_size"] == 1
+
+
+def test_zero_stage_checkpoint_refuses_another_world_size(synthetic_store, tmp_path):
+    args = tiny(synthetic_store, tmp_path, "z1", 4, ["train.zero_stage=1"])
+    finish(launch(args))
+    proc = launch(tiny(synthetic_store, tmp_path, "z1", 8, ["train.zero_stage=1"]), procs=1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "resume with 2 processes" in out
