@@ -1,0 +1,223 @@
+"""MLflow: a tracked run registers a pyfunc that loads in a fresh process and forecasts exactly
+what the trained model forecasts; promotion; a real server over HTTP; a clear error when the
+server is unreachable."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def env():
+    return {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+def train(store, out, name, uri, steps=6, extra=()):
+    args = [
+        f"data.store={store}",
+        f"train.out_dir={out}",
+        f"name={name}",
+        f"train.steps={steps}",
+        "data.time_in=6",
+        "data.horizon=3",
+        "model.d_model=16",
+        "model.heads=2",
+        "model.layers=1",
+        "model.knn=8",
+        "train.batch_size=4",
+        "train.eval_every=3",
+        "train.eval_batches=2",
+        "train.checkpoint_every=100",
+        "train.log_every=2",
+        f"tracking.uri={uri}",
+        "tracking.experiment=test",
+        "tracking.model_name=sit-test",
+        *extra,
+    ]
+    return subprocess.run(
+        [sys.executable, "launch/train.py", *args],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def tracked(synthetic_store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tracked")
+    uri = f"sqlite:///{out / 'mlruns.db'}"
+    proc = train(synthetic_store, out, "tracked", uri)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, uri
+
+
+def test_registered_model_forecasts_what_the_trained_model_forecasts(tracked, synthetic_store):
+    out, uri = tracked
+    metrics = json.loads((out / "tracked" / "metrics.json").read_text())
+    assert metrics["model_uri"] == "models:/sit-test@candidate"
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (2, 6, 300, 1)).astype(np.float32)
+    x[0, 2, 5] = np.nan  # missing values are allowed
+    origin = np.array([1_700_000_000_000_000_000, 1_700_000_300_000_000_000])
+    np.save(out / "x.npy", x)
+    np.save(out / "origin.npy", origin)
+    code = f"""
+import numpy as np, mlflow
+mlflow.set_tracking_uri({uri!r})
+model = mlflow.pyfunc.load_model("models:/sit-test@candidate")
+res = model.predict({{"x": np.load({str(out / "x.npy")!r}), "origin_time": np.load({str(out / "origin.npy")!r})}})
+np.save({str(out / "pyfunc_mean.npy")!r}, res["mean"]); np.save({str(out / "pyfunc_std.npy")!r}, res["std"])
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=out,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the trained model: the final DeepSpeed checkpoint's module weights, loaded here
+    import torch
+
+    from pipeline.export import Predictor
+
+    ckpt = sorted((out / "tracked" / "checkpoints").glob("step*/mp_rank_00_model_states.pt"))[-1]
+    trained = torch.load(ckpt, weights_only=True)["module"]
+    predictor = Predictor(out / "tracked" / "model")
+    predictor.model.load_state_dict({k: v.float() for k, v in trained.items()})
+    ref = predictor.predict(x, origin)
+    np.testing.assert_array_equal(np.load(out / "pyfunc_mean.npy"), ref["mean"])
+    np.testing.assert_array_equal(np.load(out / "pyfunc_std.npy"), ref["std"])
+    assert np.isfinite(ref["mean"]).all()
+
+
+def test_run_holds_params_metrics_and_figures(tracked):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    _, uri = tracked
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient()
+    version = client.get_model_version_by_alias("sit-test", "candidate")
+    run = client.get_run(version.run_id)
+    assert run.data.params["model.kernel"] == "matern32"
+    assert "test_crps" in run.data.metrics and "range_km_l0_h0" in run.data.metrics
+    assert run.data.tags["store_fingerprint"]
+    history = client.get_metric_history(run.info.run_id, "train_loss")
+    assert len(history) >= 2
+    names = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+    assert {
+        "figures/correlation.png",
+        "figures/pit.png",
+        "figures/fan_chart.png",
+        "figures/loss.png",
+    } <= names
+
+
+def test_promote_moves_champion_only_when_better(tracked):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config import load_config
+    from pipeline.tracking import promote
+
+    _, uri = tracked
+    cfg = load_config(None, [f"tracking.uri={uri}", "tracking.model_name=sit-test"])
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient()
+    first = promote(cfg)
+    assert first["promoted"] and first["champion"] is None
+    v1 = client.get_model_version_by_alias("sit-test", "champion").version
+    base = client.get_model_version_by_alias("sit-test", "candidate")
+    score = client.get_run(base.run_id).data.metrics["test_crps"]
+
+    def new_candidate(crps):  # a real run and model version with a given test score
+        exp = client.get_experiment_by_name("test").experiment_id
+        run = client.create_run(exp)
+        client.log_metric(run.info.run_id, "test_crps", crps)
+        client.set_terminated(run.info.run_id)
+        v = client.create_model_version("sit-test", base.source, run.info.run_id)
+        client.set_registered_model_alias("sit-test", "candidate", v.version)
+        return v.version
+
+    new_candidate(score * 1.5)  # worse
+    assert not promote(cfg)["promoted"]
+    assert client.get_model_version_by_alias("sit-test", "champion").version == v1
+    better = new_candidate(score * 0.5)
+    assert promote(cfg)["promoted"]
+    assert client.get_model_version_by_alias("sit-test", "champion").version == better
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_server_receives_a_run_over_http(synthetic_store, tmp_path):
+    port = _free_port()
+    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
+    server = subprocess.Popen(
+        [
+            mlflow_bin,
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+        ],
+        cwd=tmp_path,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        proc = train(synthetic_store, tmp_path, "http", url, steps=3)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=url)
+        exp = client.get_experiment_by_name("test")
+        runs = client.search_runs([exp.experiment_id])
+        assert len(runs) == 1 and "test_mae" in runs[0].data.metrics
+        assert client.get_model_version_by_alias("sit-test", "candidate").version == "1"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_unreachable_server_is_a_clear_error_before_training(synthetic_store, tmp_path):
+    port = _free_port()
+    proc = train(synthetic_store, tmp_path, "nope", f"http://127.0.0.1:{port}")
+    assert proc.returncode == 2
+    assert "unreachable" in proc.stderr and f"127.0.0.1:{port}" in proc.stderr
+    assert not (tmp_path / "nope" / "checkpoints").exists()
