@@ -253,6 +253,43 @@ class TrackingConfig(_Section):
     """Log the trained model as an MLflow pyfunc."""
 
 
+Distribution = dict[Literal["grid", "choice", "uniform", "loguniform", "randint"], list[Any]]
+
+
+class TuneConfig(_Section):
+    """Ray Tune sweeps (pipeline/tune.py, ``launch/tune.py``)."""
+
+    space: dict[str, Distribution] = {}
+    """Search space: dotted config keys -> one distribution, e.g.
+    ``model.kernel: {grid: [matern32, none]}`` (every value, num_samples times each),
+    ``model.kernel: {choice: [...]}`` (sampled), ``train.lr: {loguniform: [1e-4, 1e-2]}``,
+    ``model.heads: {randint: [1, 8]}`` (upper bound exclusive), ``x: {uniform: [a, b]}``."""
+    num_samples: int = Field(8, ge=1)
+    """Samples of the space (with ``grid`` dimensions: repetitions of the grid)."""
+    max_concurrent_trials: int = Field(2, ge=1)
+    """Trials running at the same time."""
+    metric: Literal["val_loss", "val_mae", "val_rmse", "val_crps", "val_mape"] = "val_crps"
+    """Validation metric that ASHA and the ranking use."""
+    mode: Literal["min", "max"] = "min"
+    """Whether lower (min) or higher (max) ``metric`` is better."""
+    grace_period: int = Field(1, ge=1)
+    """ASHA: evaluations a trial always gets before it may be stopped."""
+    reduction_factor: int = Field(2, ge=2)
+    """ASHA: keep the best 1/reduction_factor at each rung."""
+    cpus_per_trial: float = Field(1.0, gt=0)
+    """CPUs reserved per trial."""
+    gpus_per_trial: float = Field(0.0, ge=0)
+    """GPUs reserved per trial."""
+    address: str | None = None
+    """Ray cluster to join; default ``$RAY_ADDRESS``, else a local instance."""
+    num_cpus: int | None = Field(None, ge=1)
+    """CPUs of the local instance (default: all)."""
+    resume: bool = False
+    """Resume the sweep of this name (completed trials are kept)."""
+    seed: int = 0
+    """Seed of the search."""
+
+
 class DaskConfig(_Section):
     """The Dask cluster used by preprocessing."""
 
@@ -273,6 +310,7 @@ class Config(_Section):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
+    tune: TuneConfig = TuneConfig()
     dask: DaskConfig = DaskConfig()
 
 

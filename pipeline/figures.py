@@ -91,3 +91,14 @@ def loss_curves(train: list[tuple[int, float]], val: list[dict]) -> plt.Figure:
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def sweep_bars(by_family: dict[str, dict], metric: str) -> plt.Figure:
+    """Best validation metric per kernel family of a sweep."""
+    names = sorted(by_family, key=lambda k: by_family[k]["metric"])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(names, [by_family[k]["metric"] for k in names], edgecolor="k")
+    ax.set(ylabel=metric, title="best trial per kernel family")
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    return fig

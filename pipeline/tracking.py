@@ -86,10 +86,13 @@ class ForecastPyfunc(mlflow.pyfunc.PythonModel):
 class Tracker:
     """One MLflow run of a training job (no-op when inactive)."""
 
-    def __init__(self, cfg: Config, active: bool = True, nested: bool = False) -> None:
+    def __init__(
+        self, cfg: Config, active: bool = True, parent_run_id: str | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.active = active and cfg.tracking.enabled
-        self.nested = nested
+        self.parent_run_id, self.tags = parent_run_id, tags or {}
         self.run_id: str | None = None
         self.train_losses: list[tuple[int, float]] = []
 
@@ -100,7 +103,10 @@ class Tracker:
         check_reachable(uri)
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment(self.cfg.tracking.experiment)
-        run = mlflow.start_run(run_name=self.cfg.name, nested=self.nested)
+        tags = dict(self.tags)
+        if self.parent_run_id:  # a trial of a sweep: a child of the sweep's run
+            tags["mlflow.parentRunId"] = self.parent_run_id
+        run = mlflow.start_run(run_name=self.cfg.name, tags=tags)
         self.run_id = run.info.run_id
         mlflow.log_params({k: str(v)[:500] for k, v in flatten(self.cfg).items()})
         mlflow.set_tags(
@@ -251,3 +257,47 @@ def promote(cfg: Config) -> dict[str, Any]:
         "champion": champion,
         "promoted": promoted,
     }
+
+
+class SweepTracker:
+    """The parent MLflow run of a Ray Tune sweep; its id is kept in the sweep folder so that a
+    resumed sweep logs into the same run."""
+
+    def __init__(self, cfg: Config, out: Path) -> None:
+        self.cfg, self.id_file = cfg, out / "mlflow_parent_run"
+        self.active = cfg.tracking.enabled
+        self.run_id: str | None = None
+
+    def start(self) -> str | None:
+        if not self.active:
+            return None
+        uri = tracking_uri(self.cfg)
+        check_reachable(uri)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(self.cfg.tracking.experiment)
+        previous = self.id_file.read_text().strip() if self.id_file.is_file() else None
+        if previous and self.cfg.tune.resume:
+            run = mlflow.start_run(run_id=previous)
+        else:
+            run = mlflow.start_run(run_name=f"sweep-{self.cfg.name}", tags={"sweep": "true"})
+            mlflow.log_params({k: str(v)[:500] for k, v in flatten(self.cfg).items()})
+            self.id_file.write_text(run.info.run_id)
+        self.run_id = run.info.run_id
+        return self.run_id
+
+    def finish(self, summary: dict) -> None:
+        if not self.active:
+            return
+        mlflow.log_text(summary["table"], "sweep_table.md")
+        mlflow.log_dict({"trials": summary["trials"]}, "sweep_trials.json")
+        if summary["by_family"]:
+            fig = figures.sweep_bars(summary["by_family"], self.cfg.tune.metric)
+            mlflow.log_figure(fig, "figures/sweep.png")
+        if summary.get("best_yaml"):
+            mlflow.log_artifact(summary["best_yaml"])
+        if summary["best"] is not None:
+            mlflow.log_metric(f"best_{self.cfg.tune.metric}", summary["best"]["metric"])
+
+    def close(self) -> None:
+        if self.active and mlflow.active_run() is not None:
+            mlflow.end_run()

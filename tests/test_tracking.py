@@ -81,8 +81,10 @@ def test_registered_model_forecasts_what_the_trained_model_forecasts(tracked, sy
 import numpy as np, mlflow
 mlflow.set_tracking_uri({uri!r})
 model = mlflow.pyfunc.load_model("models:/sit-test@candidate")
-res = model.predict({{"x": np.load({str(out / "x.npy")!r}), "origin_time": np.load({str(out / "origin.npy")!r})}})
-np.save({str(out / "pyfunc_mean.npy")!r}, res["mean"]); np.save({str(out / "pyfunc_std.npy")!r}, res["std"])
+x, origin = np.load("x.npy"), np.load("origin.npy")
+res = model.predict({{"x": x, "origin_time": origin}})
+np.save("pyfunc_mean.npy", res["mean"])
+np.save("pyfunc_std.npy", res["std"])
 """
     proc = subprocess.run(
         [sys.executable, "-c", code],

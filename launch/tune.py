@@ -1,0 +1,29 @@
+"""Ray Tune sweep over kernel families and hyperparameters (local instance or a Ray cluster).
+
+    python launch/tune.py --config configs/sweep.yaml [section.key=value ...]
+    RAY_ADDRESS=ray://head:10001 python launch/tune.py --config configs/sweep.yaml
+    python launch/tune.py --config configs/sweep.yaml tune.resume=true   # after a crash
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.cli import run  # noqa: E402
+
+
+def main(cfg) -> None:
+    from pipeline.tune import sweep
+
+    summary = sweep(cfg)
+    print(summary["table"])
+    for t in summary["failed"]:
+        print(f"trial {t['trial']} failed ({t['params']})")
+    if summary.get("best_yaml"):
+        print(f"best config: {summary['best_yaml']} "
+              f"(python launch/train.py --config {summary['best_yaml']})")
+
+
+if __name__ == "__main__":
+    run(__doc__.strip().splitlines()[0], main)

@@ -1,0 +1,165 @@
+"""Ray Tune sweeps on a real local Ray instance and a real `ray start` head (CPU)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sweep_args(store, out, name, extra=()):
+    return [
+        f"name={name}", f"data.store={store}", f"train.out_dir={out}", "data.time_in=6",
+        "data.horizon=3", "model.d_model=16", "model.heads=2", "model.layers=1", "model.knn=8",
+        "train.batch_size=4", "train.steps=8", "train.eval_every=2", "train.eval_batches=2",
+        "train.checkpoint_every=1000", "train.warmup_steps=1",
+        f"tracking.uri=sqlite:///{out}/mlruns.db", "tracking.experiment=sweep",
+        "tune.space={model.kernel: {grid: [matern32, exponential, gaussian, none]}, "
+        "train.lr: {loguniform: [0.001, 0.03]}}",
+        "tune.num_samples=1", "tune.max_concurrent_trials=1", "tune.grace_period=1",
+        "tune.reduction_factor=2", "tune.num_cpus=2", *extra,
+    ]
+
+
+def env():
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "MLFLOW_DISABLE_TELEMETRY": "true",
+            "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+
+
+def run_tune(args, **kw):
+    return subprocess.run([sys.executable, "launch/tune.py", *args], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=900, **kw)
+
+
+def test_space_is_validated_before_any_trial():
+    cfg = load_config(None, ["tune.space={model.kernal: {choice: [matern32]}}"])
+    from pipeline.tune import check_space
+
+    with pytest.raises(ConfigError, match="model.kernal.*did you mean 'model.kernel'"):
+        check_space(cfg)
+    cfg = load_config(None, ["tune.space={model.kernel: {choice: [matern32, matern99]}}"])
+    with pytest.raises(ConfigError, match="'matern99'"):
+        check_space(cfg)
+    cfg = load_config(None, ["tune.space={train.lr: {loguniform: [0, 0.1]}}"])
+    with pytest.raises(ConfigError, match="low > 0"):
+        check_space(cfg)
+    cfg = load_config(None, ["tune.space={model.heads: {randint: [1, 9]}}"])  # d_model 64
+    with pytest.raises(ConfigError, match="divisible"):
+        check_space(cfg)
+
+
+@pytest.fixture(scope="module")
+def local_sweep(synthetic_store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    proc = run_tune(sweep_args(synthetic_store, out, "s1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return out, proc.stdout
+
+
+def test_sweep_with_asha_mlflow_and_best_yaml(local_sweep, synthetic_store):
+    out, stdout = local_sweep
+    assert "| family |" in stdout
+    trials = sorted((out / "s1" / "trials").iterdir())
+    assert len(trials) == 4
+    evaluations = [len(json.loads((t / "metrics.json").read_text())["validation"]) for t in trials]
+    assert max(evaluations) == 4 and min(evaluations) < 4, evaluations  # ASHA stopped some
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(f"sqlite:///{out}/mlruns.db")
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("sweep")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("sweep") == "true"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert len(parents) == 1 and len(children) == 4
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert {c.data.params["model.kernel"] for c in children} == {"matern32", "exponential",
+                                                                 "gaussian", "none"}
+    best = out / "s1" / "best.yaml"
+    cfg = load_config(best, ["train.steps=2", "tracking.enabled=false",
+                             f"train.out_dir={out / 'best'}"])
+    proc = subprocess.run([sys.executable, "launch/train.py", "--config", str(best),
+                           "train.steps=2", "tracking.enabled=false",
+                           f"train.out_dir={out / 'best'}"], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "best" / cfg.name / "metrics.json").exists()
+
+
+def test_a_crashing_trial_is_reported_and_the_sweep_goes_on(synthetic_store, tmp_path):
+    # model.knn=64 exceeds the 8 neighbours of the store: that trial fails at start-up
+    args = sweep_args(synthetic_store, tmp_path, "crash")
+    args = [a for a in args if not a.startswith("tune.space")] + [
+        "tune.space={model.knn: {grid: [8, 64]}}", "train.steps=2", "train.eval_every=1"]
+    proc = run_tune(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "failed" in proc.stdout and "model.knn" in proc.stdout
+    assert (tmp_path / "crash" / "best.yaml").exists()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sweep_against_a_ray_head_started_by_the_test(synthetic_store, tmp_path):
+    port = _free_port()
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    head = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+         f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+         f"--temp-dir={tmp_path / 'ray'}"],
+        cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        args = sweep_args(synthetic_store, tmp_path, "remote", [f"tune.address=127.0.0.1:{port}"])
+        args = [a for a in args if not a.startswith("tune.space")] + [
+            "tune.space={model.kernel: {grid: [matern32, none]}}"]
+        deadline = time.time() + 60
+        proc = None
+        while time.time() < deadline:
+            proc = run_tune(args)
+            if proc.returncode == 0 or "Could not" not in proc.stderr:
+                break
+            time.sleep(2)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        assert len(list((tmp_path / "remote" / "trials").iterdir())) == 2
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # this head only: its own process group
+        head.wait(timeout=60)
+
+
+def test_killed_driver_resumes_with_completed_trials_kept(synthetic_store, tmp_path):
+    args = sweep_args(synthetic_store, tmp_path, "resume")
+    proc = subprocess.Popen([sys.executable, "launch/tune.py", *args], cwd=ROOT, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    trials = tmp_path / "resume" / "trials"
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        done = list(trials.glob("*/metrics.json")) if trials.exists() else []
+        if done:
+            break
+        time.sleep(0.5)
+    assert done, "no trial finished before the deadline"
+    time.sleep(3)  # let Tune record the finished trial in its experiment state
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = {p: p.stat().st_mtime for p in done}
+    result = run_tune(args + ["tune.resume=true"])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    for p, mtime in first.items():
+        assert p.stat().st_mtime == mtime, f"{p.parent.name} was run again"
+    assert len(list(trials.glob("*/metrics.json"))) == 4
