@@ -31,6 +31,9 @@ lint: setup
 bench: setup
 	$(BIN)/python benchmarks/attention.py
 	$(BIN)/python benchmarks/variography.py
+	$(BIN)/python benchmarks/preprocess.py
+	$(BIN)/python benchmarks/loader.py
+	$(BIN)/python benchmarks/train.py
 
 demo: setup
 	$(BIN)/python launch/demo.py

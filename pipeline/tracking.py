@@ -87,7 +87,10 @@ class Tracker:
     """One MLflow run of a training job (no-op when inactive)."""
 
     def __init__(
-        self, cfg: Config, active: bool = True, parent_run_id: str | None = None,
+        self,
+        cfg: Config,
+        active: bool = True,
+        parent_run_id: str | None = None,
         tags: dict[str, str] | None = None,
     ) -> None:
         self.cfg = cfg
@@ -288,6 +291,16 @@ class SweepTracker:
     def finish(self, summary: dict) -> None:
         if not self.active:
             return
+        # trials that ASHA stopped (or that crashed) never ended their runs: end them here
+        client = MlflowClient()
+        children = client.search_runs(
+            [mlflow.get_experiment_by_name(self.cfg.tracking.experiment).experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{self.run_id}' and "
+            "attributes.status = 'RUNNING'",
+        )
+        for run in children:
+            client.set_tag(run.info.run_id, "stopped_early_by", "asha")
+            client.set_terminated(run.info.run_id, "KILLED")
         mlflow.log_text(summary["table"], "sweep_table.md")
         mlflow.log_dict({"trials": summary["trials"]}, "sweep_trials.json")
         if summary["by_family"]:

@@ -53,9 +53,9 @@ def _forward(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return mean.float(), std.float(), mask
 
 
-def evaluate(engine, cfg: Config, split: str, ctx, max_batches: int | None = None) -> dict:
-    """Metrics of ``split`` in the data's units, over every rank's share (one pass)."""
-    stream = WindowStream(
+def _stream(cfg: Config, ctx, split: str, **kwargs) -> WindowStream:
+    """This rank's share of ``split`` (see pipeline/data.py)."""
+    return WindowStream(
         cfg.data.store,
         split,
         cfg.data.time_in,
@@ -66,8 +66,13 @@ def evaluate(engine, cfg: Config, split: str, ctx, max_batches: int | None = Non
         rank=ctx.rank,
         world_size=ctx.world_size,
         tile_size=cfg.data.tile_size,
-        shuffle=False,
+        **kwargs,
     )
+
+
+def evaluate(engine, cfg: Config, split: str, ctx, max_batches: int | None = None) -> dict:
+    """Metrics of ``split`` in the data's units, over every rank's share (one pass)."""
+    stream = _stream(cfg, ctx, split, shuffle=False)
     store = open_store(cfg.data.store)
     mean_s = torch.from_numpy(store["mean"][:]).to(ctx.device)
     std_s = torch.from_numpy(store["std"][:]).to(ctx.device)
@@ -139,19 +144,7 @@ def train(cfg: Config, report: Reporter | None = None, tracker: Tracker | None =
                 + (", data re-sharded for the new world size" if restored["resharded"] else "")
             )
 
-    stream = WindowStream(
-        cfg.data.store,
-        "train",
-        cfg.data.time_in,
-        cfg.data.horizon,
-        cfg.train.batch_size,
-        cfg.model.knn,
-        seed=cfg.train.seed,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-        tile_size=cfg.data.tile_size,
-        start_step=state["micro_step"],
-    )
+    stream = _stream(cfg, ctx, "train", start_step=state["micro_step"])
     loader = torch.utils.data.DataLoader(
         stream,
         batch_size=None,

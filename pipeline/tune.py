@@ -12,6 +12,7 @@ keeping its completed trials.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -49,18 +50,23 @@ def check_space(cfg: Config) -> dict[str, Any]:
     for key, dist in cfg.tune.space.items():
         if len(dist) != 1:
             raise ConfigError(f"tune.space.{key}: give exactly one distribution, got {list(dist)}")
-        (kind, args), = dist.items()
+        ((kind, args),) = dist.items()
         if kind in ("grid", "choice"):
             if not args:
                 raise ConfigError(f"tune.space.{key}: {kind} needs at least one value")
             probes = args
         else:
             if len(args) != 2 or not args[0] < args[1]:
-                raise ConfigError(f"tune.space.{key}: {kind} needs [low, high] with low < high, "
-                                  f"got {args}")
+                raise ConfigError(
+                    f"tune.space.{key}: {kind} needs [low, high] with low < high, got {args}"
+                )
             if kind == "loguniform" and args[0] <= 0:
                 raise ConfigError(f"tune.space.{key}: loguniform needs low > 0, got {args}")
-            probes = [args[0], args[1] - 1] if kind == "randint" else list(args)
+            if kind == "randint":  # every integer of a small range, else both ends
+                lo, hi = int(args[0]), int(args[1])
+                probes = list(range(lo, hi)) if hi - lo <= 64 else [lo, hi - 1]
+            else:
+                probes = list(args)
         for value in probes:
             trial_config(base, {key: value}, f"tune.space.{key}")
         space[key] = SAMPLERS[kind](args)
@@ -69,20 +75,30 @@ def check_space(cfg: Config) -> dict[str, Any]:
 
 def _trainable(params: dict[str, Any]) -> None:
     """One trial: the ordinary training run, reporting each validation to Tune."""
-    from pipeline.train import train
     from pipeline.tracking import Tracker
+    from pipeline.train import train
 
     base, sweep, parent = params.pop("__base"), params.pop("__sweep"), params.pop("__parent")
     trial_id = tune.get_context().get_trial_id()
-    cfg = trial_config(base, {
-        **params, "name": f"{sweep}-{trial_id}", "train.resume": "never",
-        "train.out_dir": str(Path(base["train"]["out_dir"]) / sweep / "trials"),
-        "tracking.log_model": False,
-    })
+    cfg = trial_config(
+        base,
+        {
+            **params,
+            "name": f"{sweep}-{trial_id}",
+            "train.resume": "never",
+            "train.out_dir": str(Path(base["train"]["out_dir"]) / sweep / "trials"),
+            "tracking.log_model": False,
+        },
+    )
 
     def report(step: int, val: dict) -> None:
-        tune.report({"step": step, "val_loss": val["loss"],
-                     **{f"val_{k}": v for k, v in val["mean"].items()}})
+        tune.report(
+            {
+                "step": step,
+                "val_loss": val["loss"],
+                **{f"val_{k}": v for k, v in val["mean"].items()},
+            }
+        )
 
     tracker = Tracker(cfg, active=True, parent_run_id=parent, tags={"trial": trial_id})
     train(cfg, report=report, tracker=tracker)
@@ -94,14 +110,31 @@ def sweep(cfg: Config) -> dict[str, Any]:
     out = Path(cfg.train.out_dir).resolve() / cfg.name
     out.mkdir(parents=True, exist_ok=True)
     address = cfg.tune.address or os.environ.get("RAY_ADDRESS")
-    env_vars = {k: os.environ[k] for k in ("DS_ACCELERATOR", "MLFLOW_DISABLE_TELEMETRY",
-                                           "MLFLOW_TRACKING_URI", "OMP_NUM_THREADS")
-                if k in os.environ}
+    env_vars = {
+        k: os.environ[k]
+        for k in (
+            "DS_ACCELERATOR",
+            "MLFLOW_DISABLE_TELEMETRY",
+            "MLFLOW_TRACKING_URI",
+            "OMP_NUM_THREADS",
+        )
+        if k in os.environ
+    }
     env_vars["PYTHONPATH"] = os.pathsep.join(
-        [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])
-    ray.init(address=address, num_cpus=None if address else cfg.tune.num_cpus,
-             include_dashboard=False, runtime_env={"env_vars": env_vars},
-             log_to_driver=False, ignore_reinit_error=True)
+        [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+    )
+    # a local instance, or a head on this machine, talks over loopback only
+    host = (address or "127.0.0.1").split("://")[-1].rsplit(":", 1)[0]
+    local = host in ("127.0.0.1", "localhost")
+    ray.init(
+        address=address,
+        num_cpus=None if address else cfg.tune.num_cpus,
+        include_dashboard=False,
+        runtime_env={"env_vars": env_vars},
+        log_to_driver=False,
+        ignore_reinit_error=True,
+        _node_ip_address="127.0.0.1" if local else None,
+    )
     tracker = SweepTracker(cfg, out)
     try:
         parent = tracker.start()
@@ -113,28 +146,42 @@ def sweep(cfg: Config) -> dict[str, Any]:
         trainable = tune.with_resources(_trainable, resources)
         storage = str(out / "ray")
         if cfg.tune.resume and tune.Tuner.can_restore(os.path.join(storage, cfg.name)):
-            tuner = tune.Tuner.restore(os.path.join(storage, cfg.name), trainable,
-                                       resume_errored=False, param_space=param_space)
+            tuner = tune.Tuner.restore(
+                os.path.join(storage, cfg.name),
+                trainable,
+                resume_errored=False,
+                param_space=param_space,
+            )
         else:
-            evaluations = max(1, cfg.train.steps // cfg.train.eval_every)
+            # one report per evaluation; max_t beyond the last report, so that trials which
+            # ASHA keeps finish their run (test evaluation, metrics.json) instead of being cut
+            evaluations = -(-cfg.train.steps // cfg.train.eval_every)
             scheduler = ASHAScheduler(
-                time_attr="training_iteration", max_t=evaluations,
-                grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor,
+                time_attr="training_iteration",
+                max_t=evaluations + 1,
+                grace_period=cfg.tune.grace_period,
+                reduction_factor=cfg.tune.reduction_factor,
             )
             tuner = tune.Tuner(
-                trainable, param_space=param_space,
+                trainable,
+                param_space=param_space,
                 tune_config=tune.TuneConfig(
-                    metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=scheduler,
+                    metric=cfg.tune.metric,
+                    mode=cfg.tune.mode,
+                    scheduler=scheduler,
                     num_samples=cfg.tune.num_samples,
                     max_concurrent_trials=cfg.tune.max_concurrent_trials,
                 ),
                 run_config=tune.RunConfig(
-                    name=cfg.name, storage_path=storage, verbose=1,
+                    name=cfg.name,
+                    storage_path=storage,
+                    verbose=1,
                     failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
                 ),
             )
         grid = tuner.fit()
         summary = _summarise(grid, cfg)
+        (out / "trials.json").write_text(json.dumps(summary["trials"], indent=2))
         if summary["best"] is not None:
             best_cfg = trial_config(base, {**summary["best"]["params"], "name": f"{cfg.name}-best"})
             path = out / "best.yaml"
@@ -153,26 +200,46 @@ def _summarise(grid, cfg: Config) -> dict[str, Any]:
     trials = []
     for result in grid:
         params = {k: v for k, v in result.config.items() if not k.startswith("__")}
-        row = {"params": params, "family": params.get("model.kernel", cfg.model.kernel),
-               "status": "error" if result.error else "ok", "metric": None, "evaluations": 0,
-               "val_mae": None, "val_crps": None, "trial": result.path.rsplit("/", 1)[-1]}
+        row = {
+            "params": params,
+            "family": params.get("model.kernel", cfg.model.kernel),
+            "status": "error" if result.error else "ok",
+            "metric": None,
+            "evaluations": 0,
+            "val_mae": None,
+            "val_crps": None,
+            "trial": result.path.rsplit("/", 1)[-1],
+        }
         df = result.metrics_dataframe
         if df is not None and metric in df:
             i = (sign * df[metric]).idxmin()
-            row.update(metric=float(df[metric][i]), evaluations=int(len(df)),
-                       val_mae=float(df["val_mae"][i]), val_crps=float(df["val_crps"][i]))
+            row.update(
+                metric=float(df[metric][i]),
+                evaluations=int(len(df)),
+                val_mae=float(df["val_mae"][i]),
+                val_crps=float(df["val_crps"][i]),
+            )
         trials.append(row)
     done = [t for t in trials if t["metric"] is not None]
     by_family: dict[str, dict] = {}
     for t in sorted(done, key=lambda t: sign * t["metric"]):
         by_family.setdefault(t["family"], t)
     best = min(done, key=lambda t: sign * t["metric"]) if done else None
-    table = [f"| family | {metric} | val MAE | val CRPS | evaluations | trials |",
-             "|---|---|---|---|---|---|"]
+    table = [
+        f"| family | {metric} | val MAE | val CRPS | evaluations | trials |",
+        "|---|---|---|---|---|---|",
+    ]
     for family, t in sorted(by_family.items(), key=lambda kv: sign * kv[1]["metric"]):
         n = sum(1 for x in trials if x["family"] == family)
-        table.append(f"| {family} | {t['metric']:.4f} | {t['val_mae']:.4f} | "
-                     f"{t['val_crps']:.4f} | {t['evaluations']} | {n} |")
+        table.append(
+            f"| {family} | {t['metric']:.4f} | {t['val_mae']:.4f} | "
+            f"{t['val_crps']:.4f} | {t['evaluations']} | {n} |"
+        )
     failed = [t for t in trials if t["status"] == "error"]
-    return {"trials": trials, "by_family": by_family, "best": best, "table": "\n".join(table),
-            "failed": failed}
+    return {
+        "trials": trials,
+        "by_family": by_family,
+        "best": best,
+        "table": "\n".join(table),
+        "failed": failed,
+    }

@@ -15,15 +15,22 @@ PATHS = re.compile(r"(?<![\w/.~-])((?:launch|configs|infra|pipeline|benchmarks)/
 
 def test_infra_has_every_recipe():
     names = {p.relative_to(ROOT).as_posix() for p in INFRA}
-    for needed in ("infra/README.md", "infra/ray/cluster.yaml", "infra/dask/kubernetes.yaml",
-                   "infra/dask/slurm_cluster.py", "infra/deepspeed/hostfile",
-                   "infra/deepspeed/train.sbatch", "infra/mlflow/compose.yaml",
-                   "infra/docker/Dockerfile"):
+    for needed in (
+        "infra/README.md",
+        "infra/ray/cluster.yaml",
+        "infra/dask/kubernetes.yaml",
+        "infra/dask/slurm_cluster.py",
+        "infra/deepspeed/hostfile",
+        "infra/deepspeed/train.sbatch",
+        "infra/mlflow/compose.yaml",
+        "infra/docker/Dockerfile",
+    ):
         assert needed in names
 
 
-@pytest.mark.parametrize("path", [p for p in INFRA if p.suffix in (".yaml", ".yml")],
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", [p for p in INFRA if p.suffix in (".yaml", ".yml")], ids=lambda p: p.name
+)
 def test_yaml_parses(path):
     docs = list(yaml.safe_load_all(path.read_text()))
     assert docs and all(d is not None for d in docs)
@@ -37,8 +44,11 @@ def test_named_paths_exist(path):
         assert (ROOT / name).exists(), f"{path.name} names {name}, which is not in the repository"
 
 
-@pytest.mark.parametrize("path", [p for p in INFRA if p.suffix in (".sh", ".sbatch")]
-                         + [ROOT / ".ci" / "run"], ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path",
+    [p for p in INFRA if p.suffix in (".sh", ".sbatch")] + [ROOT / ".ci" / "run"],
+    ids=lambda p: p.name,
+)
 def test_shell_scripts_parse(path):
     subprocess.run(["bash", "-n", str(path)], check=True)
 

@@ -3,7 +3,6 @@ what the trained model forecasts; promotion; a real server over HTTP; a clear er
 server is unreachable."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -13,45 +12,31 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny import child_env, overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def env():
-    return {
-        **os.environ,
-        "DS_ACCELERATOR": "cpu",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "OMP_NUM_THREADS": "1",
-    }
-
-
 def train(store, out, name, uri, steps=6, extra=()):
-    args = [
-        f"data.store={store}",
-        f"train.out_dir={out}",
-        f"name={name}",
-        f"train.steps={steps}",
-        "data.time_in=6",
-        "data.horizon=3",
-        "model.d_model=16",
-        "model.heads=2",
-        "model.layers=1",
-        "model.knn=8",
-        "train.batch_size=4",
-        "train.eval_every=3",
-        "train.eval_batches=2",
-        "train.checkpoint_every=100",
-        "train.log_every=2",
-        f"tracking.uri={uri}",
-        "tracking.experiment=test",
-        "tracking.model_name=sit-test",
-        *extra,
-    ]
+    args = overrides(
+        store,
+        out,
+        name,
+        steps,
+        [
+            "train.eval_every=3",
+            "train.checkpoint_every=100",
+            "train.log_every=2",
+            f"tracking.uri={uri}",
+            "tracking.experiment=test",
+            "tracking.model_name=sit-test",
+            *extra,
+        ],
+    )
     return subprocess.run(
         [sys.executable, "launch/train.py", *args],
         cwd=ROOT,
-        env=env(),
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=600,
@@ -89,7 +74,7 @@ np.save("pyfunc_std.npy", res["std"])
     proc = subprocess.run(
         [sys.executable, "-c", code],
         cwd=out,
-        env=env(),
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=300,
@@ -190,7 +175,7 @@ def test_mlflow_server_receives_a_run_over_http(synthetic_store, tmp_path):
             str(tmp_path / "artifacts"),
         ],
         cwd=tmp_path,
-        env=env(),
+        env=child_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

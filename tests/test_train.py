@@ -12,42 +12,28 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import child_env, overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 
 
 def tiny(store, out, name, steps, extra=()):
-    return [
-        f"data.store={store}",
-        f"train.out_dir={out}",
-        f"name={name}",
-        f"train.steps={steps}",
-        "data.time_in=6",
-        "data.horizon=3",
-        "model.d_model=16",
-        "model.heads=2",
-        "model.layers=1",
-        "model.knn=8",
-        "train.batch_size=4",
-        "train.log_every=1",
-        "train.eval_every=4",
-        "train.eval_batches=2",
-        "train.checkpoint_every=4",
-        "train.warmup_steps=2",
-        "train.lr=0.01",
-        "tracking.enabled=false",
-        *extra,
-    ]
-
-
-def env():
-    return {
-        **os.environ,
-        "DS_ACCELERATOR": "cpu",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "OMP_NUM_THREADS": "1",
-    }
+    return overrides(
+        store,
+        out,
+        name,
+        steps,
+        [
+            "train.log_every=1",
+            "train.eval_every=4",
+            "train.checkpoint_every=4",
+            "train.warmup_steps=2",
+            "train.lr=0.01",
+            "tracking.enabled=false",
+            *extra,
+        ],
+    )
 
 
 def launch(args, procs=2, **kw):
@@ -59,7 +45,7 @@ def launch(args, procs=2, **kw):
     return subprocess.Popen(
         cmd,
         cwd=ROOT,
-        env=env(),
+        env=child_env(),
         start_new_session=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -1,0 +1,35 @@
+"""Tiny training runs for the end-to-end tests: config overrides and the child environment."""
+
+import os
+
+
+def overrides(store, out, name, steps, extra=()) -> list[str]:
+    """A one-layer, 16-wide model on 6-step windows of the session's synthetic store."""
+    return [
+        f"data.store={store}",
+        f"train.out_dir={out}",
+        f"name={name}",
+        f"train.steps={steps}",
+        "data.time_in=6",
+        "data.horizon=3",
+        "model.d_model=16",
+        "model.heads=2",
+        "model.layers=1",
+        "model.knn=8",
+        "train.batch_size=4",
+        "train.eval_batches=2",
+        *extra,
+    ]
+
+
+def child_env() -> dict[str, str]:
+    """Environment of launched processes: CPU DeepSpeed, no telemetry, one thread each, and
+    every Ray address on loopback."""
+    return {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "OMP_NUM_THREADS": "1",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    }
