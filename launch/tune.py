@@ -1,8 +1,8 @@
 """Ray Tune sweep over kernel families and hyperparameters (local instance or a Ray cluster).
 
-    python launch/tune.py --config configs/sweep.yaml [section.key=value ...]
-    RAY_ADDRESS=ray://head:10001 python launch/tune.py --config configs/sweep.yaml
-    python launch/tune.py --config configs/sweep.yaml tune.resume=true   # after a crash
+python launch/tune.py --config configs/sweep.yaml [section.key=value ...]
+RAY_ADDRESS=ray://head:10001 python launch/tune.py --config configs/sweep.yaml
+python launch/tune.py --config configs/sweep.yaml tune.resume=true   # after a crash
 """
 
 import sys
@@ -21,8 +21,10 @@ def main(cfg) -> None:
     for t in summary["failed"]:
         print(f"trial {t['trial']} failed ({t['params']})")
     if summary.get("best_yaml"):
-        print(f"best config: {summary['best_yaml']} "
-              f"(python launch/train.py --config {summary['best_yaml']})")
+        print(
+            f"best config: {summary['best_yaml']} "
+            f"(python launch/train.py --config {summary['best_yaml']})"
+        )
 
 
 if __name__ == "__main__":

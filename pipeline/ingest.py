@@ -1,0 +1,218 @@
+"""What every raw source shares: the Source interface, input errors, sensor ids and locations,
+and the regular time axis (pipeline/sources.py and pipeline/wide_csv.py build on it).
+
+Every problem in the input is a :class:`SourceError` that names the file, the line or row, the
+sensor or the config key, and what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.errors import UserError
+
+PMap = Callable[[Callable, Sequence], list]
+
+
+class SourceError(UserError, ValueError):
+    """Bad input, described for the person who has to fix it."""
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Source:
+    """What preprocessing needs from any input (subclasses implement ``read``)."""
+
+    sensor_ids: np.ndarray  # [N] str, source order
+    coords: np.ndarray  # [N, 2]
+    crs: str  # "latlon" or "xy"
+    time: np.ndarray  # [T] int64 ns UTC, regular
+    freq: str
+    features: list[str]
+    files: list[Path] = field(default_factory=list)
+    truth: dict[str, Any] | None = None
+    node_subsets: bool = True  # read() of a subset of sensors costs less than of all
+
+    def read(self, g0: int, g1: int, sensors: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------
+# Locations and the time axis
+
+
+def check_ids(ids: Sequence[str], where: str) -> np.ndarray:
+    ids = np.asarray([str(s).strip() for s in ids], dtype=object)
+    seen, dup = set(), []
+    for s in ids:
+        if s in seen:
+            dup.append(s)
+        seen.add(s)
+    if dup:
+        raise SourceError(
+            f"{where}: duplicate sensor ids {sorted(set(dup))[:10]}; ids must be unique"
+        )
+    empty = [i for i, s in enumerate(ids) if s == ""]
+    if empty:
+        raise SourceError(f"{where}: empty sensor id at column/row {empty[0]}")
+    return ids
+
+
+def load_locations(path: str | None, header: bool, ids: np.ndarray) -> tuple[np.ndarray, str]:
+    """Coordinates [N, 2] in the order of ``ids`` and their crs, from a locations CSV."""
+    if path is None:
+        raise SourceError("data.source.locations is not set: give a CSV of sensor positions")
+    p = Path(path)
+    if not p.is_file():
+        raise SourceError(f"locations file {p} does not exist (data.source.locations)")
+    if p.stat().st_size == 0:
+        raise SourceError(f"locations file {p} is empty")
+    if header:
+        df = pd.read_csv(p, dtype=str)
+        cols = {c.strip().lower(): c for c in df.columns}
+        id_col = cols.get("sensor_id") or cols.get("id")
+        pairs = [("latitude", "longitude"), ("lat", "lon"), ("lat", "lng"), ("x", "y")]
+        pair = next(((a, b) for a, b in pairs if a in cols and b in cols), None)
+        if id_col is None or pair is None:
+            raise SourceError(
+                f"locations file {p}: need a sensor_id column and latitude/longitude (or x/y "
+                f"in km) columns; found {list(df.columns)} (headerless? set "
+                "data.source.locations_header=false)"
+            )
+        crs = "xy" if pair == ("x", "y") else "latlon"
+        frame = pd.DataFrame({"id": df[id_col], "a": df[cols[pair[0]]], "b": df[cols[pair[1]]]})
+        first_row = 2
+    else:
+        frame = pd.read_csv(p, header=None, dtype=str).iloc[:, :3]
+        frame.columns = ["id", "a", "b"]
+        crs, first_row = "latlon", 1
+    loc_ids = check_ids(frame["id"].tolist(), f"locations file {p}")
+    vals = frame[["a", "b"]].apply(pd.to_numeric, errors="coerce").to_numpy(float)
+    bad = ~np.isfinite(vals).all(axis=1)
+    if crs == "latlon":
+        bad |= (np.abs(vals[:, 0]) > 90) | (np.abs(vals[:, 1]) > 180)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise SourceError(
+            f"locations file {p}, line {i + first_row}: sensor {loc_ids[i]!r} has invalid "
+            f"coordinates {frame.iloc[i, 1]!r}, {frame.iloc[i, 2]!r} (latitude must be in "
+            "[-90, 90], longitude in [-180, 180], no NaN)"
+        )
+    index = {s: i for i, s in enumerate(loc_ids)}
+    missing = [s for s in ids if s not in index]
+    if missing:
+        raise SourceError(
+            f"locations file {p}: no location for sensors {missing[:10]} found in the data; "
+            "add them to the locations file or drop them from the data"
+        )
+    extra = sorted(set(index) - set(ids))
+    if extra:
+        raise SourceError(
+            f"locations file {p}: sensors {extra[:10]} have a location but no data; "
+            "remove them from the locations file"
+        )
+    return vals[[index[s] for s in ids]], crs
+
+
+def regular_axis(
+    stamps: pd.DatetimeIndex, freq: str | None, where: str, first_line: int
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """Regular time axis [T] ns and each row's position on it, from row timestamps.
+
+    Duplicate or decreasing timestamps, and timestamps off the ``freq`` grid, are errors naming
+    the line (``first_line`` is the line number of row 0).
+    """
+    t = stamps.as_unit("ns").asi8
+    if len(t) > 1:
+        d = np.diff(t)
+        if (d == 0).any():
+            i = int(np.flatnonzero(d == 0)[0])
+            raise SourceError(
+                f"{where}: duplicate timestamp {stamps[i]} on lines {i + first_line} and "
+                f"{i + 1 + first_line}; keep one row per time step"
+            )
+        if (d < 0).any():
+            i = int(np.flatnonzero(d < 0)[0]) + 1
+            raise SourceError(
+                f"{where}, line {i + first_line}: timestamp {stamps[i]} is earlier than the "
+                f"row before ({stamps[i - 1]}); sort the rows by time"
+            )
+    if freq is None:
+        if len(t) < 2:
+            raise SourceError(
+                f"{where}: cannot infer the time step from one row; set data.source.freq"
+            )
+        step = int(pd.Series(np.diff(t)).mode().iloc[0])
+        freq = pd.tseries.frequencies.to_offset(pd.Timedelta(step, "ns")).freqstr
+    else:
+        step = int(pd.Timedelta(pd.tseries.frequencies.to_offset(freq)).value)
+    offset = t - t[0]
+    off_grid = offset % step != 0
+    if off_grid.any():
+        i = int(np.flatnonzero(off_grid)[0])
+        raise SourceError(
+            f"{where}, line {i + first_line}: timestamp {stamps[i]} is not on the {freq} grid "
+            f"starting at {stamps[0]}; fix data.source.freq or the timestamp"
+        )
+    pos = offset // step
+    return t[0] + np.arange(pos[-1] + 1, dtype=np.int64) * step, pos, freq
+
+
+def parse_times(values: Sequence[str], where: str, first_line: int) -> pd.DatetimeIndex:
+    try:
+        return pd.DatetimeIndex(pd.to_datetime(pd.Series(values), utc=True)).as_unit("ns")
+    except (ValueError, TypeError):
+        for i, v in enumerate(values):
+            try:
+                pd.Timestamp(v)
+            except (ValueError, TypeError):
+                raise SourceError(
+                    f"{where}, line {i + first_line}: {v!r} is not a timestamp"
+                ) from None
+        raise
+
+
+def axis_from_start(start: str | None, freq: str | None, rows: int, where: str):
+    if start is None or freq is None:
+        raise SourceError(
+            f"{where} has no time column: set data.source.start and data.source.freq "
+            "(or data.source.time_column if a column holds the timestamps)"
+        )
+    time = pd.date_range(pd.Timestamp(start, tz="UTC"), periods=rows, freq=freq).as_unit("ns").asi8
+    return time, np.arange(rows), freq
+
+
+def first_bad_cell(frame: pd.DataFrame, columns: Sequence[str], where: str, first_line: int):
+    for j, col in enumerate(frame.columns):
+        if not pd.api.types.is_numeric_dtype(frame[col]):
+            num = pd.to_numeric(frame[col], errors="coerce")
+            bad = num.isna() & frame[col].notna() & (frame[col].astype(str).str.strip() != "")
+            if bad.any():
+                i = int(np.flatnonzero(bad.to_numpy())[0])
+                raise SourceError(
+                    f"{where}, line {i + first_line}, sensor {columns[j]!r}: "
+                    f"{frame[col].iloc[i]!r} is not a number; fix the cell or leave it empty"
+                )
+
+
+def data_path(path: str | None) -> Path:
+    if path is None:
+        raise SourceError("data.source.path is not set: name the data file")
+    p = Path(path)
+    if not p.is_file():
+        raise SourceError(f"data file {p} does not exist (data.source.path)")
+    return p
