@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -136,6 +137,46 @@ def test_a_crashing_trial_is_reported_and_the_sweep_goes_on(synthetic_store, tmp
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "failed" in proc.stdout and "model.knn" in proc.stdout
     assert (tmp_path / "crash" / "best.yaml").exists()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sweep_against_a_ray_head_started_by_the_test(synthetic_store, tmp_path):
+    port = _free_port()
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    head = subprocess.Popen(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+        ],
+        cwd=ROOT,
+        env=child_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        args = sweep_args(synthetic_store, tmp_path, "remote", [f"tune.address=127.0.0.1:{port}"])
+        args = [a for a in args if not a.startswith("tune.space")] + [
+            "tune.space={model.kernel: {grid: [matern32, none]}}"
+        ]
+        proc = run_tune(args)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        trials = json.loads((tmp_path / "remote" / "trials.json").read_text())
+        assert len(trials) == 2 and all(t["status"] == "ok" for t in trials)
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # this head only: its own process group
+        head.wait(timeout=90)
 
 
 def test_killed_driver_resumes_with_completed_trials_kept(synthetic_store, tmp_path):

@@ -23,8 +23,9 @@ def overrides(store, out, name, steps, extra=()) -> list[str]:
 
 
 def child_env() -> dict[str, str]:
-    """Environment of launched processes: CPU DeepSpeed, no telemetry, one thread each, and
-    every Ray address on loopback."""
+    """Environment of launched processes: CPU DeepSpeed, no telemetry, one thread each; Ray
+    keeps every address on loopback and a test head needs no auth token (it is reachable
+    from this machine only)."""
     return {
         **os.environ,
         "DS_ACCELERATOR": "cpu",
@@ -32,4 +33,5 @@ def child_env() -> dict[str, str]:
         "RAY_USAGE_STATS_ENABLED": "0",
         "OMP_NUM_THREADS": "1",
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_AUTH_MODE": "disabled",
     }
