@@ -214,14 +214,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def broadcast_flag(flag: bool, ctx: Context) -> bool:
-    """Rank 0's decision, shared by every rank."""
-    t = torch.tensor([int(flag)], device=ctx.device)
-    if ctx.world_size > 1:
-        dist.broadcast(t, src=0)
-    return bool(t.item())
-
-
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -217,13 +217,6 @@ class Tracker:
         return f"models:/{name}@candidate"
 
 
-def load_model(uri: str, tracking: str | None = None):
-    """The registered pyfunc at ``uri`` (e.g. ``models:/NAME@candidate``)."""
-    if tracking:
-        mlflow.set_tracking_uri(tracking)
-    return mlflow.pyfunc.load_model(uri)
-
-
 def promote(cfg: Config) -> dict[str, Any]:
     """Move alias ``champion`` to ``candidate`` when the candidate's test metric is lower."""
     uri = tracking_uri(cfg)

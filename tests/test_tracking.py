@@ -3,7 +3,6 @@ what the trained model forecasts; promotion; a real server over HTTP; a clear er
 server is unreachable."""
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny import child_env, overrides
+from tiny import child_env, free_port, overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -152,14 +151,8 @@ def test_promote_moves_champion_only_when_better(tracked):
     assert client.get_model_version_by_alias("sit-test", "champion").version == better
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_mlflow_server_receives_a_run_over_http(synthetic_store, tmp_path):
-    port = _free_port()
+    port = free_port()
     mlflow_bin = str(Path(sys.executable).parent / "mlflow")
     server = subprocess.Popen(
         [
@@ -203,7 +196,7 @@ def test_mlflow_server_receives_a_run_over_http(synthetic_store, tmp_path):
 
 
 def test_unreachable_server_is_a_clear_error_before_training(synthetic_store, tmp_path):
-    port = _free_port()
+    port = free_port()
     proc = train(synthetic_store, tmp_path, "nope", f"http://127.0.0.1:{port}")
     assert proc.returncode == 2
     assert "unreachable" in proc.stderr and f"127.0.0.1:{port}" in proc.stderr

@@ -3,14 +3,13 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from tiny import child_env, overrides
+from tiny import child_env, free_port, overrides
 
 from pipeline.config import ConfigError, load_config
 
@@ -139,14 +138,8 @@ def test_a_crashing_trial_is_reported_and_the_sweep_goes_on(synthetic_store, tmp
     assert (tmp_path / "crash" / "best.yaml").exists()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_sweep_against_a_ray_head_started_by_the_test(synthetic_store, tmp_path):
-    port = _free_port()
+    port = free_port()
     ray_bin = str(Path(sys.executable).parent / "ray")
     head = subprocess.Popen(
         [

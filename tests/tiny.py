@@ -1,6 +1,7 @@
 """Tiny training runs for the end-to-end tests: config overrides and the child environment."""
 
 import os
+import socket
 
 
 def overrides(store, out, name, steps, extra=()) -> list[str]:
@@ -35,3 +36,10 @@ def child_env() -> dict[str, str]:
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "RAY_AUTH_MODE": "disabled",
     }
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for servers the tests start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
