@@ -127,7 +127,7 @@ def sweep(cfg: Config) -> dict[str, Any]:
     host = (address or "127.0.0.1").split("://")[-1].rsplit(":", 1)[0]
     local = host in ("127.0.0.1", "localhost")
     ray.init(
-        address=address,
+        address=address or "local",  # "local": a new instance, never a stale one found on disk
         num_cpus=None if address else cfg.tune.num_cpus,
         include_dashboard=False,
         runtime_env={"env_vars": env_vars},

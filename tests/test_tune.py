@@ -188,6 +188,7 @@ def test_killed_driver_resumes_with_completed_trials_kept(synthetic_store, tmp_p
         done = list(trials.glob("*/metrics.json")) if trials.exists() else []
         if done:
             break
+        assert proc.poll() is None, "the sweep ended before a trial finished"
         time.sleep(0.5)
     assert done, "no trial finished before the deadline"
     time.sleep(3)  # let Tune record the finished trial in its experiment state
