@@ -216,6 +216,8 @@ class WindowStream(torch.utils.data.IterableDataset):
                 f"store {store}: split {split!r} [{start}, {stop}) holds no window "
                 f"of {time_in} + {horizon} steps"
             )
+        self.time = st["time"][:]
+        self.mean, self.std = st["mean"][:], st["std"][:]
         self.tiles = make_tiles(st["neighbours"][:], k, tile_size)
         pos, _ = positions_km(st["coords"][:], st.attrs["crs"])
         self.pos = pos.astype(np.float32)
@@ -259,7 +261,7 @@ class WindowStream(torch.utils.data.IterableDataset):
 
     # -- reading ------------------------------------------------------------------------------
 
-    def _load(self, cache: ChunkCache, store: Store, tile_i: int, origins: np.ndarray) -> dict:
+    def _load(self, cache: ChunkCache, tile_i: int, origins: np.ndarray) -> dict:
         tile = self.tiles[tile_i]
         lo, hi = int(origins.min()) - self.time_in, int(origins.max()) + self.horizon
         values, mask = cache.read(lo, hi, tile.nodes)
@@ -301,10 +303,7 @@ class WindowStream(torch.utils.data.IterableDataset):
             )
         step0 = self.start_step + loader_id
         skip = (step0 - worker) // workers
-        store = open_store(self.path)
-        self.time = store["time"][:]
-        self.mean, self.std = store["mean"][:], store["std"][:]
-        cache = ChunkCache(store)
+        cache = ChunkCache(open_store(self.path))
         plan = self._plan(shard, shards, skip)
 
         stop = threading.Event()
@@ -321,7 +320,7 @@ class WindowStream(torch.utils.data.IterableDataset):
         def produce(out: queue.Queue) -> None:
             try:
                 for i, (epoch, tile, origins) in enumerate(plan):
-                    batch = self._load(cache, store, tile, origins)
+                    batch = self._load(cache, tile, origins)
                     batch["epoch"], batch["step"] = epoch, step0 + i * workers
                     if not put(out, batch):
                         return
