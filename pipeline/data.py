@@ -340,5 +340,6 @@ class WindowStream(torch.utils.data.IterableDataset):
                 if isinstance(item, BaseException):
                     raise item
                 yield item
-        finally:
+        finally:  # closed early (or done): the producer finishes its batch and exits
             stop.set()
+            thread.join()

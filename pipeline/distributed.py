@@ -1,8 +1,9 @@
 """DeepSpeed: process group, engine from the typed config, checkpoints (the only module that
 imports deepspeed).
 
-- ``init``: NCCL on CUDA, gloo on CPU; works under ``deepspeed``, ``torchrun`` and plain
-  ``python`` (one process: RANK/WORLD_SIZE/MASTER_* are filled in with a free local port).
+- ``process_group``: NCCL on CUDA, gloo on CPU, for the duration of a ``with`` block; works
+  under ``deepspeed``, ``torchrun`` and plain ``python`` (one process: RANK/WORLD_SIZE/MASTER_*
+  are filled in with a free local port); a group it created is destroyed on the way out.
 - ``ds_config``: the DeepSpeed JSON generated from ``Config.train`` (ZeRO stage, precision,
   micro-batch, gradient accumulation and clipping).
 - ``build_engine``: a client ``torch.optim.AdamW`` (no JIT-compiled fused ops) with the
@@ -19,6 +20,8 @@ import math
 import os
 import random
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,21 +52,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init(device: str = "auto") -> Context:
-    """Join (or create) the process group; returns this process's rank and device."""
+@contextmanager
+def process_group(device: str = "auto") -> Iterator[Context]:
+    """Join (or create) the process group for the duration of the block; yields this
+    process's rank and device.
+
+    A group this call created is destroyed on the way out (a gloo group left to the
+    interpreter's exit aborts the process: "terminate called without an active exception"),
+    and the environment of a group of one is restored, so the next run in the same process
+    (a reused Ray Tune actor, a test) starts afresh on a new port.
+    """
     import deepspeed
+    import deepspeed.comm
 
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise RuntimeError("train.device=cuda but no CUDA device is visible")
+    filled: list[str] = []
     if "RANK" not in os.environ:  # plain `python launch/train.py`: a group of one
-        os.environ.update(
-            RANK="0",
-            LOCAL_RANK="0",
-            WORLD_SIZE="1",
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())),
-        )
+        one = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+        one["MASTER_PORT"] = str(_free_port())
+        filled = [k for k in one if k not in os.environ]
+        os.environ.update({k: one[k] for k in filled})
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda:
         torch.cuda.set_device(local_rank)
@@ -71,14 +81,21 @@ def init(device: str = "auto") -> Context:
         # CPU processes sharing a node: split its cores instead of oversubscribing them
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
-    return Context(
-        dist.get_rank(),
-        local_rank,
-        dist.get_world_size(),
-        torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"),
-    )
+    created = not dist.is_initialized()
+    try:
+        if created:
+            deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
+        yield Context(
+            dist.get_rank(),
+            local_rank,
+            dist.get_world_size(),
+            torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"),
+        )
+    finally:
+        if created and dist.is_initialized():
+            deepspeed.comm.destroy_process_group()
+        for key in filled:
+            os.environ.pop(key, None)
 
 
 def ds_config(cfg: Config) -> dict[str, Any]:

@@ -1,14 +1,19 @@
 """Masked forecast metrics per horizon step (DESIGN.md section 4), accumulated over batches and
 ranks: MAE, RMSE, MAPE, Gaussian CRPS, PIT histogram, and coverage of the central 50 % and
-90 % intervals.
+90 % intervals; and the statistical comparisons of the test split: the Diebold-Mariano test
+(Harvey-Leybourne-Newbold correction) of the model against the baselines ``last_value`` and
+``train_mean``, and Moran's I of the per-sensor residuals over the neighbour graph.
 
-The accumulator holds sums in one float64 tensor, so ranks merge by an all-reduce sum.
+The accumulators hold sums in float64 tensors, so ranks merge by an all-reduce sum.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
+import scipy.sparse
+import scipy.stats
 import torch
 from torch import Tensor
 
@@ -91,3 +96,163 @@ class MetricAccumulator:
             "pit_uniform_distance": float(0.5 * (hist - 1 / self.bins).abs().sum()),
             "count": int(col["n"].sum()),
         }
+
+
+BASELINES = ("last_value", "train_mean")
+# per-window sums: observed cells, then absolute error and CRPS of the model, then the
+# absolute error of each baseline (a point forecast, whose CRPS is its absolute error)
+_WINDOW_COLS = ("n", "model_abs", "model_crps", *(f"{b}_abs" for b in BASELINES))
+
+
+def last_observed(x: Tensor, x_mask: Tensor, fallback: Tensor) -> Tensor:
+    """The last observed input value per sensor and feature [B, n, F] (``fallback`` [n, F]
+    where a sensor has no observation in the window); x, x_mask [B, time_in, n, F]."""
+    steps = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    last = torch.where(x_mask, steps, -1).amax(dim=1)  # [B, n, F]
+    value = x.gather(1, last.clamp_min(0)[:, None]).squeeze(1)
+    return torch.where(last >= 0, value, fallback.to(value.dtype))
+
+
+class ComparisonAccumulator:
+    """Sums for the test split's comparisons: per window (its origin), the observed cells and
+    the absolute errors / CRPS of the model and the baselines; per sensor, the sum and count
+    of the standardised residual (y - mean) / train std."""
+
+    def __init__(self, origins: np.ndarray, num_nodes: int, horizon: int, device) -> None:
+        self.origins, self.horizon = np.asarray(origins), horizon
+        self.windows = torch.zeros(
+            len(self.origins), len(_WINDOW_COLS), dtype=torch.float64, device=device
+        )
+        self.nodes = torch.zeros(num_nodes, 2, dtype=torch.float64, device=device)
+
+    def update(
+        self,
+        origins: Tensor,
+        nodes: Tensor,
+        mean: Tensor,
+        std: Tensor,
+        y: Tensor,
+        mask: Tensor,
+        last: Tensor,
+        train_mean: Tensor,
+        train_std: Tensor,
+    ) -> None:
+        """origins [B]; nodes [n] store indices; mean, std, y, mask [B, horizon, n, F] in the
+        data's units; last [B, n, F] (the last observed input); train_mean/std [n, F]."""
+        mean, std, y = mean.double(), std.double(), y.double()
+        m = mask.double()
+        y = torch.where(mask, y, mean)
+        err = y - mean
+        baselines = (last.double()[:, None], train_mean.double())  # same order as BASELINES
+        dims = (1, 2, 3)  # sum over horizon, node, feature -> [B]
+        cols = [
+            m.sum(dims),
+            (err.abs() * m).sum(dims),
+            (gaussian_crps(mean, std, y) * m).sum(dims),
+            *(((y - b).abs() * m).sum(dims) for b in baselines),
+        ]
+        rows = np.searchsorted(self.origins, origins.cpu().numpy())
+        rows = torch.from_numpy(rows).to(self.windows.device)
+        self.windows.index_add_(0, rows, torch.stack(cols, dim=1).to(self.windows.device))
+        z = err / train_std.double()  # [B, horizon, n, F]
+        per_node = torch.stack([(z * m).sum((0, 1, 3)), m.sum((0, 1, 3))], dim=1)  # [n, 2]
+        self.nodes.index_add_(0, nodes.to(self.nodes.device), per_node.to(self.nodes.device))
+
+    def result(self, neighbours: np.ndarray) -> dict:
+        """Pooled MAE of each baseline, Diebold-Mariano tests of the model against each (on
+        the per-window MAE and CRPS), and Moran's I of the per-sensor mean residual over the
+        k-nearest-neighbour graph ``neighbours`` [N, k] (itself first)."""
+        w = self.windows.cpu().numpy()
+        col = {name: w[:, i] for i, name in enumerate(_WINDOW_COLS)}
+        seen = col["n"] > 0
+        n = col["n"][seen]
+        model_mae, model_crps = col["model_abs"][seen] / n, col["model_crps"][seen] / n
+        out: dict = {}
+        for b in BASELINES:
+            base = col[f"{b}_abs"][seen] / n
+            out[b] = {
+                "mae": float(col[f"{b}_abs"].sum() / max(col["n"].sum(), 1)),
+                "dm_mae": diebold_mariano(model_mae - base, self.horizon),
+                "dm_crps": diebold_mariano(model_crps - base, self.horizon),
+            }
+        r = self.nodes.cpu().numpy()
+        resid = np.where(r[:, 1] > 0, r[:, 0] / np.maximum(r[:, 1], 1), np.nan)
+        return {"baselines": out, "morans_i": morans_i(resid, neighbours)}
+
+
+def diebold_mariano(d: np.ndarray, horizon: int) -> dict:
+    """Diebold-Mariano test of equal accuracy from the loss differential d_t = L_model,t -
+    L_baseline,t of ``horizon``-step forecasts at successive origins.
+
+    The variance of the mean differential counts autocovariances up to lag horizon - 1 (the
+    overlap of h-step forecast errors); if that sum is not positive, the lag-0 variance alone
+    is used. The statistic carries the Harvey-Leybourne-Newbold small-sample correction and is
+    compared with Student's t on T - 1 degrees of freedom (two-sided p). A negative statistic
+    means the model's loss is lower.
+    """
+    d = np.asarray(d, dtype=np.float64)
+    d = d[np.isfinite(d)]
+    t, h = len(d), horizon
+    undefined = {"statistic": math.nan, "p_value": math.nan, "mean_difference": math.nan, "T": t}
+    if t < 2 * h + 1:
+        return undefined
+    mean = float(d.mean())
+    dev = d - mean
+    gamma = [float(dev[k:] @ dev[: t - k]) / t for k in range(h)]
+    var = gamma[0] + 2 * sum(gamma[1:])
+    if var <= 0:
+        var = gamma[0]
+    if var <= 0:  # a constant differential: no test
+        return {**undefined, "mean_difference": mean}
+    stat = mean / math.sqrt(var / t) * math.sqrt((t + 1 - 2 * h + h * (h - 1) / t) / t)
+    p = float(2 * scipy.stats.t.sf(abs(stat), df=t - 1))
+    return {"statistic": float(stat), "p_value": p, "mean_difference": mean, "T": t}
+
+
+def morans_i(values: np.ndarray, neighbours: np.ndarray) -> dict:
+    """Moran's I of ``values`` [N] over the k-nearest-neighbour graph ``neighbours`` [N, k]
+    (each row: the sensor itself, then its neighbours), with binary row-standardised weights.
+
+    Sensors whose value is NaN (no observation) are left out with their edges. Expectation
+    and variance are the moments under randomisation (Cliff and Ord), i.e. of I over all
+    permutations of the values; the p-value is two-sided from the normal approximation.
+    Positive I: residuals of neighbouring sensors agree (spatial structure left unexplained).
+    """
+    values = np.asarray(values, dtype=np.float64)
+    keep = np.isfinite(values)
+    n = int(keep.sum())
+    undefined = {"I": math.nan, "expected": math.nan, "variance": math.nan, "z": math.nan}
+    undefined.update(p_value=math.nan, n=n)
+    if n < 4:
+        return undefined
+    index = np.full(len(values), -1, dtype=np.int64)
+    index[keep] = np.arange(n)
+    nb = index[np.asarray(neighbours)[keep][:, 1:]]  # [n, k - 1] kept rows, new indices
+    rows = np.repeat(np.arange(n), nb.shape[1])
+    cols = nb.ravel()
+    ok = cols >= 0
+    adj = scipy.sparse.csr_matrix(
+        (np.ones(int(ok.sum())), (rows[ok], cols[ok])), shape=(n, n)
+    )  # duplicates (none expected) would add up
+    degree = np.asarray(adj.sum(axis=1)).ravel()
+    w = scipy.sparse.diags(1 / np.where(degree > 0, degree, 1)) @ adj
+    z = values[keep] - values[keep].mean()
+    s0 = float(w.sum())
+    zz = float(z @ z)
+    if s0 == 0 or zz == 0:  # no edges left, or every value the same
+        return undefined
+    moran = n / s0 * float(z @ (w @ z)) / zz
+    s1 = 0.5 * float((w + w.T).power(2).sum())
+    s2 = float(((np.asarray(w.sum(axis=1)).ravel() + np.asarray(w.sum(axis=0)).ravel()) ** 2).sum())
+    b2 = n * float((z**4).sum()) / zz**2
+    expected = -1 / (n - 1)
+    second = (
+        n * ((n * n - 3 * n + 3) * s1 - n * s2 + 3 * s0 * s0)
+        - b2 * ((n * n - n) * s1 - 2 * n * s2 + 6 * s0 * s0)
+    ) / ((n - 1) * (n - 2) * (n - 3) * s0 * s0)
+    var = second - expected**2
+    if var <= 0:
+        return {**undefined, "I": moran, "expected": expected}
+    score = (moran - expected) / math.sqrt(var)
+    p = float(2 * scipy.stats.norm.sf(abs(score)))
+    return {"I": moran, "expected": expected, "variance": var, "z": score, "p_value": p, "n": n}

@@ -23,6 +23,19 @@ def summary(metrics: dict, tracking_uri: str | None = None) -> str:
         f"{m['coverage_50']:8.3f} {m['coverage_90']:8.3f}"
     )
     lines.append(f"  PIT distance from uniform: {test['pit_uniform_distance']:.3f}")
+    for name, base in test.get("baselines", {}).items():
+        dm_mae, dm_crps = base["dm_mae"], base["dm_crps"]
+        lines.append(
+            f"  vs {name} (MAE {base['mae']:.4f}): Diebold-Mariano on MAE "
+            f"{dm_mae['statistic']:+.2f} (p {dm_mae['p_value']:.2g}), on CRPS "
+            f"{dm_crps['statistic']:+.2f} (p {dm_crps['p_value']:.2g}); negative = model better"
+        )
+    if "morans_i" in test:
+        mi = test["morans_i"]
+        lines.append(
+            f"  Moran's I of the sensors' mean residuals: {mi['I']:.3f} "
+            f"(expected {mi['expected']:.3f}, p {mi['p_value']:.2g}, {mi['n']} sensors)"
+        )
     lines.append("")
     truth = metrics.get("truth")
     for layer in metrics["kernel"]:

@@ -147,6 +147,14 @@ class Tracker:
         test = metrics["test"]
         flat = {f"test_{k}": v for k, v in test["mean"].items()}
         flat["test_pit_uniform_distance"] = test["pit_uniform_distance"]
+        for name, base in test.get("baselines", {}).items():
+            flat[f"test_{name}_mae"] = base["mae"]
+            for loss in ("mae", "crps"):
+                flat[f"test_dm_{loss}_vs_{name}"] = base[f"dm_{loss}"]["statistic"]
+                flat[f"test_dm_{loss}_vs_{name}_p"] = base[f"dm_{loss}"]["p_value"]
+        if "morans_i" in test:
+            flat["test_morans_i"] = test["morans_i"]["I"]
+            flat["test_morans_i_p"] = test["morans_i"]["p_value"]
         for i, h in enumerate(test["horizon_steps"]):
             flat.update({f"test_mae_h{h}": test["mae"][i], f"test_crps_h{h}": test["crps"][i]})
         mlflow.log_metrics(flat)

@@ -25,7 +25,7 @@ from pipeline.config import Config
 from pipeline.data import WindowStream
 from pipeline.export import export_model
 from pipeline.geometry import positions_km
-from pipeline.metrics import MetricAccumulator
+from pipeline.metrics import ComparisonAccumulator, MetricAccumulator, last_observed
 from pipeline.model import LOSSES, Forecaster
 from pipeline.store import open_store
 from pipeline.tracking import Tracker
@@ -70,13 +70,22 @@ def _stream(cfg: Config, ctx, split: str, **kwargs) -> WindowStream:
     )
 
 
-def evaluate(engine, cfg: Config, split: str, ctx, max_batches: int | None = None) -> dict:
-    """Metrics of ``split`` in the data's units, over every rank's share (one pass)."""
+def evaluate(
+    engine, cfg: Config, split: str, ctx, max_batches: int | None = None, compare: bool = False
+) -> dict:
+    """Metrics of ``split`` in the data's units, over every rank's share (one pass); with
+    ``compare``, also the Diebold-Mariano tests against the baselines and Moran's I of the
+    residuals (pipeline/metrics.py)."""
     stream = _stream(cfg, ctx, split, shuffle=False)
     store = open_store(cfg.data.store)
     mean_s = torch.from_numpy(store["mean"][:]).to(ctx.device)
     std_s = torch.from_numpy(store["std"][:]).to(ctx.device)
     acc = MetricAccumulator(cfg.data.horizon, device=ctx.device)
+    comparison = (
+        ComparisonAccumulator(stream.origins, store.shape[1], cfg.data.horizon, ctx.device)
+        if compare
+        else None
+    )
     loss_sum = torch.zeros(2, dtype=torch.float64, device=ctx.device)
     dtype = distributed.engine_dtype(engine)
     engine.eval()
@@ -90,11 +99,28 @@ def evaluate(engine, cfg: Config, split: str, ctx, max_batches: int | None = Non
             loss_sum += torch.stack([loss.double() * mask.sum(), mask.sum().double()])
             m, s = mean_s[batch["nodes"]], std_s[batch["nodes"]]  # [n, F]
             acc.update(mean * s + m, std * s, batch["y"] * s + m, mask)
+            if comparison is not None:
+                last = last_observed(batch["x"].float(), batch["x_mask"], torch.zeros_like(m))
+                comparison.update(
+                    batch["origins"],
+                    batch["nodes"],
+                    mean * s + m,
+                    std * s,
+                    batch["y"] * s + m,
+                    mask,
+                    last * s + m,
+                    m,
+                    s,
+                )
     engine.train()
     distributed.all_reduce_sum(acc.state)
     distributed.all_reduce_sum(loss_sum)
     result = acc.result()
     result["loss"] = float(loss_sum[0] / loss_sum[1].clamp_min(1))
+    if comparison is not None:
+        distributed.all_reduce_sum(comparison.windows)
+        distributed.all_reduce_sum(comparison.nodes)
+        result.update(comparison.result(store["neighbours"][:]))
     return result
 
 
@@ -104,7 +130,13 @@ def kernel_params(model: Forecaster) -> list[dict]:
 
 def train(cfg: Config, report: Reporter | None = None, tracker: Tracker | None = None) -> dict:
     """Train ``cfg``; returns the content of metrics.json (on every rank)."""
-    ctx = distributed.init(cfg.train.device)
+    with distributed.process_group(cfg.train.device) as ctx:
+        return _train(cfg, ctx, report, tracker)
+
+
+def _train(
+    cfg: Config, ctx: distributed.Context, report: Reporter | None, tracker: Tracker | None
+) -> dict:
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     run_dir = Path(cfg.train.out_dir) / cfg.name
@@ -217,8 +249,9 @@ def train(cfg: Config, report: Reporter | None = None, tracker: Tracker | None =
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or stopped_early:
             distributed.save_checkpoint(engine, ckpt_dir, step, state, ctx)
     bar.close()
+    del batches  # stops the prefetch thread (or the loader workers) now, not at exit
 
-    test = evaluate(engine, cfg, "test", ctx)
+    test = evaluate(engine, cfg, "test", ctx, compare=True)
     metrics = {
         "name": cfg.name,
         "steps": state["step"],

@@ -2,9 +2,18 @@ import numpy as np
 import pytest
 import scoringrules
 import torch
+from dieboldmariano import dm_test
 from scipy import stats
 
-from pipeline.metrics import MetricAccumulator
+from pipeline.metrics import (
+    BASELINES,
+    ComparisonAccumulator,
+    MetricAccumulator,
+    diebold_mariano,
+    last_observed,
+    morans_i,
+)
+from pipeline.neighbours import k_nearest
 
 
 def _data(seed=0, shape=(3, 4, 50, 2)):
@@ -72,3 +81,118 @@ def test_calibrated_forecasts_have_flat_pit_and_nominal_coverage():
         torch.ones(shape, dtype=torch.bool),
     )
     assert overconfident.result()["pit_uniform_distance"] > 0.2
+
+
+@pytest.mark.parametrize("h", [1, 3, 12])
+def test_diebold_mariano_matches_the_reference_package(h):
+    """Statistic and p-value against the `dieboldmariano` package (HLN correction, t on T - 1
+    degrees of freedom) on autocorrelated losses."""
+    rng = np.random.default_rng(h)
+    t = 300
+    v = np.cumsum(rng.normal(size=t))
+    p1 = v + np.convolve(rng.normal(size=t + 4), np.ones(5) / 5, "valid")
+    p2 = v + 1.05 * np.convolve(rng.normal(size=t + 4), np.ones(5) / 5, "valid")
+    d = np.abs(v - p1) - np.abs(v - p2)
+    ours = diebold_mariano(d, h)
+    stat, p = dm_test(list(v), list(p1), list(p2), loss=lambda a, b: abs(a - b), h=h)
+    assert ours["statistic"] == pytest.approx(stat, rel=1e-10)
+    assert ours["p_value"] == pytest.approx(p, rel=1e-8)
+    assert ours["T"] == t
+
+
+def test_diebold_mariano_detects_a_better_forecast_and_not_an_equal_one():
+    rng = np.random.default_rng(3)
+    noise = rng.normal(size=(2000, 400))
+    equal = [diebold_mariano(row, 1)["p_value"] for row in noise]
+    # under the null the p-values are uniform: 5 % of them below 0.05 (binomial sd 0.5 %)
+    assert abs(np.mean(np.array(equal) < 0.05) - 0.05) < 0.02
+    better = diebold_mariano(noise[0] - 0.5, 1)  # the first forecast's loss is lower
+    assert better["statistic"] < 0 and better["p_value"] < 1e-6
+
+
+def _graph(n, k, seed):
+    rng = np.random.default_rng(seed)
+    xy = rng.uniform(0, 100, (n, 2))
+    idx, _ = k_nearest(np.c_[xy, np.zeros(n)], k)
+    return xy, idx
+
+
+def test_morans_i_matches_the_dense_formula_and_the_permutation_moments():
+    """I from the dense weight matrix; its expectation and variance under randomisation equal
+    the mean and variance of I over random permutations of the values."""
+    n, k = 40, 5
+    xy, idx = _graph(n, k, 0)
+    rng = np.random.default_rng(1)
+    values = np.sin(xy[:, 0] / 15) + rng.normal(0, 0.3, n)  # smooth field + noise
+    res = morans_i(values, idx)
+
+    w = np.zeros((n, n))
+    for i in range(n):
+        w[i, idx[i, 1:]] = 1 / (k - 1)
+    z = values - values.mean()
+    assert res["I"] == pytest.approx(n / w.sum() * z @ w @ z / (z @ z), rel=1e-12)
+    assert res["I"] > 0.3 and res["p_value"] < 1e-4  # a smooth field is autocorrelated
+
+    perms = 40_000
+    zp = z[np.argsort(rng.random((perms, n)), axis=1)]  # [perm, n]
+    i_perm = n / w.sum() * np.einsum("pi,ij,pj->p", zp, w, zp) / (z @ z)
+    se_mean = np.sqrt(res["variance"] / perms)
+    assert abs(i_perm.mean() - res["expected"]) < 4 * se_mean
+    # the sample variance of 40k draws is within ~1 % of the truth; 4 % is 4 standard errors
+    assert i_perm.var() == pytest.approx(res["variance"], rel=0.04)
+
+
+def test_morans_i_leaves_out_sensors_without_a_value():
+    xy, idx = _graph(60, 6, 2)
+    values = np.sin(xy[:, 1] / 20)
+    values[[3, 17, 40]] = np.nan
+    res = morans_i(values, idx)
+    assert res["n"] == 57 and np.isfinite(res["I"]) and res["p_value"] < 1e-3
+
+
+def test_last_observed_takes_the_latest_observed_input():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]).T[None, :, :, None]  # [1, 3, 2, 1]
+    mask = torch.tensor([[True, True, False], [False, False, False]]).T[None, :, :, None]
+    fallback = torch.tensor([[-1.0], [-2.0]])
+    out = last_observed(x, mask, fallback)
+    assert out[0, :, 0].tolist() == [2.0, -2.0]
+
+
+def test_comparison_sums_merge_across_batches_tiles_and_ranks():
+    """Windows split over batches, node tiles and two accumulators (as two ranks merged by
+    an all-reduce) give the same per-window losses and per-sensor residuals as one pass."""
+    rng = np.random.default_rng(5)
+    b, h, n, f = 12, 3, 30, 2
+    origins = np.arange(100, 100 + b)
+    mean, std = rng.normal(5, 1, (b, h, n, f)), rng.uniform(0.5, 2, (b, h, n, f))
+    y = mean + rng.normal(0, 1, (b, h, n, f))
+    mask = rng.random((b, h, n, f)) > 0.2
+    last = rng.normal(5, 1, (b, n, f))
+    tm, ts = rng.normal(5, 1, (n, f)), rng.uniform(1, 2, (n, f))
+    t = torch.tensor
+
+    whole = ComparisonAccumulator(origins, n, h, "cpu")
+    whole.update(t(origins), torch.arange(n), t(mean), t(std), t(y), t(mask), t(last), t(tm), t(ts))
+    ranks = [ComparisonAccumulator(origins, n, h, "cpu") for _ in range(2)]
+    for r, rows in enumerate([slice(0, 5), slice(5, b)]):
+        for nodes in (np.arange(0, 18), np.arange(18, n)):
+            sel = (rows, slice(None), nodes)
+            ranks[r].update(
+                t(origins[rows]), t(nodes), t(mean[sel]), t(std[sel]), t(y[sel]),
+                t(mask[sel]), t(last[rows][:, nodes]), t(tm[nodes]), t(ts[nodes]),
+            )  # fmt: skip
+    merged = ranks[0].windows + ranks[1].windows
+    np.testing.assert_allclose(merged, whole.windows, rtol=1e-12)
+    np.testing.assert_allclose(ranks[0].nodes + ranks[1].nodes, whole.nodes, rtol=1e-12)
+
+    _, idx = _graph(n, 4, 3)
+    res = whole.result(idx)
+    assert set(res["baselines"]) == set(BASELINES)
+    err_last = np.abs(y - last[:, None])[mask].mean()
+    assert res["baselines"]["last_value"]["mae"] == pytest.approx(err_last, rel=1e-12)
+    model_w = np.array([np.abs(y - mean)[i][mask[i]].mean() for i in range(b)])
+    base_w = np.array([np.abs(y - tm)[i][mask[i]].mean() for i in range(b)])
+    expected = diebold_mariano(model_w - base_w, h)
+    assert res["baselines"]["train_mean"]["dm_mae"] == pytest.approx(expected)
+    resid = ((y - mean) / ts * mask).sum((0, 1, 3)) / mask.sum((0, 1, 3))
+    assert res["morans_i"] == pytest.approx(morans_i(resid, idx))

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tiny import child_env, overrides
@@ -84,6 +85,37 @@ def test_two_processes_train_and_the_loss_goes_down(reference):
     assert len(m["test"]["mae"]) == 3 and m["test"]["count"] > 0
 
 
+def test_test_split_baselines_and_diagnostics_cover_every_window(reference, synthetic_store):
+    """The baselines' MAE, summed over both ranks' shares, equals the MAE computed directly
+    from the store over every test window; the tests count every window and sensor."""
+    from pipeline.store import open_store
+
+    store = open_store(synthetic_store)
+    c, d = store.split("test")
+    values, mask = store["values"][:].astype(np.float64), store["mask"][:]
+    train_mean = store["mean"][:]
+    time_in, horizon = 6, 3
+    origins = np.arange(c + time_in, d - horizon + 1)
+    y_idx = origins[:, None] + np.arange(horizon)  # [W, horizon]
+    y, y_mask = values[y_idx], mask[y_idx]  # [W, horizon, N, F]
+    x_mask = mask[origins[:, None] + np.arange(-time_in, 0)]  # [W, time_in, N, F]
+    last_step = np.where(x_mask, np.arange(time_in)[None, :, None, None], -1).max(axis=1)
+    _, n, f = values.shape
+    rows = origins[:, None, None] - time_in + last_step.clip(0)  # [W, N, F]
+    last = values[rows, np.arange(n)[:, None], np.arange(f)]
+    last = np.where(last_step >= 0, last, train_mean)  # [W, N, F]
+
+    test = metrics(reference, "ref")["test"]
+    base = test["baselines"]
+    expect_last = np.abs(y - last[:, None])[y_mask].mean()
+    expect_mean = np.abs(y - train_mean)[y_mask].mean()
+    assert base["last_value"]["mae"] == pytest.approx(expect_last, rel=1e-5)
+    assert base["train_mean"]["mae"] == pytest.approx(expect_mean, rel=1e-5)
+    assert base["train_mean"]["dm_mae"]["T"] == len(origins)
+    assert np.isfinite(base["last_value"]["dm_crps"]["statistic"])
+    assert test["morans_i"]["n"] == int(y_mask.any(axis=(0, 1, 3)).sum())
+
+
 def test_checkpoints_load_with_weights_only(reference):
     files = list((reference / "ref" / "checkpoints").rglob("*.pt"))
     assert len(files) >= 3
@@ -131,3 +163,20 @@ def test_zero_stage_checkpoint_refuses_another_world_size(synthetic_store, tmp_p
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0
     assert "resume with 2 processes" in out
+
+
+def test_runs_in_one_process_each_own_their_process_group(synthetic_store, tmp_path):
+    """Two runs in one process (as in a reused Ray Tune actor): each creates its group of one
+    and destroys it on the way out (a gloo group left to the interpreter's exit aborts the
+    process), and leaves the environment as it found it."""
+    import torch.distributed as dist
+
+    from pipeline.config import load_config
+    from pipeline.train import train
+
+    before = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    for name in ("first", "second"):
+        metrics = train(load_config(None, tiny(synthetic_store, tmp_path, name, 2)))
+        assert metrics["steps"] == 2 and metrics["world_size"] == 1
+        assert not dist.is_initialized()
+        assert {k: os.environ.get(k) for k in before} == before
