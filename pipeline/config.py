@@ -276,10 +276,15 @@ class TuneConfig(_Section):
     """ASHA: evaluations a trial always gets before it may be stopped."""
     reduction_factor: int = Field(2, ge=2)
     """ASHA: keep the best 1/reduction_factor at each rung."""
-    cpus_per_trial: float = Field(1.0, gt=0)
-    """CPUs reserved per trial."""
+    workers_per_trial: int = Field(1, ge=1)
+    """Training processes per trial. 1: the trial is one process (a group of one). More: the
+    trial is a Ray Train ``TorchTrainer`` of that many workers (one process group, on its own
+    port, across the cluster's nodes), each running the same training function."""
+    cpus_per_trial: float = Field(1.0, gt=0.01)
+    """CPUs reserved per trial (with several workers: a hundredth for the trial's own process,
+    which only drives them, and the rest split evenly among the workers)."""
     gpus_per_trial: float = Field(0.0, ge=0)
-    """GPUs reserved per trial."""
+    """GPUs reserved per trial (split evenly among its workers: e.g. 4 workers, 4 GPUs)."""
     address: str | None = None
     """Ray cluster to join; default ``$RAY_ADDRESS``, else a local instance."""
     num_cpus: int | None = Field(None, ge=1)

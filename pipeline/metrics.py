@@ -158,6 +158,19 @@ class ComparisonAccumulator:
         per_node = torch.stack([(z * m).sum((0, 1, 3)), m.sum((0, 1, 3))], dim=1)  # [n, 2]
         self.nodes.index_add_(0, nodes.to(self.nodes.device), per_node.to(self.nodes.device))
 
+    def window_losses(self) -> dict[str, np.ndarray]:
+        """Per window with an observed target: its origin (time index), observed cells, and
+        the model's MAE and CRPS; what ``launch/compare.py`` tests two runs on."""
+        w = self.windows.cpu().numpy()
+        seen = w[:, 0] > 0
+        n = w[seen, 0]
+        return {
+            "origin": self.origins[seen],
+            "count": n,
+            "mae": w[seen, 1] / n,
+            "crps": w[seen, 2] / n,
+        }
+
     def result(self, neighbours: np.ndarray) -> dict:
         """Pooled MAE of each baseline, Diebold-Mariano tests of the model against each (on
         the per-window MAE and CRPS), and Moran's I of the per-sensor mean residual over the

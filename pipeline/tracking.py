@@ -43,7 +43,13 @@ class TrackingError(UserError, RuntimeError):
 
 
 def tracking_uri(cfg: Config) -> str:
-    return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    """The tracking URI of ``cfg``; a relative SQLite path is made absolute (Ray Tune runs each
+    trial in its own working directory, and every trial must log into the same store)."""
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        uri = prefix + str(Path(uri[len(prefix) :]).resolve())
+    return uri
 
 
 def check_reachable(uri: str) -> None:

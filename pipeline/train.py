@@ -3,8 +3,9 @@
 One code path for one CPU process, many CPU processes (gloo), GPUs (NCCL) and nodes: the
 DeepSpeed engine of pipeline/distributed.py steps the model; batches stream from the store
 (pipeline/data.py), each rank its own share; only rank 0 prints and tracks. At the end:
-``<out_dir>/<name>/metrics.json`` (schema in the README), the exported model
-(``<out_dir>/<name>/model/``) and, when tracking is on, the MLflow run and registered model.
+``<out_dir>/<name>/metrics.json`` (schema in the README), the test split's per-window losses
+(``test_windows.npz``, for ``launch/compare.py``), the exported model (``<out_dir>/<name>/model/``)
+and, when tracking is on, the MLflow run and registered model.
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ def evaluate(
         distributed.all_reduce_sum(comparison.windows)
         distributed.all_reduce_sum(comparison.nodes)
         result.update(comparison.result(store["neighbours"][:]))
+        result["windows"] = comparison.window_losses()  # popped by the caller (not JSON)
     return result
 
 
@@ -252,6 +254,7 @@ def _train(
     del batches  # stops the prefetch thread (or the loader workers) now, not at exit
 
     test = evaluate(engine, cfg, "test", ctx, compare=True)
+    windows = test.pop("windows")
     metrics = {
         "name": cfg.name,
         "steps": state["step"],
@@ -276,6 +279,10 @@ def _train(
         model_dir = export_model(model, cfg, store, run_dir / "model")
         metrics["model_uri"] = tracker.finish(metrics, model_dir, store)
         run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / "test_windows.npz.tmp"  # per-window losses, for launch/compare.py
+        with open(tmp, "wb") as f:
+            np.savez(f, **windows)
+        tmp.replace(run_dir / "test_windows.npz")
         tmp = run_dir / "metrics.json.tmp"
         tmp.write_text(json.dumps(metrics, indent=2))
         tmp.replace(run_dir / "metrics.json")

@@ -2,8 +2,10 @@
 
 Each trial is the ordinary training function (pipeline/train.py) on the base config plus the
 trial's sampled ``section.key`` values; it reports validation metrics at every evaluation, and
-ASHA stops the poor ones early. Every trial is its own process group of one (its own
-rendezvous port), logs a nested MLflow run under the sweep's parent run, and writes its outputs
+ASHA stops the poor ones early. A trial is one process, a group of one on its own rendezvous
+port, or, with ``tune.workers_per_trial`` > 1, a Ray Train ``TorchTrainer`` whose workers form
+one process group (gloo on CPU, NCCL on GPUs) on a port Ray Train picks for that trial. Each
+trial logs a nested MLflow run under the sweep's parent run, and writes its outputs
 under ``<out_dir>/<sweep>/trials/``. At the end: a table of the best trial per kernel family
 (printed, logged with a plot) and ``<out_dir>/<sweep>/best.yaml``, a config that
 ``launch/train.py`` runs as it is. ``tune.resume: true`` continues a sweep whose driver died,
@@ -23,8 +25,10 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from pipeline.config import Config, ConfigError, apply_override, validate
-from pipeline.tracking import SweepTracker
+from pipeline.tracking import SweepTracker, tracking_uri
 
+# CPUs that a trial of several workers keeps for its own process, which only drives them
+DRIVER_CPUS = 0.01
 SAMPLERS = {
     "grid": lambda args: tune.grid_search(args),
     "choice": lambda args: tune.choice(args),
@@ -74,10 +78,8 @@ def check_space(cfg: Config) -> dict[str, Any]:
 
 
 def _trainable(params: dict[str, Any]) -> None:
-    """One trial: the ordinary training run, reporting each validation to Tune."""
-    from pipeline.tracking import Tracker
-    from pipeline.train import train
-
+    """One trial: the ordinary training run on one process or, with tune.workers_per_trial >
+    1, on a Ray Train worker group; either way it reports each validation to Tune."""
     base, sweep, parent = params.pop("__base"), params.pop("__sweep"), params.pop("__parent")
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(
@@ -90,9 +92,53 @@ def _trainable(params: dict[str, Any]) -> None:
             "tracking.log_model": False,
         },
     )
+    tags = {"trial": trial_id}
+    workers = cfg.tune.workers_per_trial
+    if workers == 1:
+        _train_trial(cfg, parent, tags, tune.report, main=True)
+        return
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    # Ray Train starts the workers' process group (gloo, or NCCL with GPUs) on a port of its
+    # own choosing per trial, so concurrent trials on one node never clash
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "parent": parent, "tags": tags},
+        scaling_config=ScalingConfig(
+            num_workers=workers,
+            use_gpu=cfg.tune.gpus_per_trial > 0,
+            resources_per_worker={
+                "CPU": (cfg.tune.cpus_per_trial - DRIVER_CPUS) / workers,
+                "GPU": cfg.tune.gpus_per_trial / workers,
+            },
+        ),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=str(Path(cfg.train.out_dir).resolve() / "ray_train"),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    trainer.fit()
+
+
+def _train_worker(loop_config: dict[str, Any]) -> None:
+    """One worker of a multi-process trial (Ray Train has joined its process group)."""
+    from ray import train as ray_train
+
+    cfg = validate(loop_config["cfg"], "sweep trial")
+    main = ray_train.get_context().get_world_rank() == 0
+    _train_trial(cfg, loop_config["parent"], loop_config["tags"], ray_train.report, main)
+
+
+def _train_trial(cfg: Config, parent: str | None, tags: dict, send, main: bool) -> None:
+    """The training run of a trial (or of one of its workers); ``send`` reports to Tune."""
+    from pipeline.tracking import Tracker
+    from pipeline.train import train
 
     def report(step: int, val: dict) -> None:
-        tune.report(
+        send(
             {
                 "step": step,
                 "val_loss": val["loss"],
@@ -100,8 +146,7 @@ def _trainable(params: dict[str, Any]) -> None:
             }
         )
 
-    tracker = Tracker(cfg, active=True, parent_run_id=parent, tags={"trial": trial_id})
-    train(cfg, report=report, tracker=tracker)
+    train(cfg, report=report, tracker=Tracker(cfg, active=main, parent_run_id=parent, tags=tags))
 
 
 def sweep(cfg: Config) -> dict[str, Any]:
@@ -142,7 +187,11 @@ def sweep(cfg: Config) -> dict[str, Any]:
         base["train"]["out_dir"] = str(Path(cfg.train.out_dir).resolve())
         base["data"]["store"] = str(Path(cfg.data.store).resolve())
         param_space = {**space, "__base": base, "__sweep": cfg.name, "__parent": parent}
+        if cfg.tracking.enabled:  # one absolute URI: each trial runs in its own directory
+            base["tracking"]["uri"] = tracking_uri(cfg)
         resources = {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial}
+        if cfg.tune.workers_per_trial > 1:  # the trial's own process only drives its workers
+            resources = {"cpu": DRIVER_CPUS}
         trainable = tune.with_resources(_trainable, resources)
         storage = str(out / "ray")
         if cfg.tune.resume and tune.Tuner.can_restore(os.path.join(storage, cfg.name)):

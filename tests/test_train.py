@@ -180,3 +180,42 @@ def test_runs_in_one_process_each_own_their_process_group(synthetic_store, tmp_p
         assert metrics["steps"] == 2 and metrics["world_size"] == 1
         assert not dist.is_initialized()
         assert {k: os.environ.get(k) for k in before} == before
+
+
+def test_compare_two_runs_with_diebold_mariano(reference, synthetic_store, tmp_path):
+    """launch/compare.py tests the 2-process run against a kernel-`none` run on their common
+    test windows; its pooled MAE equals the run's own test MAE (two code paths), and runs of
+    different stores, or a directory without results, are refused with a clear error."""
+    finish(launch(tiny(synthetic_store, tmp_path, "none", 12, ["model.kernel=none"]), procs=1))
+    a, b = reference / "ref", tmp_path / "none"
+
+    def compare(*args):
+        return subprocess.run(
+            [sys.executable, "launch/compare.py", *map(str, args)],
+            cwd=ROOT,
+            env=child_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    proc = compare(a, b, "--json", tmp_path / "dm.json")
+    assert proc.returncode == 0, proc.stderr
+    assert "Diebold-Mariano" in proc.stdout
+    result = json.loads((tmp_path / "dm.json").read_text())
+    wa, wb = np.load(a / "test_windows.npz"), np.load(b / "test_windows.npz")
+    assert result["windows"] == len(wa["origin"]) == len(wb["origin"])
+    assert result["mae"]["a"] == pytest.approx(metrics(reference, "ref")["test"]["mean"]["mae"])
+    assert result["crps"]["b"] == pytest.approx(metrics(tmp_path, "none")["test"]["mean"]["crps"])
+    dm = result["crps"]["dm"]
+    assert np.isfinite(dm["statistic"]) and 0 <= dm["p_value"] <= 1
+
+    other = tmp_path / "other"
+    shutil.copytree(b, other, ignore=shutil.ignore_patterns("checkpoints", "model"))
+    m = json.loads((other / "metrics.json").read_text())
+    m["store"]["fingerprint"] = "0" * 16
+    (other / "metrics.json").write_text(json.dumps(m))
+    proc = compare(a, other)
+    assert proc.returncode == 2 and "same store" in proc.stderr, proc.stderr
+    proc = compare(a, tmp_path / "missing")
+    assert proc.returncode == 2 and "metrics.json does not exist" in proc.stderr

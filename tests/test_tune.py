@@ -40,10 +40,10 @@ def sweep_args(store, out, name, extra=()):
     )
 
 
-def run_tune(args, **kw):
+def run_tune(args, cwd_=ROOT, **kw):
     return subprocess.run(
-        [sys.executable, "launch/tune.py", *args],
-        cwd=ROOT,
+        [sys.executable, str(ROOT / "launch" / "tune.py"), *args],
+        cwd=cwd_,
         env=child_env(),
         capture_output=True,
         text=True,
@@ -136,6 +136,35 @@ def test_a_crashing_trial_is_reported_and_the_sweep_goes_on(synthetic_store, tmp
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "failed" in proc.stdout and "model.knn" in proc.stdout
     assert (tmp_path / "crash" / "best.yaml").exists()
+
+
+def test_a_trial_spans_two_workers_and_logs_to_the_default_store(synthetic_store, tmp_path):
+    """tune.workers_per_trial=2: the trial is a Ray Train worker group of two training
+    processes (one process group); run from another directory with the default tracking URI,
+    the sweep's parent run and the trial's child run land in that directory's mlruns.db (each
+    trial runs in its own working directory)."""
+    args = sweep_args(synthetic_store, tmp_path, "pair")
+    args = [a for a in args if not a.startswith(("tune.space", "tracking.uri"))] + [
+        "tune.space={model.kernel: {grid: [matern32]}}",
+        "tune.workers_per_trial=2",
+        "tune.cpus_per_trial=2",
+    ]
+    proc = run_tune(args, cwd_=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    (trial,) = json.loads((tmp_path / "pair" / "trials.json").read_text())
+    assert trial["status"] == "ok" and trial["evaluations"] == 4
+    (metrics,) = (tmp_path / "pair" / "trials").glob("*/metrics.json")
+    assert json.loads(metrics.read_text())["world_size"] == 2
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns.db")
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("sweep") == "true"]
+    (child,) = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert len(client.get_metric_history(child.info.run_id, "val_loss")) == 4
 
 
 def test_sweep_against_a_ray_head_started_by_the_test(synthetic_store, tmp_path):

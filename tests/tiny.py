@@ -26,9 +26,11 @@ def overrides(store, out, name, steps, extra=()) -> list[str]:
 def child_env() -> dict[str, str]:
     """Environment of launched processes: CPU DeepSpeed, no telemetry, one thread each; Ray
     keeps every address on loopback and a test head needs no auth token (it is reachable
-    from this machine only)."""
+    from this machine only). MLFLOW_TRACKING_URI is dropped: mlflow.set_tracking_uri in this
+    process exports it, and each launched job names its own store."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     return {
-        **os.environ,
+        **env,
         "DS_ACCELERATOR": "cpu",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "RAY_USAGE_STATS_ENABLED": "0",
