@@ -78,22 +78,26 @@ class SyntheticConfig(_Section):
 class SourceConfig(_Section):
     """Raw input files of preprocessing (README, "Bring your own data")."""
 
-    kind: Literal["synthetic", "wide_csv", "long_csv", "parquet", "hdf5"] = "synthetic"
+    kind: Literal["synthetic", "wide_csv", "long_csv", "parquet", "hdf5", "xarray"] = "synthetic"
     """``synthetic`` (data.synthetic), ``wide_csv`` (a column per sensor), ``long_csv`` /
-    ``parquet`` (rows of sensor_id, time, value[, more features]), ``hdf5`` (METR-LA layout)."""
+    ``parquet`` (rows of sensor_id, time, value[, more features]), ``hdf5`` (METR-LA layout),
+    ``xarray`` (a Zarr store or NetCDF file with [time, sensor] variables)."""
     path: str | None = None
-    """The data file (not used by ``synthetic``)."""
+    """The data file, or the Zarr directory (not used by ``synthetic``)."""
     locations: str | None = None
-    """CSV of sensor positions: ``sensor_id`` + ``latitude``/``longitude`` or ``x``/``y`` (km)."""
+    """CSV of sensor positions: ``sensor_id`` + ``latitude``/``longitude`` or ``x``/``y`` (km).
+    xarray: optional when the dataset has such coordinates along the sensor dimension."""
     locations_header: bool = True
     """False when the locations file has no header row (columns: sensor_id, lat, lon)."""
     time_column: str | None = None
     """Wide CSV: name of the timestamp column; None when rows carry no timestamp (then
-    ``start`` and ``freq`` define the time axis). Long formats: the time column (``time``)."""
+    ``start`` and ``freq`` define the time axis). Long formats: the time column (``time``);
+    xarray: the time dimension (``time``)."""
     sensor_column: str = "sensor_id"
-    """Long formats: the sensor id column."""
+    """Long formats: the sensor id column; xarray: the sensor dimension (its coordinate, if
+    any, holds the ids)."""
     value_columns: list[str] = ["value"]
-    """Long formats: the feature columns (F = their number)."""
+    """Long formats: the feature columns; xarray: the data variables (F = their number)."""
     start: str | None = None
     """Timestamp of the first row when rows carry no timestamp (UTC)."""
     freq: str | None = None

@@ -26,10 +26,17 @@ class SourceError(UserError, ValueError):
 
 
 def sha256(path: Path) -> str:
+    """SHA-256 of a file; of a directory (a Zarr store), over its files' relative paths and
+    contents in sorted order."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 24), b""):
-            h.update(block)
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if f != path:
+            h.update(f.relative_to(path).as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
     return h.hexdigest()
 
 
@@ -72,6 +79,14 @@ def check_ids(ids: Sequence[str], where: str) -> np.ndarray:
     return ids
 
 
+def first_invalid_position(vals: np.ndarray, crs: str) -> int | None:
+    """Index of the first row of ``vals`` [N, 2] that is NaN, or off the globe for latlon."""
+    bad = ~np.isfinite(vals).all(axis=1)
+    if crs == "latlon":
+        bad |= (np.abs(vals[:, 0]) > 90) | (np.abs(vals[:, 1]) > 180)
+    return int(np.flatnonzero(bad)[0]) if bad.any() else None
+
+
 def load_locations(path: str | None, header: bool, ids: np.ndarray) -> tuple[np.ndarray, str]:
     """Coordinates [N, 2] in the order of ``ids`` and their crs, from a locations CSV."""
     if path is None:
@@ -102,11 +117,8 @@ def load_locations(path: str | None, header: bool, ids: np.ndarray) -> tuple[np.
         crs, first_row = "latlon", 1
     loc_ids = check_ids(frame["id"].tolist(), f"locations file {p}")
     vals = frame[["a", "b"]].apply(pd.to_numeric, errors="coerce").to_numpy(float)
-    bad = ~np.isfinite(vals).all(axis=1)
-    if crs == "latlon":
-        bad |= (np.abs(vals[:, 0]) > 90) | (np.abs(vals[:, 1]) > 180)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
+    i = first_invalid_position(vals, crs)
+    if i is not None:
         raise SourceError(
             f"locations file {p}, line {i + first_row}: sensor {loc_ids[i]!r} has invalid "
             f"coordinates {frame.iloc[i, 1]!r}, {frame.iloc[i, 2]!r} (latitude must be in "
@@ -129,12 +141,12 @@ def load_locations(path: str | None, header: bool, ids: np.ndarray) -> tuple[np.
 
 
 def regular_axis(
-    stamps: pd.DatetimeIndex, freq: str | None, where: str, first_line: int
+    stamps: pd.DatetimeIndex, freq: str | None, where: str, first_line: int, unit: str = "line"
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """Regular time axis [T] ns and each row's position on it, from row timestamps.
 
     Duplicate or decreasing timestamps, and timestamps off the ``freq`` grid, are errors naming
-    the line (``first_line`` is the line number of row 0).
+    the row as ``{unit} {number}`` (``first_line`` is the number of row 0).
     """
     t = stamps.as_unit("ns").asi8
     if len(t) > 1:
@@ -142,13 +154,13 @@ def regular_axis(
         if (d == 0).any():
             i = int(np.flatnonzero(d == 0)[0])
             raise SourceError(
-                f"{where}: duplicate timestamp {stamps[i]} on lines {i + first_line} and "
+                f"{where}: duplicate timestamp {stamps[i]} on {unit}s {i + first_line} and "
                 f"{i + 1 + first_line}; keep one row per time step"
             )
         if (d < 0).any():
             i = int(np.flatnonzero(d < 0)[0]) + 1
             raise SourceError(
-                f"{where}, line {i + first_line}: timestamp {stamps[i]} is earlier than the "
+                f"{where}, {unit} {i + first_line}: timestamp {stamps[i]} is earlier than the "
                 f"row before ({stamps[i - 1]}); sort the rows by time"
             )
     if freq is None:
@@ -165,7 +177,7 @@ def regular_axis(
     if off_grid.any():
         i = int(np.flatnonzero(off_grid)[0])
         raise SourceError(
-            f"{where}, line {i + first_line}: timestamp {stamps[i]} is not on the {freq} grid "
+            f"{where}, {unit} {i + first_line}: timestamp {stamps[i]} is not on the {freq} grid "
             f"starting at {stamps[0]}; fix data.source.freq or the timestamp"
         )
     pos = offset // step

@@ -304,3 +304,98 @@ def test_hdf5_metr_la_layout(scheduler, tmp_path):
     ids = list(store["sensor_id"][:])
     assert not store["mask"][7, ids.index("c3"), 0]
     np.testing.assert_allclose(store["values"][3, ids.index("a1"), 0], frame.iloc[3, 0], rtol=1e-6)
+
+
+def _dataset(n=40, steps=120):
+    """A [time, station] dataset of two variables, lat/lon along the stations, one missing
+    time step (a gap in the axis) and some NaN."""
+    import xarray as xr
+
+    rng = np.random.default_rng(4)
+    t = pd.date_range("2024-05-01", periods=steps, freq="10min").delete(30)  # gap at step 30
+    ids = [f"st{i:03d}" for i in range(n)]
+    pm25 = rng.gamma(4, 5, (len(t), n))
+    pm25[rng.random(pm25.shape) < 0.05] = np.nan
+    return xr.Dataset(
+        {
+            "pm25": (("time", "station"), pm25),
+            "temp": (("time", "station"), rng.normal(15, 4, (len(t), n)).astype(np.float32)),
+        },
+        coords={
+            "time": t,
+            "station": ids,
+            "lat": ("station", 48 + rng.uniform(0, 1, n)),
+            "lon": ("station", 2 + rng.uniform(0, 1, n)),
+        },
+    )
+
+
+def _xarray_overrides(tmp_path, path):
+    return [
+        "data.source.kind=xarray",
+        f"data.source.path={path}",
+        "data.source.sensor_column=station",
+        "data.source.value_columns=[pm25, temp]",
+        f"data.store={tmp_path / 'out.zarr'}",
+        "data.time_in=4",
+        "data.horizon=2",
+        "data.neighbours=5",
+        "data.node_chunk=16",
+        "data.time_chunk=32",
+    ]
+
+
+@pytest.mark.parametrize("fmt", ["netcdf4", "netcdf3", "zarr"])
+def test_xarray_sources_keep_every_value_with_its_sensor(scheduler, tmp_path, fmt):
+    ds = _dataset()
+    path = tmp_path / ("in.zarr" if fmt == "zarr" else "in.nc")
+    if fmt == "zarr":
+        ds.to_zarr(path, consolidated=False)
+    else:
+        ds.to_netcdf(path, engine="h5netcdf" if fmt == "netcdf4" else "scipy")
+    store = open_store(run(scheduler, _xarray_overrides(tmp_path, path)))
+    assert store.shape == (120, 40, 2) and store.attrs["freq"] == "10min"
+    assert store.attrs["features"] == ["pm25", "temp"]
+    ids = store["sensor_id"][:].tolist()
+    values, mask = store["values"][:], store["mask"][:]
+    assert not mask[30].any()  # the missing time step is a masked row
+    rows = np.r_[0:30, 31:120]  # axis rows of the dataset's time steps
+    for f, var in enumerate(["pm25", "temp"]):
+        expect = ds[var].sel(station=ids).to_numpy()  # [time, store order]
+        np.testing.assert_array_equal(mask[rows, :, f], ~np.isnan(expect))
+        seen = mask[rows, :, f]
+        np.testing.assert_allclose(values[rows, :, f][seen], expect[seen], rtol=1e-6)
+    coords = store["coords"][:]
+    np.testing.assert_allclose(coords[:, 0], ds["lat"].sel(station=ids).to_numpy())
+
+
+def test_xarray_bad_input_names_the_variable_or_dimension(scheduler, tmp_path):
+    ds = _dataset(n=8, steps=40)
+    path = tmp_path / "in.nc"
+    ds.to_netcdf(path, engine="h5netcdf")
+    ov = _xarray_overrides(tmp_path, path)
+    expect_error(
+        scheduler, tmp_path, ov + ["data.source.value_columns=[pm10]"], "in.nc", "['pm10']", "pm25"
+    )
+    expect_error(
+        scheduler,
+        tmp_path,
+        [o for o in ov if "sensor_column" not in o],
+        "'pm25' has dimensions ['time', 'station']",
+        "data.source.sensor_column",
+    )
+    ds.drop_vars(["lat", "lon"]).to_netcdf(tmp_path / "noloc.nc", engine="h5netcdf")
+    expect_error(
+        scheduler,
+        tmp_path,
+        ov + [f"data.source.path={tmp_path / 'noloc.nc'}"],
+        "data.source.locations is not set",
+    )
+    (tmp_path / "junk.nc").write_text("not a dataset\n")
+    expect_error(
+        scheduler,
+        tmp_path,
+        ov + [f"data.source.path={tmp_path / 'junk.nc'}"],
+        "junk.nc",
+        "not a readable",
+    )
