@@ -99,19 +99,12 @@ def evaluate(
             loss = LOSSES[cfg.train.loss](mean, std, batch["y"], mask)
             loss_sum += torch.stack([loss.double() * mask.sum(), mask.sum().double()])
             m, s = mean_s[batch["nodes"]], std_s[batch["nodes"]]  # [n, F]
-            acc.update(mean * s + m, std * s, batch["y"] * s + m, mask)
+            mean, std, y = mean * s + m, std * s, batch["y"] * s + m  # the data's units
+            acc.update(mean, std, y, mask)
             if comparison is not None:
                 last = last_observed(batch["x"].float(), batch["x_mask"], torch.zeros_like(m))
                 comparison.update(
-                    batch["origins"],
-                    batch["nodes"],
-                    mean * s + m,
-                    std * s,
-                    batch["y"] * s + m,
-                    mask,
-                    last * s + m,
-                    m,
-                    s,
+                    batch["origins"], batch["nodes"], mean, std, y, mask, last * s + m, m, s
                 )
     engine.train()
     distributed.all_reduce_sum(acc.state)
