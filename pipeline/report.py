@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 
+def _p(p: float) -> str:
+    """A p-value; 0 is an underflow of the tail probability (below ~1e-300)."""
+    return "< 1e-300" if p == 0 else f"{p:.2g}"
+
+
 def summary(metrics: dict, tracking_uri: str | None = None) -> str:
     test = metrics["test"]
     lines = [
@@ -27,14 +32,14 @@ def summary(metrics: dict, tracking_uri: str | None = None) -> str:
         dm_mae, dm_crps = base["dm_mae"], base["dm_crps"]
         lines.append(
             f"  vs {name} (MAE {base['mae']:.4f}): Diebold-Mariano on MAE "
-            f"{dm_mae['statistic']:+.2f} (p {dm_mae['p_value']:.2g}), on CRPS "
-            f"{dm_crps['statistic']:+.2f} (p {dm_crps['p_value']:.2g}); negative = model better"
+            f"{dm_mae['statistic']:+.2f} (p {_p(dm_mae['p_value'])}), on CRPS "
+            f"{dm_crps['statistic']:+.2f} (p {_p(dm_crps['p_value'])}); negative = model better"
         )
     if "morans_i" in test:
         mi = test["morans_i"]
         lines.append(
             f"  Moran's I of the sensors' mean residuals: {mi['I']:.3f} "
-            f"(expected {mi['expected']:.3f}, p {mi['p_value']:.2g}, {mi['n']} sensors)"
+            f"(expected {mi['expected']:.3f}, p {_p(mi['p_value'])}, {mi['n']} sensors)"
         )
     lines.append("")
     truth = metrics.get("truth")
