@@ -17,11 +17,19 @@ from pipeline.train import train  # noqa: E402
 
 def main(cfg) -> None:
     metrics = train(cfg)
-    if metrics is not None and "model_uri" in metrics:
+    if metrics is not None and metrics.get("world_size") and _is_main():
+        uri = metrics.get("model_uri")
         print(
             f"test MAE {metrics['test']['mean']['mae']:.4f}  CRPS "
-            f"{metrics['test']['mean']['crps']:.4f}  model {metrics['model_uri']}"
+            f"{metrics['test']['mean']['crps']:.4f}"
+            + (f"  model {uri}" if uri else "  (tracking off: no registered model)")
         )
+
+
+def _is_main() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
 
 
 if __name__ == "__main__":

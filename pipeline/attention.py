@@ -7,7 +7,8 @@ One module, several backends that compute the same math:
 - ``dense``: all N x N pairs (the reference; O(N^2) memory);
 - ``knn``: each sensor attends to its k nearest sensors, gathering keys and values
   ([batch, head, node, k, d_head]); exact bias on each pair; O(N k) memory;
-- ``block``: the GPU FlexAttention backend (a later issue) plugs in through ``BACKENDS``.
+- ``block``: block-sparse FlexAttention over blocks of curve-ordered sensors, the bias computed
+  in ``score_mod`` (pipeline/block_attention.py); CUDA for training, CPU forward for tests.
 
 Keys of sensors with no observation in the input window are masked; every query always
 attends to itself, so no row is empty and a sensor whose neighbours are all missing still
@@ -22,6 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from pipeline.block_attention import block_attention
 from pipeline.covariance import CovarianceBias
 
 
@@ -86,18 +88,11 @@ def knn_attention(
     return (weights.unsqueeze(-1) * vv).sum(-2)  # [B, H, N, dh]
 
 
-def _block_unavailable(*args, **kwargs) -> Tensor:
-    raise NotImplementedError(
-        "attention backend 'block' (FlexAttention on CUDA) is not built yet; "
-        "use model.backend=knn (any device) or model.backend=dense (small N)"
-    )
-
-
 Backend = Callable[..., Tensor]
 BACKENDS: dict[str, Backend] = {
     "dense": dense_attention,
     "knn": knn_attention,
-    "block": _block_unavailable,
+    "block": block_attention,
 }
 
 
@@ -126,7 +121,8 @@ class GeoAttention(nn.Module):
     def forward(
         self, x: Tensor, pos: Tensor, observed: Tensor, neighbours: Tensor | None = None
     ) -> Tensor:
-        """x [B, N, D]; pos [N, 3] km; observed [B, N] bool; neighbours [N, k] -> [B, N, D]."""
+        """x [B, N, D]; pos [N, 3] km; observed [B, N] bool; neighbours: [N, k] index (knn) or
+        BlockPlan (block) -> [B, N, D]."""
         b, n, d = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.heads, d // self.heads)  # [B, N, 3, H, dh]
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, H, N, dh]

@@ -125,8 +125,12 @@ class DataConfig(_Section):
     """Time steps per store chunk (a training window reads one or two chunks)."""
     node_chunk: int = Field(4096, ge=1)
     """Sensors per store chunk (a spatial tile reads a few of them)."""
+    curve: Literal["morton", "hilbert"] = "morton"
+    """Space-filling curve that orders the sensors in the store. ``hilbert`` keeps runs of
+    sensors more compact (better ``block`` attention neighbourhoods and tiles)."""
     tile_size: int | None = Field(None, ge=1)
-    """Train on spatial tiles of this many target sensors (plus halo); None: whole network."""
+    """Train on spatial tiles of this many target sensors plus the halo that the model's
+    receptive field needs (model.layers hops of neighbours); None: whole network."""
     time_in: int = Field(12, ge=1)
     """Input window length (time steps)."""
     horizon: int = Field(12, ge=1)
@@ -174,9 +178,15 @@ class ModelConfig(_Section):
     qk_residual: bool = True
     """Keep the data-driven <q, k> term; False leaves the kernel prior alone."""
     backend: Literal["dense", "knn", "block"] = "knn"
-    """Attention backend: ``dense`` (all pairs), ``knn`` (k nearest), ``block`` (GPU)."""
+    """Attention backend: ``dense`` (all pairs), ``knn`` (k nearest), ``block`` (block-sparse
+    FlexAttention; trains on CUDA only)."""
     knn: int = Field(16, ge=1)
-    """Neighbours per query for the ``knn`` backend (itself included)."""
+    """Neighbours per query for the ``knn`` backend (itself included); also the neighbour
+    graph of spatial tiles' halos."""
+    block_size: int = Field(128, ge=16)
+    """``block`` backend: sensors per block (a multiple of 16; 128 needs no kernel options)."""
+    key_blocks: int = Field(8, ge=1)
+    """``block`` backend: key blocks each query block attends to (nearest centroids first)."""
     node_embedding: bool = False
     """Learn an embedding per sensor (ties the model to the sensors it was trained on)."""
 
@@ -184,6 +194,8 @@ class ModelConfig(_Section):
     def _heads_divide(self) -> ModelConfig:
         if self.d_model % self.heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by heads={self.heads}")
+        if self.block_size % 16:
+            raise ValueError(f"block_size={self.block_size} must be a multiple of 16")
         return self
 
 

@@ -170,6 +170,21 @@ class CovarianceBias(nn.Module):
         minor = (-sin * e + cos * n) * torch.exp(-self.log_ratio).view(shape)
         return _safe_norm(torch.stack([major, minor, u.expand_as(major)], dim=-1))
 
+    def scaled_projection(self, dtype: torch.dtype = torch.float32) -> Tensor | None:
+        """Per-head linear map [H, 3, 3] taking an offset (km) to the scaled offset whose norm is
+        d / range_h, as :meth:`distance` defines d; None when isotropic (then it is
+        I / range_h). Used by the block backend, whose ``score_mod`` sees one pair at a time."""
+        if not self.anisotropy:
+            return None
+        frame = self.frame.to(dtype)
+        cos, sin = torch.cos(self.angle).to(dtype), torch.sin(self.angle).to(dtype)
+        inv_ratio = torch.exp(-self.log_ratio).to(dtype)
+        east, north, up = frame[0], frame[1], frame[2]  # [3] each
+        major = cos[:, None] * east + sin[:, None] * north  # [H, 3]
+        minor = (-sin[:, None] * east + cos[:, None] * north) * inv_ratio[:, None]
+        rows = torch.stack([major, minor, up.expand_as(major)], dim=1)  # [H, 3, 3]
+        return rows / self.range_km.to(dtype)[:, None, None]
+
     def log_bias(self, offset: Tensor, is_self: Tensor) -> Tensor | None:
         """log c_h(d) [H, ...] for offsets [..., 3] (km); ``is_self`` [...] marks i == j.
 

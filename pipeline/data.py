@@ -103,27 +103,40 @@ class WindowSource:
 
 @dataclass(frozen=True)
 class Tile:
-    """A node set: ``nodes`` [n] store indices, the first ``targets`` of which are targets;
-    ``neighbours`` [n, k] local indices (-1: outside the tile)."""
+    """A node set: ``nodes`` [n] store indices in curve order; ``target`` [n] bool marks the
+    tile's own sensors (the rest is halo); ``neighbours`` [n, k] local indices (-1: outside)."""
 
     nodes: np.ndarray
-    targets: int
+    target: np.ndarray
     neighbours: np.ndarray
 
 
-def make_tiles(store_neighbours: np.ndarray, k: int, tile_size: int | None) -> list[Tile]:
-    """The whole network as one tile, or runs of ``tile_size`` curve-ordered targets + halo."""
+def make_tiles(
+    store_neighbours: np.ndarray, k: int, tile_size: int | None, hops: int = 1
+) -> list[Tile]:
+    """The whole network as one tile, or runs of ``tile_size`` curve-ordered targets plus the
+    halo of sensors within ``hops`` neighbour hops of them.
+
+    With ``hops`` = the model's layers the halo is its whole receptive field: layer l of a
+    target reads layer l - 1 of its neighbours, so a target's output depends on sensors up to
+    ``layers`` hops away and on nothing further; a tile's forecasts at its targets then equal
+    those of the whole network (knn backend). Memory per step depends on the tile, not on N.
+    """
     n = len(store_neighbours)
     nb = store_neighbours[:, :k]
     if tile_size is None or tile_size >= n:
-        return [Tile(np.arange(n), n, nb.astype(np.int64))]
+        return [Tile(np.arange(n), np.ones(n, dtype=bool), nb.astype(np.int64))]
     tiles, lookup = [], np.full(n, -1, dtype=np.int64)
     for t0 in range(0, n, tile_size):
-        targets = np.arange(t0, min(t0 + tile_size, n))
-        halo = np.setdiff1d(np.unique(nb[targets]), targets)
-        nodes = np.concatenate([targets, halo])
+        t1 = min(t0 + tile_size, n)
+        nodes = frontier = np.arange(t0, t1)
+        for _ in range(hops):
+            new = np.setdiff1d(np.unique(nb[frontier]), nodes, assume_unique=True)
+            if len(new) == 0:
+                break
+            nodes, frontier = np.union1d(nodes, new), new  # sorted: curve order
         lookup[nodes] = np.arange(len(nodes))
-        tiles.append(Tile(nodes, len(targets), lookup[nb[nodes]]))
+        tiles.append(Tile(nodes, (nodes >= t0) & (nodes < t1), lookup[nb[nodes]]))
         lookup[nodes] = -1
     return tiles
 
@@ -188,6 +201,7 @@ class WindowStream(torch.utils.data.IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         tile_size: int | None = None,
+        hops: int = 1,
         start_step: int = 0,
         prefetch: int = 2,
         shuffle: bool = True,
@@ -218,7 +232,7 @@ class WindowStream(torch.utils.data.IterableDataset):
             )
         self.time = st["time"][:]
         self.mean, self.std = st["mean"][:], st["std"][:]
-        self.tiles = make_tiles(st["neighbours"][:], k, tile_size)
+        self.tiles = make_tiles(st["neighbours"][:], k, tile_size, hops)
         pos, _ = positions_km(st["coords"][:], st.attrs["crs"])
         self.pos = pos.astype(np.float32)
         # blocks: (tile, origins whose time chunk is the same)
@@ -276,12 +290,10 @@ class WindowStream(torch.utils.data.IterableDataset):
             self.time_in,
             self.horizon,
         )
-        target = np.zeros(len(tile.nodes), dtype=bool)
-        target[: tile.targets] = True
         batch.update(
             pos=torch.from_numpy(self.pos[tile.nodes]),
             neighbours=torch.from_numpy(tile.neighbours),
-            target=torch.from_numpy(target),
+            target=torch.from_numpy(tile.target),
             nodes=torch.from_numpy(tile.nodes),
             origins=torch.from_numpy(origins),
         )

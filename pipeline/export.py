@@ -1,11 +1,13 @@
 """The exported model: weights, configuration and the sensor network it forecasts on.
 
     <dir>/weights.pt    state dict (float32; loads with torch.load(weights_only=True))
-    <dir>/model.json    model config, time_in, horizon, features, units, freq
+    <dir>/model.json    model config, time_in, horizon, features, units, freq, tile_size
     <dir>/network.npz   sensor_id, coords, crs, neighbours, mean, std (store order)
 
-:class:`Predictor` turns a raw window into a Gaussian forecast in the data's units; the MLflow
-pyfunc (pipeline/tracking.py) wraps it.
+:class:`Predictor` turns a raw window into a Gaussian forecast in the data's units, sweeping
+spatial tiles (targets + the halo of the model's receptive field) so that memory depends on the
+tile, not on the network: a million-sensor window is forecast tile by tile and stitched. The
+MLflow pyfunc (pipeline/tracking.py) wraps it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from pipeline.calendar import calendar_features
 from pipeline.config import Config, ModelConfig
+from pipeline.data import make_tiles
 from pipeline.geometry import positions_km
 from pipeline.model import Forecaster
 from pipeline.store import Store
@@ -34,6 +37,7 @@ def export_model(model: Forecaster, cfg: Config, store: Store, out: Path) -> Pat
         "features": store.attrs["features"],
         "units": store.attrs.get("units", ""),
         "freq": store.attrs["freq"],
+        "tile_size": cfg.data.tile_size,
     }
     (out / "model.json").write_text(json.dumps(meta, indent=2))
     np.savez(
@@ -49,14 +53,25 @@ def export_model(model: Forecaster, cfg: Config, store: Store, out: Path) -> Pat
 
 
 class Predictor:
-    """Forecasts from raw windows with an exported model (CPU)."""
+    """Forecasts from raw windows with an exported model.
 
-    def __init__(self, path: str | Path) -> None:
+    ``tile_size``: sensors forecast per tile (default: the training tiles, or the whole network
+    when it trained without tiles). With the knn backend, tiled forecasts equal whole-network
+    forecasts (the halo covers the receptive field). With the block backend each tile forms its
+    own blocks, as in training; on a CPU (eager FlexAttention, [tile, tile] scores per head)
+    keep tiles to a few thousand sensors. ``device``: ``cpu`` (default), ``cuda`` or ``auto``.
+    """
+
+    def __init__(self, path: str | Path, tile_size: int | None = None, device: str = "cpu") -> None:
         path = Path(path)
         meta = json.loads((path / "model.json").read_text())
         net = np.load(path / "network.npz")
         self.meta, self.sensor_id = meta, net["sensor_id"]
         self.mean, self.std = net["mean"], net["std"]
+        self.tile_size = tile_size if tile_size is not None else meta.get("tile_size")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
         self.model = Forecaster(
             ModelConfig(**meta["model"]),
             meta["time_in"],
@@ -68,13 +83,16 @@ class Predictor:
         self.model.eval()
         pos, frame = positions_km(net["coords"], str(net["crs"]))
         self.model.set_frame(torch.tensor(frame, dtype=torch.float32))
+        self.model.to(self.device)
         self.pos = torch.tensor(pos, dtype=torch.float32)
-        self.neighbours = torch.from_numpy(net["neighbours"].astype(np.int64))
+        self.neighbours = net["neighbours"].astype(np.int64)
 
-    def predict(self, x: np.ndarray, origin_time: np.ndarray) -> dict[str, np.ndarray]:
+    def predict(
+        self, x: np.ndarray, origin_time: np.ndarray, tile_size: int | None = None
+    ) -> dict[str, np.ndarray]:
         """x [B, time_in, N, F] in the data's units (NaN = missing), sensors in the order of
-        ``sensor_id``; origin_time [B] int64 ns UTC of the first forecast step.
-        Returns mean and std [B, horizon, N, F] in the data's units."""
+        ``sensor_id``; origin_time [B] int64 ns UTC of the first forecast step; ``tile_size``
+        overrides the predictor's. Returns mean and std [B, horizon, N, F] in the data's units."""
         x = np.asarray(x, dtype=np.float32)
         expect = (self.meta["time_in"], len(self.sensor_id), len(self.meta["features"]))
         if x.ndim != 4 or x.shape[1:] != expect:
@@ -84,13 +102,28 @@ class Predictor:
             )
         mask = np.isfinite(x)
         norm = np.where(mask, (x - self.mean) / self.std, 0.0).astype(np.float32)
-        cal = calendar_features(np.asarray(origin_time, dtype=np.int64).reshape(-1))
+        cal = torch.from_numpy(
+            calendar_features(np.asarray(origin_time, dtype=np.int64).reshape(-1))
+        ).to(self.device)
+        tiles = make_tiles(
+            self.neighbours,
+            self.neighbours.shape[1],
+            tile_size if tile_size is not None else self.tile_size,
+            hops=self.model.cfg.layers,
+        )
+        b, n, f = x.shape[0], x.shape[2], x.shape[3]
+        mean = np.empty((b, self.meta["horizon"], n, f), dtype=np.float32)
+        std = np.empty_like(mean)
         with torch.no_grad():
-            mean, std = self.model(
-                torch.from_numpy(norm),
-                torch.from_numpy(mask),
-                torch.from_numpy(cal),
-                self.pos,
-                self.neighbours,
-            )
-        return {"mean": mean.numpy() * self.std + self.mean, "std": std.numpy() * self.std}
+            for tile in tiles:
+                nodes, keep = tile.nodes, tile.target
+                m, s = self.model(
+                    torch.from_numpy(norm[:, :, nodes]).to(self.device),  # [B, T, n, F]
+                    torch.from_numpy(mask[:, :, nodes]).to(self.device),
+                    cal,
+                    self.pos[nodes].to(self.device),
+                    torch.from_numpy(tile.neighbours).to(self.device),
+                )
+                mean[:, :, nodes[keep]] = m[:, :, torch.from_numpy(keep)].float().cpu().numpy()
+                std[:, :, nodes[keep]] = s[:, :, torch.from_numpy(keep)].float().cpu().numpy()
+        return {"mean": mean * self.std + self.mean, "std": std * self.std}

@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from pipeline.attention import GeoAttention
+from pipeline.block_attention import block_plan
 from pipeline.config import ModelConfig
 from pipeline.covariance import CovarianceBias
 
@@ -102,7 +103,8 @@ class Forecaster(nn.Module):
         node_index: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """x, mask [B, T_in, N, F] (x normalised, any value where mask is False);
-        calendar [B, 4]; pos [N, 3] km; neighbours [N, k]; node_index [N] (node embedding).
+        calendar [B, 4]; pos [N, 3] km (curve order for the block backend); neighbours [N, k]
+        (knn backend; -1 outside a tile); node_index [N] (node embedding).
 
         Returns mean and std, each [B, horizon, N, F].
         """
@@ -116,6 +118,8 @@ class Forecaster(nn.Module):
                 raise ValueError("a model with node embeddings needs node_index")
             h = h + self.node_embedding(node_index)[None]
         observed = mask.any(dim=(1, 3))  # [B, N]
+        if self.cfg.backend == "block":  # one block structure for every layer
+            neighbours = block_plan(pos, observed, self.cfg.block_size, self.cfg.key_blocks)
         for block in self.blocks:
             if self.checkpoint_blocks and self.training:
                 h = checkpoint(block, h, pos, observed, neighbours, use_reentrant=False)

@@ -40,12 +40,55 @@ def _spread_bits(v: np.ndarray) -> np.ndarray:
     return (v | (v << 1)) & 0x55555555
 
 
-def morton_order(pos: np.ndarray, frame: np.ndarray) -> np.ndarray:
-    """Permutation [N] sorting sensors along a Z-order (Morton) curve of their (east, north)
-    coordinates in the local frame; stable, so ties keep their input order."""
+def _plane_grid(pos: np.ndarray, frame: np.ndarray) -> np.ndarray:
+    """(east, north) coordinates in the local frame, scaled to a 65,536 x 65,536 grid [N, 2]."""
     plane = (pos @ frame.T)[:, :2]  # [N, 2] east/north km
     lo, hi = plane.min(axis=0), plane.max(axis=0)
     scaled = (plane - lo) / np.where(hi > lo, hi - lo, 1.0) * 65535.0
-    q = scaled.round().astype(np.uint64)
+    return scaled.round().astype(np.uint64)
+
+
+def morton_order(pos: np.ndarray, frame: np.ndarray) -> np.ndarray:
+    """Permutation [N] sorting sensors along a Z-order (Morton) curve of their (east, north)
+    coordinates in the local frame; stable, so ties keep their input order."""
+    q = _plane_grid(pos, frame)
     code = _spread_bits(q[:, 0]) | (_spread_bits(q[:, 1]) << np.uint64(1))
     return np.argsort(code, kind="stable")
+
+
+def hilbert_index(x: np.ndarray, y: np.ndarray, bits: int = 16) -> np.ndarray:
+    """Position of grid cells (x, y) in [0, 2^bits) along the Hilbert curve (int64).
+
+    The classic iterative form (Hamilton, "Compact Hilbert indices", 2006): per level, take one
+    bit of each coordinate, add the quadrant's rank, then rotate/reflect the lower bits.
+    """
+    x, y = x.astype(np.int64), y.astype(np.int64)
+    d = np.zeros_like(x)
+    s = 1 << (bits - 1)
+    while s > 0:
+        rx, ry = (x & s) > 0, (y & s) > 0
+        d += s * s * ((3 * rx.astype(np.int64)) ^ ry.astype(np.int64))
+        flip = ~ry & rx
+        x, y = np.where(flip, s - 1 - x, x), np.where(flip, s - 1 - y, y)
+        x, y = np.where(~ry, y, x), np.where(~ry, x, y)
+        s >>= 1
+    return d
+
+
+def hilbert_order(pos: np.ndarray, frame: np.ndarray) -> np.ndarray:
+    """Permutation [N] sorting sensors along a Hilbert curve of their (east, north) coordinates.
+
+    Unlike Morton's, the Hilbert curve never jumps: runs of consecutive sensors are compact
+    regions, so blocks of the ``block`` attention backend and spatial tiles hold more of each
+    sensor's true nearest neighbours (docs/benchmarks.md: 99.5 % against 94.5 % of the 32
+    nearest in 8 key blocks of 128 at N = 1,048,576)."""
+    q = _plane_grid(pos, frame)
+    return np.argsort(hilbert_index(q[:, 0], q[:, 1]), kind="stable")
+
+
+CURVES = {"morton": morton_order, "hilbert": hilbert_order}
+
+
+def curve_order(pos: np.ndarray, frame: np.ndarray, curve: str) -> np.ndarray:
+    """The permutation of the space-filling curve ``curve`` (``morton`` or ``hilbert``)."""
+    return CURVES[curve](pos, frame)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from pipeline.config import Config, DaskConfig
 from pipeline.geometry import positions_km
-from pipeline.neighbours import k_nearest, morton_order
+from pipeline.neighbours import curve_order, k_nearest
 from pipeline.sources import Source, SourceError, open_source, sha256
 from pipeline.store import SCHEMA_VERSION, atomic_store, create_arrays
 
@@ -130,7 +130,7 @@ def preprocess(cfg: Config, progress: bool = True) -> Path:
                 f"than one window (data.time_in + data.horizon = {data.time_in + data.horizon})"
             )
         pos, frame = positions_km(source.coords, source.crs)
-        order = morton_order(pos, frame)  # store index j -> source index order[j]
+        order = curve_order(pos, frame, data.curve)  # store index j -> source index order[j]
         split = splits(t, data.train_fraction, data.val_fraction)
         k = min(data.neighbours, n)
         with atomic_store(target, data.overwrite) as tmp:
@@ -194,6 +194,7 @@ def preprocess(cfg: Config, progress: bool = True) -> Path:
                     "features": source.features,
                     "units": data.source.units,
                     "crs": source.crs,
+                    "curve": data.curve,
                     "sources": [
                         {"path": str(p), "sha256": h}
                         for p, h in zip(source.files, client.gather(hashes), strict=True)

@@ -16,20 +16,23 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from pipeline import distributed
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.data import WindowStream
 from pipeline.export import export_model
 from pipeline.geometry import positions_km
 from pipeline.metrics import ComparisonAccumulator, MetricAccumulator, last_observed
 from pipeline.model import LOSSES, Forecaster
 from pipeline.store import open_store
-from pipeline.tracking import Tracker
+
+if TYPE_CHECKING:
+    from pipeline.tracking import Tracker
 
 Reporter = Callable[[int, dict], None]  # (step, validation metrics) -> None (Ray Tune hook)
 
@@ -67,6 +70,7 @@ def _stream(cfg: Config, ctx, split: str, **kwargs) -> WindowStream:
         rank=ctx.rank,
         world_size=ctx.world_size,
         tile_size=cfg.data.tile_size,
+        hops=cfg.model.layers,  # the halo covers the model's receptive field
         **kwargs,
     )
 
@@ -132,6 +136,11 @@ def train(cfg: Config, report: Reporter | None = None, tracker: Tracker | None =
 def _train(
     cfg: Config, ctx: distributed.Context, report: Reporter | None, tracker: Tracker | None
 ) -> dict:
+    if cfg.model.backend == "block" and ctx.device.type != "cuda":
+        raise ConfigError(
+            "model.backend=block trains on CUDA GPUs only (FlexAttention has no backward on "
+            "CPU); use model.backend=knn here (the same math over each sensor's k nearest)"
+        )
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     run_dir = Path(cfg.train.out_dir) / cfg.name
@@ -141,8 +150,12 @@ def _train(
     if cfg.train.resume == "never" and ctx.is_main and ckpt_dir.exists():
         shutil.rmtree(ckpt_dir)
     distributed.barrier()
-    tracker = tracker or Tracker(cfg, ctx.is_main)
-    tracker.start(store)  # fails early on an unreachable tracking server
+    if tracker is None and cfg.tracking.enabled:
+        from pipeline.tracking import Tracker  # MLflow is needed only when tracking is on
+
+        tracker = Tracker(cfg, ctx.is_main)
+    if tracker is not None:
+        tracker.start(store)  # fails early on an unreachable tracking server
 
     model = Forecaster(cfg.model, cfg.data.time_in, cfg.data.horizon, f, n)
     _, frame = positions_km(store["coords"][:], store.attrs["crs"])
@@ -221,7 +234,8 @@ def _train(
                 range=f"{kernels[0].get('range_km', [0])[0]:.1f}km",
                 wait=f"{wait_s / max(wait_s + compute_s, 1e-9):.0%}",
             )
-            tracker.log_step(step, step_loss, kernels, engine.get_lr()[0])
+            if tracker is not None:
+                tracker.log_step(step, step_loss, kernels, engine.get_lr()[0])
         if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
             val = evaluate(engine, cfg, "val", ctx, cfg.train.eval_batches)
             state["history"].append(
@@ -232,7 +246,8 @@ def _train(
                     "val_crps": val["mean"]["crps"],
                 }
             )
-            tracker.log_validation(step, val)
+            if tracker is not None:
+                tracker.log_validation(step, val)
             if report is not None:
                 report(step, val)
             if val["loss"] < state["best_val"] - 1e-6:
@@ -270,7 +285,8 @@ def _train(
     }
     if ctx.is_main:
         model_dir = export_model(model, cfg, store, run_dir / "model")
-        metrics["model_uri"] = tracker.finish(metrics, model_dir, store)
+        if tracker is not None:
+            metrics["model_uri"] = tracker.finish(metrics, model_dir, store)
         run_dir.mkdir(parents=True, exist_ok=True)
         tmp = run_dir / "test_windows.npz.tmp"  # per-window losses, for launch/compare.py
         with open(tmp, "wb") as f:

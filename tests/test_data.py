@@ -72,16 +72,27 @@ def test_windows_are_normalised_store_values(synthetic_store):
     assert batch["origins"].max() + 3 <= train_stop  # windows stay inside the split
 
 
-def test_tiles_cover_targets_once_with_their_halo(synthetic_store):
+@pytest.mark.parametrize("hops", [1, 2, 3])
+def test_tiles_cover_targets_once_with_their_halo(synthetic_store, hops):
     store = open_store(synthetic_store)
-    nb = store["neighbours"][:]
-    tiles = make_tiles(nb, 8, 64)
-    targets = np.concatenate([t.nodes[: t.targets] for t in tiles])
+    nb = store["neighbours"][:, :8]
+    tiles = make_tiles(nb, 8, 64, hops)
+    targets = np.concatenate([t.nodes[t.target] for t in tiles])
     np.testing.assert_array_equal(np.sort(targets), np.arange(300))
     for t in tiles:
-        local = t.neighbours[: t.targets]
-        assert (local >= 0).all(), "a target's neighbour is missing from its tile"
-        np.testing.assert_array_equal(t.nodes[local], nb[t.nodes[: t.targets], :8])
+        assert np.all(np.diff(t.nodes) > 0), "tile nodes leave curve order"
+        # every sensor within `hops` hops of a target is in the tile ...
+        reach = t.nodes[t.target]
+        for _ in range(hops):
+            reach = np.union1d(reach, nb[reach])
+        np.testing.assert_array_equal(t.nodes, reach)
+        # ... and the neighbours of sensors within hops - 1 hops are all inside it
+        inner = t.nodes[t.target]
+        for _ in range(hops - 1):
+            inner = np.union1d(inner, nb[inner])
+        local = t.neighbours[np.searchsorted(t.nodes, inner)]
+        assert (local >= 0).all(), "a neighbour inside the receptive field is missing"
+        np.testing.assert_array_equal(t.nodes[local], nb[inner])
     batch = next(iter(stream(synthetic_store, tile_size=64)))
     assert batch["target"].sum() <= 64 and batch["x"].shape[2] == len(batch["nodes"])
 

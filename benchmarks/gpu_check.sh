@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# The GPU check, one command on a machine with NVIDIA GPUs (docs/benchmarks.md records its figures):
+#
+#   bash benchmarks/gpu_check.sh            # results and logs under $OUT or ./gpu_results/
+#
+# 1. a fresh venv on top of the machine's CUDA build of torch (--system-site-packages), the
+#    rest from the repo's own files: wheels in $WHEELS (default .whl/, for machines without
+#    network) or PyPI pinned by constraints.txt (torch excluded: the machine's own is kept);
+# 2. the GPU tests (block backend against dense and knn, outputs and gradients, bf16);
+# 3. benchmarks/attention.py at N = 1,048,576: block settings (curve, block size, key blocks),
+#    their recall of the true 32 nearest neighbours, knn and dense where they fit;
+# 4. 50 steps of configs/large.yaml through the deepspeed launcher on every GPU it finds
+#    (a 1,048,576-sensor synthetic store made by launch/preprocess.py, shortened in time so the
+#    check fits; tiles, block backend, bf16, ZeRO-2; MLflow off);
+# 5. benchmarks/scale.py (one full training step at N = 65,536 / 262,144 / 1,048,576);
+# 6. the attention scaling table for N = 16,384 ... 262,144.
+# Every stage has its share of a deadline ($BUDGET_S seconds in all, default 560) and logs to
+# its own file; a failing stage does not stop the next. summary.txt lists each stage's status.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+OUT=${OUT:-$REPO/gpu_results}
+mkdir -p "$OUT"
+BUDGET_S=${BUDGET_S:-560}
+DEADLINE=$(( $(date +%s) + BUDGET_S ))
+WORK=${WORK:-/tmp/sit_gpu_check}
+mkdir -p "$WORK"
+unset DS_ACCELERATOR
+export MLFLOW_DISABLE_TELEMETRY=true RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
+export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+SUMMARY=$OUT/summary.txt
+: > "$SUMMARY"
+
+# stage NAME MAX_SECONDS COMMAND...: run with min(MAX, time left - reserve) seconds
+stage() {
+  local name=$1 max=$2; shift 2
+  local left=$(( DEADLINE - $(date +%s) - 5 ))
+  local limit=$(( max < left ? max : left ))
+  if [ "$limit" -lt 20 ]; then
+    echo "$name: skipped (no time left)" | tee -a "$SUMMARY"; return 0
+  fi
+  echo "== $name (up to ${limit}s)"
+  local t0=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  local took=$(( $(date +%s) - t0 ))
+  local what="ok"
+  [ $rc -ne 0 ] && what="FAILED (exit $rc)"
+  [ $rc -eq 124 ] && what="TIMED OUT after ${limit}s"
+  echo "$name: $what in ${took}s" | tee -a "$SUMMARY"
+  tail -n 25 "$OUT/$name.log"
+}
+
+# -- 1. environment ------------------------------------------------------------------------
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import sys, torch; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
+[ "$NGPU" -ge 1 ] || { echo "no NVIDIA GPU found" | tee -a "$SUMMARY"; exit 1; }
+
+install() {
+  local venv=$WORK/venv
+  rm -rf "$venv"
+  python3 -m venv --system-site-packages "$venv" || return 1
+  local pip="$venv/bin/python -m pip"
+  local wheels=${WHEELS:-$REPO/.whl}
+  if [ -d "$wheels" ] && ls "$wheels"/*.whl > /dev/null 2>&1; then
+    $pip install -q --no-index --no-deps "$wheels"/*.whl || return 1
+  else
+    grep -v '^torch==' constraints.txt > "$WORK/constraints.txt"
+    $pip install -q -c "$WORK/constraints.txt" -e ".[dev]" || return 1
+  fi
+  "$venv/bin/python" -c "import deepspeed, zarr, dask.distributed, pydantic, torch; print('imports ok', torch.__version__)"
+}
+stage install 120 install
+PY=$WORK/venv/bin/python
+[ -x "$PY" ] || PY=python3
+export PATH=$WORK/venv/bin:$PATH
+
+# -- 2. GPU tests --------------------------------------------------------------------------
+stage gpu_tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_block_attention.py -k gpu
+
+# -- 3. attention at N = 1,048,576 ---------------------------------------------------------
+stage attention_1m 170 "$PY" benchmarks/attention.py --device cuda --sizes 1048576 \
+  --json "$OUT/attention_1m.json"
+
+# -- 4. configs/large.yaml through the deepspeed launcher ----------------------------------
+LARGE=(
+  "data.store=$WORK/large.zarr" "data.overwrite=true" "data.synthetic.num_steps=300"
+  "data.train_fraction=0.8" "data.val_fraction=0.1" "dask.workers=8" "dask.threads_per_worker=2"
+  "train.steps=50" "train.log_every=10" "train.eval_every=50" "train.eval_batches=8"
+  "train.checkpoint_every=50" "train.out_dir=$WORK/runs" "train.resume=never" "tracking.enabled=false"
+)
+large() {
+  "$PY" launch/preprocess.py --config configs/large.yaml "${LARGE[@]}" || return 1
+  local launcher=(deepspeed)
+  command -v deepspeed > /dev/null || launcher=("$PY" -m deepspeed.launcher.runner)
+  "${launcher[@]}" --num_gpus "$NGPU" launch/train.py --config configs/large.yaml "${LARGE[@]}" || return 1
+  "$PY" - "$WORK/runs/large/metrics.json" <<'PYEOF'
+import json, sys
+m = json.load(open(sys.argv[1]))
+t = m["timing"]
+print(f"steps {m['steps']} on {m['world_size']} x {m['device']} ({m['precision']}): "
+      f"{t['step_s']:.3f} s/step, {t['samples_per_s']:.1f} windows/s, data wait "
+      f"{t['data_wait_fraction']:.1%}; test MAE {m['test']['mean']['mae']:.4f} "
+      f"CRPS {m['test']['mean']['crps']:.4f}; range km layer 0 {m['kernel'][0]['range_km']}")
+PYEOF
+  cp "$WORK/runs/large/metrics.json" "$OUT/large_metrics.json"
+}
+stage large_yaml 220 large
+
+# -- 5. one full training step as N grows --------------------------------------------------
+stage scale 120 "$PY" benchmarks/scale.py --json "$OUT/scale.json"
+
+# -- 6. attention scaling table ------------------------------------------------------------
+stage attention_scaling 150 "$PY" benchmarks/attention.py --device cuda \
+  --sizes 16384 65536 262144 --json "$OUT/attention_scaling.json"
+
+echo "== summary"
+cat "$SUMMARY"

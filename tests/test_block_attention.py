@@ -1,0 +1,203 @@
+"""The block (FlexAttention) backend against dense and knn: forward on CPU (eager
+FlexAttention), forward and backward on CUDA (compiled; skipped without a GPU)."""
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import block_attention
+from pipeline.attention import GeoAttention
+from pipeline.block_attention import BlockBackendError, block_plan, select_key_blocks
+from pipeline.config import load_config
+from pipeline.covariance import CovarianceBias
+from pipeline.geometry import positions_km
+from pipeline.model import Forecaster
+from pipeline.neighbours import hilbert_index, hilbert_order, k_nearest
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+D, H = 32, 4
+
+
+def _setup(n, family="matern32", anisotropy=False, seed=0, device="cpu", dtype=torch.float64):
+    torch.manual_seed(seed)
+    coords = np.random.default_rng(seed).uniform(0, 40, (n, 2))
+    pos, frame = positions_km(coords[hilbert_order(*positions_km(coords, "xy"))], "xy")
+    kernel = CovarianceBias(family, H, 8.0, 0.2, anisotropy=anisotropy)
+    kernel.set_frame(torch.tensor(frame))
+    attn = GeoAttention(D, H, kernel, "dense").to(device, dtype)
+    x = torch.randn(2, n, D, device=device, dtype=dtype)
+    observed = torch.rand(2, n, generator=torch.Generator().manual_seed(seed)) > 0.3
+    return attn, x, torch.tensor(pos, device=device, dtype=dtype), observed.to(device)
+
+
+def _clusters(n_clusters, size, device="cpu", dtype=torch.float64):
+    """Tight clusters of ``size`` sensors, 1,000 km apart: each sensor's ``size`` nearest
+    sensors are its own cluster, which is also its own block (block_size = size)."""
+    rng = np.random.default_rng(1)
+    coords = np.repeat(np.arange(n_clusters) * 1000.0, size)[:, None] + rng.uniform(
+        0, 5, (n_clusters * size, 2)
+    )
+    pos, _ = positions_km(coords, "xy")
+    return torch.tensor(pos, device=device, dtype=dtype)
+
+
+def _run(attn, backend, x, pos, observed, neighbours=None, grad=False):
+    attn.backend = backend
+    attn.zero_grad()
+    x = x.clone().requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        out = attn(x, pos, observed, neighbours)
+    if not grad:
+        return out, None, {}
+    weights = torch.linspace(-1, 1, out.numel(), device=out.device, dtype=out.dtype)
+    (out * weights.view_as(out)).sum().backward()
+    grads = {name: p.grad.clone() for name, p in attn.named_parameters() if p.grad is not None}
+    return out.detach(), x.grad, grads
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+# --------------------------------------------------------------------------------------------
+# CPU: forward pass (eager FlexAttention)
+
+
+@pytest.mark.parametrize("family", ["matern32", "spherical", "rational_quadratic", "none"])
+@pytest.mark.parametrize("anisotropy", [False, True])
+def test_all_blocks_equal_dense_on_cpu(family, anisotropy):
+    n = 200  # not a multiple of the block size: the last block is padded
+    attn, x, pos, observed = _setup(n, family, anisotropy)
+    ref, _, _ = _run(attn, "dense", x, pos, observed)
+    plan = block_plan(pos, observed, 32, key_blocks=10**6)
+    assert plan.padded == 224 and plan.key_index.shape == (7, 7)
+    got, _, _ = _run(attn, "block", x, pos, observed, plan)
+    assert got.shape == ref.shape
+    assert torch.allclose(got, ref, atol=1e-12, rtol=1e-10)
+
+
+def test_selected_blocks_equal_dense_restricted_to_them():
+    n, bs = 256, 32
+    attn, x, pos, observed = _setup(n, "matern52", anisotropy=True)
+    plan = block_plan(pos, observed, bs, key_blocks=3)
+    got, _, _ = _run(attn, "block", x, pos, observed, plan)
+    # dense attention over the same pairs, written out directly
+    blocks = torch.arange(n) // bs
+    allowed = torch.zeros(n // bs, n // bs, dtype=torch.bool)
+    allowed[torch.arange(n // bs)[:, None], plan.key_index] = True
+    pair = allowed[blocks[:, None], blocks[None, :]]  # [N, N]
+    assert pair.float().mean() == pytest.approx(3 / 8)
+    q, k, v = attn.qkv(x).view(2, n, 3, H, D // H).permute(2, 0, 3, 1, 4)
+    eye = torch.eye(n, dtype=torch.bool)
+    scores = q @ k.transpose(-1, -2) / (D // H) ** 0.5
+    scores = scores + attn.kernel.log_bias(pos[:, None] - pos[None], eye)
+    keep = pair & (observed[:, None, None, :] | eye)
+    weights = torch.softmax(scores.masked_fill(~keep, float("-inf")), -1)
+    ref = attn.out((weights @ v).transpose(1, 2).reshape(2, n, D))
+    assert torch.allclose(got, ref, atol=1e-12)
+
+
+def test_block_equals_knn_where_neighbourhoods_coincide_on_cpu():
+    pos = _clusters(4, 32)
+    attn, x, _, observed = _setup(128)
+    neighbours = torch.from_numpy(k_nearest(pos.numpy(), 32)[0])
+    ref, _, _ = _run(attn, "knn", x, pos, observed, neighbours)
+    got, _, _ = _run(attn, "block", x, pos, observed, block_plan(pos, observed, 32, 1))
+    assert torch.allclose(got, ref, atol=1e-12)
+
+
+def test_block_training_on_cpu_is_a_clear_error():
+    attn, x, pos, observed = _setup(64)
+    with pytest.raises(BlockBackendError, match="model.backend=knn"):
+        _run(attn, "block", x, pos, observed, block_plan(pos, observed, 32, 2), grad=True)
+
+
+def test_forecaster_with_block_backend_equals_dense_on_cpu():
+    n = 96
+    cfg = load_config(None, ["model.d_model=32", "model.block_size=32", "model.key_blocks=3"])
+    model = Forecaster(cfg.model, 6, 3, 1).double().eval()
+    _, _, pos, _ = _setup(n)
+    x = torch.randn(2, 6, n, 1, dtype=torch.float64)
+    mask = torch.rand(2, 6, n, 1) > 0.2
+    cal = torch.randn(2, 4, dtype=torch.float64)
+    with torch.no_grad():
+        model.cfg.backend = "block"
+        for block in model.blocks:
+            block.attn.backend = "block"
+        got = model(x, mask, cal, pos)
+        model.cfg.backend = "dense"
+        for block in model.blocks:
+            block.attn.backend = "dense"
+        ref = model(x, mask, cal, pos)
+    for a, b in zip(got, ref, strict=True):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_key_blocks_are_nearest_own_first_and_chunking_changes_nothing(monkeypatch):
+    centroids = torch.rand(300, 3, generator=torch.Generator().manual_seed(0)) * 100
+    full = select_key_blocks(centroids, 5)
+    assert torch.equal(full[:, 0], torch.arange(300))
+    d = torch.cdist(centroids, centroids)
+    expect = d.topk(5, dim=1, largest=False).values
+    got = d.gather(1, full)
+    assert torch.allclose(got.sort(dim=1).values, expect)
+    monkeypatch.setattr(block_attention, "_CHUNK_PAIRS", 1000)  # 3 rows per chunk
+    assert torch.equal(select_key_blocks(centroids, 5), full)
+
+
+def test_hilbert_curve_moves_one_cell_at_a_time():
+    bits = 5
+    side = 1 << bits
+    x, y = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
+    d = hilbert_index(x.ravel(), y.ravel(), bits)
+    assert sorted(d.tolist()) == list(range(side * side))
+    order = np.argsort(d)
+    steps = np.abs(np.diff(x.ravel()[order])) + np.abs(np.diff(y.ravel()[order]))
+    assert np.all(steps == 1)
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA: compiled FlexAttention, forward and backward
+
+
+@cuda
+@pytest.mark.parametrize("family", ["matern32", "spherical"])
+@pytest.mark.parametrize("anisotropy", [False, True])
+def test_all_blocks_equal_dense_on_gpu_outputs_and_gradients(family, anisotropy):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    n = 1000
+    attn, x, pos, observed = _setup(n, family, anisotropy, device="cuda", dtype=torch.float32)
+    ref = _run(attn, "dense", x, pos, observed, grad=True)
+    plan = block_plan(pos, observed, 128, key_blocks=10**6)
+    got = _run(attn, "block", x, pos, observed, plan, grad=True)
+    assert _rel(got[0], ref[0]) < 1e-5
+    assert _rel(got[1], ref[1]) < 1e-4
+    assert set(got[2]) == set(ref[2])
+    for name in ref[2]:
+        assert _rel(got[2][name], ref[2][name]) < 1e-4, name
+
+
+@cuda
+def test_block_equals_knn_on_gpu_where_neighbourhoods_coincide():
+    pos = _clusters(8, 128, device="cuda", dtype=torch.float32)
+    attn, x, _, observed = _setup(1024, device="cuda", dtype=torch.float32)
+    neighbours = torch.from_numpy(k_nearest(pos.cpu().numpy(), 128)[0]).cuda()
+    ref = _run(attn, "knn", x, pos, observed, neighbours, grad=True)
+    got = _run(attn, "block", x, pos, observed, block_plan(pos, observed, 128, 1), grad=True)
+    assert _rel(got[0], ref[0]) < 1e-5
+    assert _rel(got[1], ref[1]) < 1e-4
+    for name in ref[2]:
+        assert _rel(got[2][name], ref[2][name]) < 1e-4, name
+
+
+@cuda
+def test_block_bf16_and_small_blocks_on_gpu():
+    n = 4096
+    attn, x, pos, observed = _setup(n, device="cuda", dtype=torch.float32)
+    plan = block_plan(pos, observed, 64, key_blocks=8)
+    ref = _run(attn, "block", x, pos, observed, plan, grad=True)
+    attn16 = attn.to(torch.bfloat16)
+    got = _run(attn16, "block", x.bfloat16(), pos, observed, plan, grad=True)
+    assert torch.isfinite(got[0]).all() and torch.isfinite(got[1]).all()
+    assert _rel(got[0].float(), ref[0]) < 3e-2
+    assert _rel(got[1].float(), ref[1]) < 5e-2
