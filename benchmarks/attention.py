@@ -237,7 +237,6 @@ def run_gpu(args) -> None:
                 ("hilbert", 128, 8, True),
                 ("morton", 128, 4, True),
                 ("hilbert", 128, 4, True),
-                ("hilbert", 64, 8, True),
                 ("hilbert", 128, 8, False),
             ]
         for curve, bs, kb, learn in variants:

@@ -29,9 +29,9 @@ unset DS_ACCELERATOR
 export MLFLOW_DISABLE_TELEMETRY=true RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 SUMMARY=$OUT/summary.txt
-: > "$SUMMARY"
 
-# stage NAME MAX_SECONDS COMMAND...: run with min(MAX, time left - reserve) seconds
+# stage NAME MAX_SECONDS COMMAND...: run with min(MAX, time left - reserve) seconds; a
+# function of this script runs as `bash THIS_SCRIPT run-stage FUNCTION` (timeout needs a program)
 stage() {
   local name=$1 max=$2; shift 2
   local left=$(( DEADLINE - $(date +%s) - 5 ))
@@ -41,6 +41,7 @@ stage() {
   fi
   echo "== $name (up to ${limit}s)"
   local t0=$(date +%s)
+  if declare -F "$1" > /dev/null; then set -- bash "$REPO/benchmarks/gpu_check.sh" run-stage "$1"; fi
   timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
   local took=$(( $(date +%s) - t0 ))
@@ -50,15 +51,6 @@ stage() {
   echo "$name: $what in ${took}s" | tee -a "$SUMMARY"
   tail -n 25 "$OUT/$name.log"
 }
-
-# -- 1. environment ------------------------------------------------------------------------
-{
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import sys, torch; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
-} > "$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
-NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
-[ "$NGPU" -ge 1 ] || { echo "no NVIDIA GPU found" | tee -a "$SUMMARY"; exit 1; }
 
 install() {
   local venv=$WORK/venv
@@ -74,19 +66,10 @@ install() {
   fi
   "$venv/bin/python" -c "import deepspeed, zarr, dask.distributed, pydantic, torch; print('imports ok', torch.__version__)"
 }
-stage install 120 install
+
 PY=$WORK/venv/bin/python
 [ -x "$PY" ] || PY=python3
 export PATH=$WORK/venv/bin:$PATH
-
-# -- 2. GPU tests --------------------------------------------------------------------------
-stage gpu_tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_block_attention.py -k gpu
-
-# -- 3. attention at N = 1,048,576 ---------------------------------------------------------
-stage attention_1m 170 "$PY" benchmarks/attention.py --device cuda --sizes 1048576 \
-  --json "$OUT/attention_1m.json"
-
-# -- 4. configs/large.yaml through the deepspeed launcher ----------------------------------
 LARGE=(
   "data.store=$WORK/large.zarr" "data.overwrite=true" "data.synthetic.num_steps=300"
   "data.train_fraction=0.8" "data.val_fraction=0.1" "dask.workers=8" "dask.threads_per_worker=2"
@@ -109,7 +92,30 @@ print(f"steps {m['steps']} on {m['world_size']} x {m['device']} ({m['precision']
 PYEOF
   cp "$WORK/runs/large/metrics.json" "$OUT/large_metrics.json"
 }
-stage large_yaml 220 large
+NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
+if [ "${1:-}" = run-stage ]; then "$2"; exit $?; fi
+: > "$SUMMARY"
+
+# -- 1. environment ------------------------------------------------------------------------
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import sys, torch; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+[ "$NGPU" -ge 1 ] || { echo "no NVIDIA GPU found" | tee -a "$SUMMARY"; exit 1; }
+
+stage install 120 install
+[ -x "$WORK/venv/bin/python" ] && PY=$WORK/venv/bin/python
+
+# -- 2. GPU tests --------------------------------------------------------------------------
+stage gpu_tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_block_attention.py -k gpu
+
+# -- 3. attention at N = 1,048,576 ---------------------------------------------------------
+stage attention_1m 130 "$PY" benchmarks/attention.py --device cuda --sizes 1048576 \
+  --json "$OUT/attention_1m.json"
+
+# -- 4. configs/large.yaml through the deepspeed launcher ----------------------------------
+stage large_yaml 240 large
 
 # -- 5. one full training step as N grows --------------------------------------------------
 stage scale 120 "$PY" benchmarks/scale.py --json "$OUT/scale.json"

@@ -126,8 +126,10 @@ def _score_mod(kernel: CovarianceBias, plan: BlockPlan, use_qk: bool, dtype: tor
     log_rho = LOG_CORRELATIONS[kernel.family]
 
     def per_row(values: Tensor) -> Tensor:  # [H] -> [H, P], read at [h, q_idx]
-        # each its own contiguous buffer: Inductor rejects strided views of one tensor here
-        return values.contiguous()[:, None].expand(heads, padded)
+        # materialised: an expand() view has stride 0 along the rows, and the backward then
+        # accumulates every row's gradient on H addresses again (measured on an H100: 519 ms
+        # instead of ... at N = 1M); its own buffer also keeps Inductor's lowering happy
+        return values[:, None].expand(heads, padded).contiguous()
 
     log_keep = per_row(torch.log1p(-kernel.nugget.to(dtype)))
     proj = kernel.scaled_projection(dtype)  # [H, 3, 3] or None (isotropic)
@@ -172,21 +174,6 @@ def _flex():
     return _compiled_flex
 
 
-def kernel_options(block_size: int) -> dict | None:
-    """Triton tile sizes for blocks under 128 (Inductor's defaults do not divide them)."""
-    if block_size >= 128:
-        return None
-    half = max(16, block_size // 2)
-    return {
-        "BLOCK_M": block_size,
-        "BLOCK_N": block_size,
-        "BLOCK_M1": half,
-        "BLOCK_N1": block_size,
-        "BLOCK_M2": block_size,
-        "BLOCK_N2": half,
-    }
-
-
 def block_attention(
     q: Tensor,
     k: Tensor,
@@ -210,6 +197,12 @@ def block_attention(
             "model.backend=block trains on CUDA GPUs only (FlexAttention has no backward on "
             "CPU); use model.backend=knn on CPUs (the same math over each sensor's k nearest)"
         )
+    if q.device.type == "cuda" and plan.block_size % 128:
+        raise BlockBackendError(
+            f"model.block_size={plan.block_size}: on CUDA the block backend needs a multiple "
+            "of 128 (FlexAttention's kernels for smaller blocks did not compile with torch "
+            "2.11 on an H100: NoValidChoicesError); use model.block_size=128"
+        )
     b, h, n, dh = q.shape
     pad = plan.padded - n
 
@@ -220,12 +213,7 @@ def block_attention(
     score_mod = _score_mod(kernel, plan, use_qk, dtype)
     if q.device.type == "cuda":
         out = _flex()(
-            padded(q),
-            padded(k),
-            padded(v),
-            score_mod=score_mod,
-            block_mask=plan.block_mask,
-            kernel_options=kernel_options(plan.block_size),
+            padded(q), padded(k), padded(v), score_mod=score_mod, block_mask=plan.block_mask
         )
     else:  # eager on purpose (see the module docstring): silence its advice to compile
         with warnings.catch_warnings():

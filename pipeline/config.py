@@ -184,7 +184,7 @@ class ModelConfig(_Section):
     """Neighbours per query for the ``knn`` backend (itself included); also the neighbour
     graph of spatial tiles' halos."""
     block_size: int = Field(128, ge=16)
-    """``block`` backend: sensors per block (a multiple of 16; 128 needs no kernel options)."""
+    """``block`` backend: sensors per block (a multiple of 16; on CUDA a multiple of 128)."""
     key_blocks: int = Field(8, ge=1)
     """``block`` backend: key blocks each query block attends to (nearest centroids first)."""
     node_embedding: bool = False
