@@ -19,6 +19,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
+SYS_PY=${SYS_PY:-$(command -v python3)}  # the machine's Python with its CUDA torch (before PATH changes)
 OUT=${OUT:-$REPO/gpu_results}
 mkdir -p "$OUT"
 BUDGET_S=${BUDGET_S:-560}
@@ -55,7 +56,11 @@ stage() {
 install() {
   local venv=$WORK/venv
   rm -rf "$venv"
-  python3 -m venv --system-site-packages "$venv" || return 1
+  "$SYS_PY" -m venv --system-site-packages "$venv" || return 1
+  # python3 may itself be a venv (it is on the lent H100/H200 machines): --system-site-packages
+  # then shows only the base interpreter's packages, so point at python3's own as well
+  "$SYS_PY" -c "import site; print('\n'.join(site.getsitepackages()))" \
+    > "$("$venv/bin/python" -c "import site; print(site.getsitepackages()[0])")/_parent.pth"
   local pip="$venv/bin/python -m pip"
   local wheels=${WHEELS:-$REPO/.whl}
   if [ -d "$wheels" ] && ls "$wheels"/*.whl > /dev/null 2>&1; then
@@ -68,7 +73,7 @@ install() {
 }
 
 PY=$WORK/venv/bin/python
-[ -x "$PY" ] || PY=python3
+[ -x "$PY" ] || PY=$SYS_PY
 export PATH=$WORK/venv/bin:$PATH
 LARGE=(
   "data.store=$WORK/large.zarr" "data.overwrite=true" "data.synthetic.num_steps=300"
@@ -99,7 +104,7 @@ if [ "${1:-}" = run-stage ]; then "$2"; exit $?; fi
 # -- 1. environment ------------------------------------------------------------------------
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import sys, torch; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+  "$SYS_PY" -c "import sys, torch; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 [ "$NGPU" -ge 1 ] || { echo "no NVIDIA GPU found" | tee -a "$SUMMARY"; exit 1; }

@@ -127,8 +127,8 @@ def _score_mod(kernel: CovarianceBias, plan: BlockPlan, use_qk: bool, dtype: tor
 
     def per_row(values: Tensor) -> Tensor:  # [H] -> [H, P], read at [h, q_idx]
         # materialised: an expand() view has stride 0 along the rows, and the backward then
-        # accumulates every row's gradient on H addresses again (measured on an H100: 519 ms
-        # instead of ... at N = 1M); its own buffer also keeps Inductor's lowering happy
+        # accumulates every row's gradient on H addresses; its own buffer also keeps
+        # Inductor's lowering happy (strided views of one tensor fail there)
         return values[:, None].expand(heads, padded).contiguous()
 
     log_keep = per_row(torch.log1p(-kernel.nugget.to(dtype)))
@@ -204,6 +204,11 @@ def block_attention(
             "2.11 on an H100: NoValidChoicesError); use model.block_size=128"
         )
     b, h, n, dh = q.shape
+    if q.device.type == "cuda" and dh < 16:
+        raise BlockBackendError(
+            f"the block backend on CUDA needs at least 16 dimensions per head (FlexAttention); "
+            f"got {dh}: raise model.d_model or lower model.heads"
+        )
     pad = plan.padded - n
 
     def padded(t: Tensor) -> Tensor:
