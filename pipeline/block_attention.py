@@ -4,8 +4,9 @@ Sensors arrive in space-filling-curve order (the store sorts them; Hilbert keeps
 They are cut into blocks of ``block_size`` consecutive sensors; each query block attends to
 the ``key_blocks`` key blocks whose centroids are nearest to its own (its own block first).
 The covariance bias is computed inside FlexAttention's ``score_mod`` from the sensors'
-coordinates, so no [N, N] tensor exists: memory is O(N * key_blocks * block_size / block_size^2)
-for the block index plus O(N) for everything else. The math is that of ``dense_attention``
+coordinates, so no [N, N] tensor exists: memory is O(N) for the attention plus the block index,
+which ``BlockMask.from_kv_blocks`` wants padded to [blocks, blocks] (O((N / block_size)^2):
+268 MB of int32 at N = 1M, docs/benchmarks.md). The math is that of ``dense_attention``
 restricted to the selected blocks:
 
     score_ij = <q_i, k_j> / sqrt(d_head) + log c_h(d_ij),   j in the key blocks of i's block,
@@ -47,8 +48,8 @@ class BlockPlan:
 
     ``n`` sensors padded to ``padded``; ``key_index`` [blocks, key_blocks] selected key blocks
     of each query block; ``block_mask`` the FlexAttention mask (selection + observed keys +
-    self); ``coords`` three [padded] tensors of the positions (km); ``selected`` [blocks,
-    blocks] bool, only on CPU (eager FlexAttention needs the selection in the mask).
+    self; on CPU the selection too, as eager FlexAttention ignores block sparsity);
+    ``coords`` three [padded] tensors of the positions (km).
     """
 
     n: int
@@ -57,7 +58,6 @@ class BlockPlan:
     key_index: Tensor
     block_mask: BlockMask
     coords: tuple[Tensor, Tensor, Tensor]
-    selected: Tensor | None
 
 
 def select_key_blocks(centroids: Tensor, key_blocks: int) -> Tensor:
@@ -96,7 +96,6 @@ def block_plan(pos: Tensor, observed: Tensor, block_size: int, key_blocks: int) 
     kv_idx = torch.zeros(1, 1, nb, nb, dtype=torch.int32, device=device)
     kv_idx[0, 0, :, :kb] = key_index.to(torch.int32)
     kv_num = torch.full((1, 1, nb), kb, dtype=torch.int32, device=device)
-    selected = None
     if device.type == "cuda":
 
         def mask_mod(b, h, q_idx, kv_idx):
@@ -114,7 +113,7 @@ def block_plan(pos: Tensor, observed: Tensor, block_size: int, key_blocks: int) 
         kv_num, kv_idx, BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(padded, padded)
     )
     coords = tuple(pos_p[:, c].contiguous() for c in range(3))  # 1-D: see DESIGN.md 6
-    return BlockPlan(n, padded, block_size, key_index, mask, coords, selected)
+    return BlockPlan(n, padded, block_size, key_index, mask, coords)
 
 
 def _score_mod(kernel: CovarianceBias, plan: BlockPlan, use_qk: bool, dtype: torch.dtype):
