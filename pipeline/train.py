@@ -123,6 +123,11 @@ def evaluate(
     return result
 
 
+def validation_row(val: dict) -> dict:
+    """A validation's mean metrics as ``val_<metric>`` (what Tune ranks and metrics.json keeps)."""
+    return {f"val_{k}": v for k, v in val["mean"].items()}
+
+
 def kernel_params(model: Forecaster) -> list[dict]:
     return [{"layer": i, **k.describe()} for i, k in enumerate(model.kernels())]
 
@@ -238,14 +243,7 @@ def _train(
                 tracker.log_step(step, step_loss, kernels, engine.get_lr()[0])
         if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
             val = evaluate(engine, cfg, "val", ctx, cfg.train.eval_batches)
-            state["history"].append(
-                {
-                    "step": step,
-                    "val_loss": val["loss"],
-                    "val_mae": val["mean"]["mae"],
-                    "val_crps": val["mean"]["crps"],
-                }
-            )
+            state["history"].append({"step": step, "val_loss": val["loss"], **validation_row(val)})
             if tracker is not None:
                 tracker.log_validation(step, val)
             if report is not None:

@@ -92,6 +92,13 @@ def _trainable(params: dict[str, Any]) -> None:
             "tracking.log_model": False,
         },
     )
+    done = Path(cfg.train.out_dir) / cfg.name / "metrics.json"
+    if done.exists():
+        # finished before the driver died but after Tune last saved its state (every 10 s):
+        # replay its validations instead of training it again
+        for row in json.loads(done.read_text())["validation"]:
+            tune.report(row)
+        return
     tags = {"trial": trial_id}
     workers = cfg.tune.workers_per_trial
     if workers == 1:
@@ -135,16 +142,10 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
 def _train_trial(cfg: Config, parent: str | None, tags: dict, send, main: bool) -> None:
     """The training run of a trial (or of one of its workers); ``send`` reports to Tune."""
     from pipeline.tracking import Tracker
-    from pipeline.train import train
+    from pipeline.train import train, validation_row
 
     def report(step: int, val: dict) -> None:
-        send(
-            {
-                "step": step,
-                "val_loss": val["loss"],
-                **{f"val_{k}": v for k, v in val["mean"].items()},
-            }
-        )
+        send({"step": step, "val_loss": val["loss"], **validation_row(val)})
 
     train(cfg, report=report, tracker=Tracker(cfg, active=main, parent_run_id=parent, tags=tags))
 
