@@ -34,10 +34,10 @@ RECALL_K = 32
 CHILD = r"""
 import json, resource, sys, time
 import numpy as np, torch
-from pipeline.attention import GeoAttention
-from pipeline.covariance import CovarianceBias
-from pipeline.geometry import positions_km
-from pipeline.neighbours import k_nearest
+from pipeline.model.attention import GeoAttention
+from pipeline.model.covariance import CovarianceBias
+from pipeline.data.geometry import positions_km
+from pipeline.data.neighbours import k_nearest
 backend, n, k, limit_gb = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 resource.setrlimit(resource.RLIMIT_AS, (int(limit_gb * 2**30), int(limit_gb * 2**30)))
 heads, d_head = 4, 32
@@ -117,8 +117,8 @@ def run_cpu(args) -> None:
 def sensors(n: int, curve: str) -> np.ndarray:
     """n sensors uniform in a square of constant density (1 per 0.1 km^2), in curve order,
     as 3-D positions in km [n, 3]."""
-    from pipeline.geometry import positions_km
-    from pipeline.neighbours import curve_order
+    from pipeline.data.geometry import positions_km
+    from pipeline.data.neighbours import curve_order
 
     side = (n * 0.1) ** 0.5
     pos, frame = positions_km(np.random.default_rng(0).uniform(0, side, (n, 2)), "xy")
@@ -142,10 +142,10 @@ def recall(pos: np.ndarray, key_index: np.ndarray, block_size: int, sample: int 
 def measure_gpu(backend, n, pos_np, block_size=128, key_blocks=8, learn=True, reps=10) -> dict:
     import torch
 
-    from pipeline.attention import GeoAttention
-    from pipeline.block_attention import block_plan
-    from pipeline.covariance import CovarianceBias
-    from pipeline.neighbours import k_nearest
+    from pipeline.data.neighbours import k_nearest
+    from pipeline.model.attention import GeoAttention
+    from pipeline.model.block_attention import block_plan
+    from pipeline.model.covariance import CovarianceBias
 
     dev = torch.device("cuda")
     torch.cuda.empty_cache()

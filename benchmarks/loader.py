@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 from pipeline.config import load_config
-from pipeline.data import WindowStream
-from pipeline.preprocess import preprocess
-from pipeline.store import StoreError, open_store
+from pipeline.data.preprocess import preprocess
+from pipeline.data.store import StoreError, open_store
+from pipeline.data.stream import WindowStream
 
 
 def main() -> None:

@@ -31,9 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 BASELINE = r"""
 import sys, numpy as np, pandas as pd, zarr
-from pipeline.geometry import positions_km
-from pipeline.neighbours import k_nearest, morton_order
-from pipeline.store import create_arrays
+from pipeline.data.geometry import positions_km
+from pipeline.data.neighbours import k_nearest, morton_order
+from pipeline.data.store import create_arrays
 csv, loc, out = sys.argv[1:4]
 frame = pd.read_csv(csv)
 time = pd.to_datetime(frame.pop("time"), utc=True).astype("int64").to_numpy()

@@ -27,9 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.geometry import positions_km  # noqa: E402
-from pipeline.model import LOSSES, Forecaster, parameter_groups  # noqa: E402
-from pipeline.neighbours import curve_order, k_nearest  # noqa: E402
+from pipeline.data.geometry import positions_km  # noqa: E402
+from pipeline.data.neighbours import curve_order, k_nearest  # noqa: E402
+from pipeline.model.forecaster import LOSSES, Forecaster, parameter_groups  # noqa: E402
 
 
 def one_size(cfg, n: int, device: torch.device, reps: int) -> dict:

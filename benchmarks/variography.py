@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from pipeline.config import load_config
+from pipeline.evaluate.variography import empirical_variogram, fit_variogram
 from pipeline.quickfit import fit_synthetic
-from pipeline.variography import empirical_variogram, fit_variogram
 
 SETTINGS = {
     "prior": [

@@ -5,13 +5,10 @@ python launch/compare.py runs/small runs/small-none [--json out.json]
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.cli import reporting_user_errors  # noqa: E402
-from pipeline.compare import compare_runs, format_comparison  # noqa: E402
+from pipeline.cli import reporting_user_errors
+from pipeline.evaluate.compare import compare_runs, format_comparison
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])

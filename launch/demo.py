@@ -12,19 +12,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pipeline.cli import parse_command_line, reporting_user_errors
+from pipeline.config import load_config
+from pipeline.data.preprocess import preprocess
+from pipeline.data.store import StoreError, open_store
+from pipeline.evaluate.report import summary
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from pipeline.cli import run  # noqa: E402
-from pipeline.preprocess import preprocess  # noqa: E402
-from pipeline.report import summary  # noqa: E402
-from pipeline.store import StoreError, open_store  # noqa: E402
 
 
-def main(cfg) -> None:
-    from pipeline.tracking import (
-        tracking_uri,
-    )  # here, not at the top: Dask workers import this file
+def main(config: str, overrides: list[str]) -> None:
+    # MLflow here, not at the top: Dask's worker processes import this file
+    from pipeline.track.tracking import tracking_uri
+
+    cfg = load_config(config, overrides)
 
     try:
         open_store(cfg.data.store)
@@ -33,14 +34,13 @@ def main(cfg) -> None:
         print(f"preprocessing the synthetic field into {cfg.data.store} (Dask)")
         preprocess(cfg.model_copy(update={"data": cfg.data.model_copy(update={"overwrite": True})}))
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-    overrides = [a for a in sys.argv[1:] if "=" in a and not a.startswith("--")]
-    config = next((sys.argv[i + 1] for i, a in enumerate(sys.argv) if a == "--config"), None)
     cmd = [
         launcher,
         "--num_gpus",
         "2",
         "launch/train.py",
-        *(["--config", config] if config else []),
+        "--config",
+        config,
         "train.resume=never",
         *overrides,
     ]
@@ -56,6 +56,5 @@ def main(cfg) -> None:
 
 
 if __name__ == "__main__":
-    if "--config" not in sys.argv:
-        sys.argv[1:1] = ["--config", str(ROOT / "configs" / "small.yaml")]
-    run(__doc__.strip().splitlines()[0], main)
+    args = parse_command_line(__doc__.strip().splitlines()[0], str(ROOT / "configs" / "small.yaml"))
+    reporting_user_errors(lambda: main(args.config, args.overrides))

@@ -3,13 +3,8 @@
 python launch/preprocess.py --config configs/los_loop.yaml [section.key=value ...]
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.cli import run  # noqa: E402
-from pipeline.preprocess import preprocess  # noqa: E402
+from pipeline.cli import run
+from pipeline.data.preprocess import preprocess
 
 
 def main(cfg) -> None:

@@ -3,13 +3,8 @@
 python launch/promote.py --config configs/small.yaml
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.cli import run  # noqa: E402
-from pipeline.tracking import promote  # noqa: E402
+from pipeline.cli import run
+from pipeline.track.tracking import promote
 
 
 def main(cfg) -> None:

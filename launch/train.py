@@ -6,33 +6,23 @@ deepspeed --hostfile infra/deepspeed/hostfile launch/train.py --config configs/l
 python launch/train.py --config configs/small.yaml [section.key=value ...]  # one process
 """
 
-import sys
-from pathlib import Path
+import os
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.cli import run  # noqa: E402
-from pipeline.train import train  # noqa: E402
+from pipeline.cli import run
+from pipeline.evaluate.report import summary
+from pipeline.train.loop import train
 
 
 def main(cfg) -> None:
-    metrics = train(cfg)
-    if metrics is not None and metrics.get("world_size") and _is_main():
-        uri = metrics.get("model_uri")
-        print(
-            f"test MAE {metrics['test']['mean']['mae']:.4f}  CRPS "
-            f"{metrics['test']['mean']['crps']:.4f}"
-            + (f"  model {uri}" if uri else "  (tracking off: no registered model)")
-        )
+    tracker = None
+    if cfg.tracking.enabled:  # MLflow is imported only when tracking is on (GPU nodes need not)
+        from pipeline.track.tracking import Tracker, tracking_uri
 
-
-def _is_main() -> bool:
-    import os
-
-    return os.environ.get("RANK", "0") == "0"
+        tracker = Tracker(cfg, active=os.environ.get("RANK", "0") == "0")
+    metrics = train(cfg, tracker=tracker)
+    if os.environ.get("RANK", "0") == "0":
+        print("\n" + summary(metrics, tracking_uri(cfg) if tracker is not None else None))
 
 
 if __name__ == "__main__":
-    # the DeepSpeed launcher passes --local_rank=N; LOCAL_RANK in the environment says the same
-    sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
     run(__doc__.strip().splitlines()[0], main)

@@ -5,16 +5,11 @@ RAY_ADDRESS=ray://head:10001 python launch/tune.py --config configs/sweep.yaml
 python launch/tune.py --config configs/sweep.yaml tune.resume=true   # after a crash
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.cli import run  # noqa: E402
+from pipeline.cli import run
 
 
 def main(cfg) -> None:
-    from pipeline.tune import sweep
+    from pipeline.track.tune import sweep
 
     summary = sweep(cfg)
     print(summary["table"])

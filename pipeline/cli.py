@@ -23,10 +23,17 @@ def reporting_user_errors(call: Callable[[], T]) -> T:
         sys.exit(2)
 
 
+def parse_command_line(description: str, default_config: str | None = None) -> argparse.Namespace:
+    """``--config FILE`` (default: ``default_config``, else the embedded defaults) and
+    ``section.key=value`` overrides."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=default_config, help="YAML config")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    # the DeepSpeed launcher passes --local_rank=N; LOCAL_RANK in the environment says the same
+    return parser.parse_args([a for a in sys.argv[1:] if not a.startswith("--local_rank")])
+
+
 def run(description: str, job: Callable[[Config], object]) -> None:
     """Parse ``--config`` and overrides, run ``job(config)``."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", help="YAML config (default: the embedded defaults)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    args = parser.parse_args()
+    args = parse_command_line(description)
     reporting_user_errors(lambda: job(load_config(args.config, args.overrides)))

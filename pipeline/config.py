@@ -16,11 +16,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.errors import UserError
+from pipeline.kernels import FAMILIES, KERNELS
 
-Family = Literal[
-    "exponential", "matern32", "matern52", "gaussian", "rational_quadratic", "spherical", "none"
-]
-FAMILIES: tuple[str, ...] = Family.__args__  # type: ignore[attr-defined]
+Family = Literal[KERNELS]  # a family of pipeline/kernels.py, or none
 
 
 class ConfigError(UserError, ValueError):
@@ -67,10 +65,11 @@ class SyntheticConfig(_Section):
 
     @model_validator(mode="after")
     def _sampleable(self) -> SyntheticConfig:
-        if self.family in ("none", "spherical"):
+        if self.family == "none" or FAMILIES[self.family].spectral is None:
+            sampled = [name for name, family in FAMILIES.items() if family.spectral is not None]
             raise ValueError(
                 f"family {self.family!r} cannot be sampled by random Fourier features; "
-                "use exponential, matern32, matern52, gaussian or rational_quadratic"
+                f"use one of {', '.join(sampled)}"
             )
         return self
 

@@ -2,7 +2,7 @@
 
 The laboratory for deep variography (does the learned range find the true one?): no store, no
 launcher, plain PyTorch. Production training (DeepSpeed, checkpoints, tracking) is
-``pipeline/train.py``; both build batches with :class:`pipeline.data.WindowSource`.
+``pipeline/train.py``; both build batches with :class:`pipeline.data.stream.WindowSource`.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import torch
 from tqdm import tqdm
 
 from pipeline.config import Config
-from pipeline.data import WindowSource
-from pipeline.geometry import positions_km
-from pipeline.model import LOSSES, Forecaster, parameter_groups
-from pipeline.neighbours import k_nearest
-from pipeline.synthetic import SyntheticField
+from pipeline.data.geometry import positions_km
+from pipeline.data.neighbours import k_nearest
+from pipeline.data.stream import WindowSource
+from pipeline.data.synthetic import SyntheticField
+from pipeline.model.forecaster import LOSSES, Forecaster, parameter_groups
 
 
 @dataclass

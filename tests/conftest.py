@@ -33,7 +33,7 @@ def scheduler():
 def synthetic_store(scheduler, tmp_path_factory):
     """A small synthetic store (300 sensors x 400 steps, small chunks)."""
     from pipeline.config import load_config
-    from pipeline.preprocess import preprocess
+    from pipeline.data.preprocess import preprocess
 
     path = tmp_path_factory.mktemp("stores") / "syn.zarr"
     cfg = load_config(

@@ -3,10 +3,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from pipeline.attention import GeoAttention
-from pipeline.covariance import CovarianceBias
-from pipeline.geometry import positions_km
-from pipeline.neighbours import k_nearest, morton_order
+from pipeline.data.geometry import positions_km
+from pipeline.data.neighbours import k_nearest, morton_order
+from pipeline.model.attention import GeoAttention
+from pipeline.model.covariance import CovarianceBias
 
 N, D, H = 24, 16, 4
 

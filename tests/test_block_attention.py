@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import block_attention
-from pipeline.attention import GeoAttention
-from pipeline.block_attention import BlockBackendError, block_plan, select_key_blocks
 from pipeline.config import load_config
-from pipeline.covariance import CovarianceBias
-from pipeline.geometry import positions_km
-from pipeline.model import Forecaster
-from pipeline.neighbours import hilbert_index, hilbert_order, k_nearest
+from pipeline.data.geometry import positions_km
+from pipeline.data.neighbours import hilbert_index, hilbert_order, k_nearest
+from pipeline.model import block_attention
+from pipeline.model.attention import GeoAttention
+from pipeline.model.block_attention import BlockBackendError, block_plan, select_key_blocks
+from pipeline.model.covariance import CovarianceBias
+from pipeline.model.forecaster import Forecaster
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 D, H = 32, 4

@@ -6,15 +6,36 @@ import pytest
 import torch
 import torch.func
 
-from pipeline.covariance import LOG_CORRELATIONS, CovarianceBias, correlation
-from pipeline.geometry import chordal_km, euclidean_km, positions_km
-from pipeline.variography import GSTOOLS_MODELS, gstools_model
+from pipeline.config import ModelConfig, SyntheticConfig
+from pipeline.data.geometry import chordal_km, euclidean_km, positions_km
+from pipeline.evaluate.variography import gstools_model
+from pipeline.kernels import FAMILIES, KERNELS, LOG_CORRELATIONS, correlation
+from pipeline.model.covariance import CovarianceBias
 
 RANGE = 7.0
 
 
 def test_every_family_is_pinned():
-    assert set(GSTOOLS_MODELS) == set(LOG_CORRELATIONS)
+    """The config, the attention bias, variography and the sampler read one table."""
+    assert set(LOG_CORRELATIONS) == set(FAMILIES) and (*FAMILIES, "none") == KERNELS
+    assert ModelConfig.model_fields["kernel"].annotation.__args__ == KERNELS
+    assert SyntheticConfig.model_fields["family"].annotation.__args__ == KERNELS
+    for name in FAMILIES:
+        assert isinstance(gstools_model(name), gs.CovModel)
+        ModelConfig(kernel=name)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if FAMILIES[f].spectral is not None])
+def test_spectral_law_gives_the_family_correlation(family):
+    """Bochner: E[cos(omega . delta)] over the family's spectral law is rho(|delta|)."""
+    omega = FAMILIES[family].spectral(np.random.default_rng(0), 400_000)  # [m, 2], range 1
+    h = np.array([0.25, 0.5, 1.0, 2.0])
+    angle = np.random.default_rng(1).uniform(0, 2 * np.pi, len(h))
+    delta = h[:, None] * np.stack([np.cos(angle), np.sin(angle)], 1)  # [4, 2]
+    empirical = np.cos(omega @ delta.T).mean(0)
+    rho = correlation(family, torch.tensor(h, dtype=torch.float64)).numpy()
+    # the sd of a mean of m cosines is at most sqrt(1 / (2 m)) = 0.0011
+    np.testing.assert_allclose(empirical, rho, atol=0.006)
 
 
 @pytest.mark.parametrize(

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import WindowStream, make_tiles
-from pipeline.store import open_store
+from pipeline.data.store import open_store
+from pipeline.data.stream import WindowStream, make_tiles
 
 
 def stream(path, **kw):

@@ -5,9 +5,9 @@ import numpy as np
 import torch
 
 from pipeline.config import load_config
-from pipeline.export import Predictor, export_model
-from pipeline.model import Forecaster
-from pipeline.store import open_store
+from pipeline.data.store import open_store
+from pipeline.model.export import Predictor, export_model
+from pipeline.model.forecaster import Forecaster
 
 
 def _exported(store_path, tmp_path, layers):

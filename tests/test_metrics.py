@@ -5,7 +5,8 @@ import torch
 from dieboldmariano import dm_test
 from scipy import stats
 
-from pipeline.metrics import (
+from pipeline.data.neighbours import k_nearest
+from pipeline.evaluate.metrics import (
     BASELINES,
     ComparisonAccumulator,
     MetricAccumulator,
@@ -13,7 +14,6 @@ from pipeline.metrics import (
     last_observed,
     morans_i,
 )
-from pipeline.neighbours import k_nearest
 
 
 def _data(seed=0, shape=(3, 4, 50, 2)):

@@ -7,9 +7,9 @@ import torch
 from scipy import stats
 
 from pipeline.config import load_config
-from pipeline.geometry import positions_km
-from pipeline.model import Forecaster, gaussian_crps, gaussian_nll
-from pipeline.neighbours import k_nearest
+from pipeline.data.geometry import positions_km
+from pipeline.data.neighbours import k_nearest
+from pipeline.model.forecaster import Forecaster, gaussian_crps, gaussian_nll
 
 
 def _inputs(n=30, b=2, t=6, f=2, seed=0):

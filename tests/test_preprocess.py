@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 
 from pipeline.config import ConfigError, load_config
-from pipeline.preprocess import preprocess
-from pipeline.sources import SourceError
-from pipeline.store import MARKER, StoreError, open_store
+from pipeline.data.preprocess import preprocess
+from pipeline.data.sources import SourceError
+from pipeline.data.store import MARKER, StoreError, open_store
 
 ROOT = Path(__file__).resolve().parents[1]
 IDS = ["a1", "b2", "c3", "d4"]

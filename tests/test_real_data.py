@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 
 from pipeline.config import load_config
-from pipeline.preprocess import preprocess
-from pipeline.store import open_store
+from pipeline.data.preprocess import preprocess
+from pipeline.data.store import open_store
 
 
 def build(scheduler, tmp_path, name):

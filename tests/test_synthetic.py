@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from pipeline.config import SyntheticConfig
-from pipeline.synthetic import SyntheticField
-from pipeline.variography import empirical_variogram, gstools_model
+from pipeline.data.synthetic import SyntheticField
+from pipeline.evaluate.variography import empirical_variogram, gstools_model
 
 
 def test_values_do_not_depend_on_chunking():

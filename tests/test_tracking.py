@@ -82,7 +82,7 @@ np.save("pyfunc_std.npy", res["std"])
     # the trained model: the final DeepSpeed checkpoint's module weights, loaded here
     import torch
 
-    from pipeline.export import Predictor
+    from pipeline.model.export import Predictor
 
     ckpt = sorted((out / "tracked" / "checkpoints").glob("step*/mp_rank_00_model_states.pt"))[-1]
     trained = torch.load(ckpt, weights_only=True)["module"]
@@ -122,7 +122,7 @@ def test_promote_moves_champion_only_when_better(tracked):
     from mlflow.tracking import MlflowClient
 
     from pipeline.config import load_config
-    from pipeline.tracking import promote
+    from pipeline.track.tracking import promote
 
     _, uri = tracked
     cfg = load_config(None, [f"tracking.uri={uri}", "tracking.model_name=sit-test"])

@@ -88,7 +88,7 @@ def test_two_processes_train_and_the_loss_goes_down(reference):
 def test_test_split_baselines_and_diagnostics_cover_every_window(reference, synthetic_store):
     """The baselines' MAE, summed over both ranks' shares, equals the MAE computed directly
     from the store over every test window; the tests count every window and sensor."""
-    from pipeline.store import open_store
+    from pipeline.data.store import open_store
 
     store = open_store(synthetic_store)
     c, d = store.split("test")
@@ -172,7 +172,7 @@ def test_runs_in_one_process_each_own_their_process_group(synthetic_store, tmp_p
     import torch.distributed as dist
 
     from pipeline.config import load_config
-    from pipeline.train import train
+    from pipeline.train.loop import train
 
     before = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     for name in ("first", "second"):

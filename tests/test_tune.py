@@ -54,7 +54,7 @@ def run_tune(args, cwd_=ROOT, **kw):
 
 def test_space_is_validated_before_any_trial():
     cfg = load_config(None, ["tune.space={model.kernal: {choice: [matern32]}}"])
-    from pipeline.tune import check_space
+    from pipeline.track.tune import check_space
 
     with pytest.raises(ConfigError, match="model.kernal.*did you mean 'model.kernel'"):
         check_space(cfg)

@@ -25,7 +25,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from pipeline.config import Config, ConfigError, apply_override, validate
-from pipeline.tracking import SweepTracker, tracking_uri
+from pipeline.track.tracking import SweepTracker, tracking_uri
 
 # CPUs that a trial of several workers keeps for its own process, which only drives them
 DRIVER_CPUS = 0.01
@@ -141,8 +141,8 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
 
 def _train_trial(cfg: Config, parent: str | None, tags: dict, send, main: bool) -> None:
     """The training run of a trial (or of one of its workers); ``send`` reports to Tune."""
-    from pipeline.tracking import Tracker
-    from pipeline.train import train, validation_row
+    from pipeline.track.tracking import Tracker
+    from pipeline.train.loop import train, validation_row
 
     def report(step: int, val: dict) -> None:
         send({"step": step, "val_loss": val["loss"], **validation_row(val)})

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.calendar import calendar_features
-from pipeline.geometry import positions_km
-from pipeline.store import Store, open_store
+from pipeline.data.geometry import positions_km
+from pipeline.data.store import Store, open_store
+from pipeline.data.timefeatures import calendar_features
 
 
 def cut_windows(

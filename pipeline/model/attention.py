@@ -23,8 +23,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from pipeline.block_attention import block_attention
-from pipeline.covariance import CovarianceBias
+from pipeline.model.block_attention import block_attention
+from pipeline.model.covariance import CovarianceBias
 
 
 def dense_attention(

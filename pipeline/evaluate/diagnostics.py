@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.covariance import correlation  # noqa: E402
+from pipeline.kernels import correlation  # noqa: E402
 
 
 def correlation_curves(

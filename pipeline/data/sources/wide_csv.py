@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import DataConfig
-from pipeline.ingest import (
+from pipeline.data.sources.base import (
     PMap,
     Source,
     SourceError,

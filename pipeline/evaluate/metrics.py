@@ -17,7 +17,7 @@ import scipy.stats
 import torch
 from torch import Tensor
 
-from pipeline.model import gaussian_crps
+from pipeline.model.forecaster import gaussian_crps
 
 MAPE_EPS = 1e-6  # targets with |y| <= MAPE_EPS are left out of MAPE (and counted apart)
 Z50 = 0.6744897501960817  # central 50 % interval: |z| <= Z50

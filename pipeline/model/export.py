@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.calendar import calendar_features
 from pipeline.config import Config, ModelConfig
-from pipeline.data import make_tiles
-from pipeline.geometry import positions_km
-from pipeline.model import Forecaster
-from pipeline.store import Store
+from pipeline.data.geometry import positions_km
+from pipeline.data.store import Store
+from pipeline.data.stream import make_tiles
+from pipeline.data.timefeatures import calendar_features
+from pipeline.model.forecaster import Forecaster
 
 
 def export_model(model: Forecaster, cfg: Config, store: Store, out: Path) -> Path:

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import Config
-from pipeline.model import parameter_groups
+from pipeline.model.forecaster import parameter_groups
 
 
 @dataclass(frozen=True)

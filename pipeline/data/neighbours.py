@@ -1,6 +1,6 @@
 """Neighbour search and space-filling-curve order of sensors.
 
-Both work on the 3-D positions in km of :func:`pipeline.covariance.positions_km` (for
+Both work on the 3-D positions in km of :func:`pipeline.model.covariance.positions_km` (for
 latitude/longitude these lie on the sphere, so KD-tree distances are chordal km).
 """
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.metrics import diebold_mariano
+from pipeline.evaluate.metrics import diebold_mariano
 
 
 class CompareError(UserError, ValueError):

@@ -27,10 +27,11 @@ from dask.distributed import Client, LocalCluster, as_completed
 from tqdm import tqdm
 
 from pipeline.config import Config, DaskConfig
-from pipeline.geometry import positions_km
-from pipeline.neighbours import curve_order, k_nearest
-from pipeline.sources import Source, SourceError, open_source, sha256
-from pipeline.store import SCHEMA_VERSION, atomic_store, create_arrays
+from pipeline.data.geometry import positions_km
+from pipeline.data.neighbours import curve_order, k_nearest
+from pipeline.data.sources import Source, SourceError, open_source
+from pipeline.data.sources.base import sha256
+from pipeline.data.store import SCHEMA_VERSION, atomic_store, create_arrays
 
 TASK_VALUES = 8_000_000  # values per write task (32 MB as float32)
 

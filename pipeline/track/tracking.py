@@ -26,13 +26,13 @@ import numpy as np
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipeline import figures
 from pipeline.config import Config, flatten
+from pipeline.data.geometry import positions_km
+from pipeline.data.store import Store
 from pipeline.errors import UserError
-from pipeline.export import Predictor
-from pipeline.geometry import positions_km
-from pipeline.store import Store
-from pipeline.variography import empirical_variogram
+from pipeline.evaluate import diagnostics as figures
+from pipeline.evaluate.variography import empirical_variogram
+from pipeline.model.export import Predictor
 
 DEFAULT_URI = "sqlite:///mlruns.db"
 PIP_REQUIREMENTS = ["torch", "numpy", "pydantic>=2", "pyyaml", "scipy", "zarr>=3", "mlflow"]

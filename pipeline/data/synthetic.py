@@ -30,9 +30,9 @@ import numpy as np
 from scipy.signal import lfilter
 
 from pipeline.config import SyntheticConfig
+from pipeline.kernels import FAMILIES
 
 _FREQ, _POS_X, _POS_Y, _NOISE_A, _NOISE_B, _COEF = range(6)  # independent random streams
-_MATERN_NU = {"exponential": 0.5, "matern32": 1.5, "matern52": 2.5}
 
 
 def _rng(seed: int, *key: int) -> np.random.Generator:
@@ -72,21 +72,10 @@ def anisotropy_matrix(angle_deg: float, ratio: float) -> np.ndarray:
 
 def sample_frequencies(cfg: SyntheticConfig) -> np.ndarray:
     """Frequencies omega [M, 2] (rad/km) drawn from the spectral law of ``cfg.family``."""
-    rng = _rng(cfg.seed, _FREQ)
-    m = cfg.num_features
-    g = rng.standard_normal((m, 2))
-    if cfg.family == "gaussian":
-        omega = g * math.sqrt(2.0) / cfg.range_km
-    elif cfg.family in _MATERN_NU:
-        dof = 2.0 * _MATERN_NU[cfg.family]
-        chi2 = rng.chisquare(dof, size=(m, 1))
-        omega = g / np.sqrt(chi2 / dof) / cfg.range_km
-    elif cfg.family == "rational_quadratic":
-        alpha = 1.0
-        lam = rng.gamma(alpha, 1.0 / (2.0 * alpha), size=(m, 1))
-        omega = g * np.sqrt(2.0 * lam) / cfg.range_km
-    else:
+    spectral = FAMILIES[cfg.family].spectral
+    if spectral is None:
         raise ValueError(f"family {cfg.family!r} has no spectral sampler")
+    omega = spectral(_rng(cfg.seed, _FREQ), cfg.num_features) / cfg.range_km
     # cos(omega . A delta) = cos((A^T omega) . delta)
     return omega @ anisotropy_matrix(cfg.anisotropy_angle_deg, cfg.anisotropy_ratio)
 

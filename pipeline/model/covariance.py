@@ -1,4 +1,4 @@
-"""Geostatistical correlation families and the learnable covariance bias of attention.
+"""The learnable covariance bias of attention (the kernel of a family, range, nugget, anisotropy).
 
 For head h and sensors i, j at distance d_ij (DESIGN.md section 1):
 
@@ -6,101 +6,21 @@ For head h and sensors i, j at distance d_ij (DESIGN.md section 1):
     log_bias_ij = log c_h(d_ij)  =  log(1 - tau_h) + log rho(d_ij / range_h)   (i != j)
                                  =  0                                          (i == j)
 
-Each family below defines its correlation rho of the scaled distance h = d / range exactly
-once, in log space (so that far pairs give large negative biases instead of log(0)).
-``range`` is the length scale of the textbook closed form, in km; the tests pin it against
-GSTools' models and their ``rescale`` conventions.
+The families (rho in log space, one table) are in pipeline/kernels.py.
 
-Distances come from the 3-D positions in km of :func:`pipeline.geometry.positions_km`
+Distances come from the 3-D positions in km of :func:`pipeline.data.geometry.positions_km`
 (Euclidean for x/y km, chordal for latitude/longitude).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-_SQRT3 = math.sqrt(3.0)
-_SQRT5 = math.sqrt(5.0)
-_LOG_FLOOR = 1e-12  # spherical: log of the compact support's zero is clamped here
-
-
-def log_exponential(h: Tensor) -> Tensor:
-    """Exponential (Matern nu=1/2): rho(h) = exp(-h).
-
-    GSTools: ``gs.Exponential(len_scale=range)`` (rescale 1). Reference: Stein (1999), 2.7.
-    """
-    return -h
-
-
-def log_matern32(h: Tensor) -> Tensor:
-    """Matern nu=3/2: rho(h) = (1 + sqrt(3) h) exp(-sqrt(3) h).
-
-    GSTools: ``gs.Matern(nu=1.5, len_scale=range, rescale=sqrt(2))`` (GSTools writes the Matern
-    with sqrt(nu) h; the textbook form uses sqrt(2 nu) h). Reference: Rasmussen & Williams
-    (2006), eq. 4.17.
-    """
-    s = _SQRT3 * h
-    return torch.log1p(s) - s
-
-
-def log_matern52(h: Tensor) -> Tensor:
-    """Matern nu=5/2: rho(h) = (1 + sqrt(5) h + 5 h^2 / 3) exp(-sqrt(5) h).
-
-    GSTools: ``gs.Matern(nu=2.5, len_scale=range, rescale=sqrt(2))``. Reference: Rasmussen &
-    Williams (2006), eq. 4.17.
-    """
-    s = _SQRT5 * h
-    return torch.log1p(s + s * s / 3.0) - s
-
-
-def log_gaussian(h: Tensor) -> Tensor:
-    """Gaussian (squared exponential): rho(h) = exp(-h^2).
-
-    GSTools: ``gs.Gaussian(len_scale=range, rescale=1)`` (its default rescale is sqrt(pi)/2).
-    Reference: Chiles & Delfiner (2012), 2.5.
-    """
-    return -h * h
-
-
-def log_rational_quadratic(h: Tensor, alpha: float = 1.0) -> Tensor:
-    """Rational quadratic with alpha = 1 (Cauchy type): rho(h) = (1 + h^2 / (2 alpha))^(-alpha).
-
-    GSTools: ``gs.Rational(alpha=1, len_scale=range, rescale=1/sqrt(2))`` (GSTools writes
-    h^2 / alpha). Reference: Rasmussen &
-    Williams (2006), eq. 4.19.
-    """
-    return -alpha * torch.log1p(h * h / (2.0 * alpha))
-
-
-def log_spherical(h: Tensor) -> Tensor:
-    """Spherical (compact support): rho(h) = 1 - 3h/2 + h^3/2 = (1 - h)^2 (2 + h) / 2 for h < 1,
-    0 beyond (log clamped at log(1e-12)^2 with a zero gradient there).
-
-    GSTools: ``gs.Spherical(len_scale=range)`` (rescale 1). Reference: Chiles & Delfiner
-    (2012), 2.5. Positive definite in up to three dimensions.
-    """
-    hc = h.clamp(max=1.0)
-    return math.log(0.5) + 2.0 * torch.log((1.0 - hc).clamp_min(_LOG_FLOOR)) + torch.log(2.0 + hc)
-
-
-LOG_CORRELATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "exponential": log_exponential,
-    "matern32": log_matern32,
-    "matern52": log_matern52,
-    "gaussian": log_gaussian,
-    "rational_quadratic": log_rational_quadratic,
-    "spherical": log_spherical,
-}
-
-
-def correlation(family: str, h: Tensor) -> Tensor:
-    """rho_family(h) for scaled distances h >= 0."""
-    return torch.exp(LOG_CORRELATIONS[family](h))
+from pipeline.kernels import LOG_CORRELATIONS
 
 
 def _safe_norm(x: Tensor, dim: int = -1) -> Tensor:

@@ -1,31 +1,21 @@
 """Classical variography with GSTools: empirical variograms and fitted models.
 
 The learned kernel of the transformer is compared with what a geostatistician would fit to the
-same training data. ``GSTOOLS_MODELS`` maps each family to the GSTools model with the rescale
-that makes its length scale our ``range`` (the conventions of pipeline/covariance.py).
+same training data, with each family's GSTools model and rescale from pipeline/kernels.py.
 """
 
 from __future__ import annotations
 
-import math
-
 import gstools as gs
 import numpy as np
 
-GSTOOLS_MODELS: dict[str, tuple[type[gs.CovModel], dict]] = {
-    "exponential": (gs.Exponential, {}),
-    "matern32": (gs.Matern, {"nu": 1.5, "rescale": math.sqrt(2)}),
-    "matern52": (gs.Matern, {"nu": 2.5, "rescale": math.sqrt(2)}),
-    "gaussian": (gs.Gaussian, {"rescale": 1.0}),
-    "rational_quadratic": (gs.Rational, {"alpha": 1.0, "rescale": 1 / math.sqrt(2)}),
-    "spherical": (gs.Spherical, {}),
-}
+from pipeline.kernels import FAMILIES
 
 
 def gstools_model(family: str, range_km: float = 1.0, variance: float = 1.0, nugget: float = 0.0):
     """The GSTools model of ``family`` in our conventions."""
-    cls, kwargs = GSTOOLS_MODELS[family]
-    return cls(dim=2, len_scale=range_km, var=variance, nugget=nugget, **kwargs)
+    name, kwargs = FAMILIES[family].gstools
+    return getattr(gs, name)(dim=2, len_scale=range_km, var=variance, nugget=nugget, **kwargs)
 
 
 def empirical_variogram(

@@ -31,8 +31,9 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from pipeline.covariance import LOG_CORRELATIONS, CovarianceBias
 from pipeline.errors import UserError
+from pipeline.kernels import LOG_CORRELATIONS
+from pipeline.model.covariance import CovarianceBias
 
 CUDA_PAD_BLOCKS = 32  # on CUDA, pad N to a multiple of 32 blocks: fewer distinct compiled shapes
 _CHUNK_PAIRS = 1 << 26  # block-centroid distances computed this many pairs at a time
@@ -186,7 +187,7 @@ def block_attention(
     """q, k, v [B, H, N, dh]; ``neighbours`` the :class:`BlockPlan` of ``pos`` -> [B, H, N, dh]."""
     plan = neighbours
     if not isinstance(plan, BlockPlan):
-        raise ValueError("the block backend needs a BlockPlan (pipeline.block_attention)")
+        raise ValueError("the block backend needs a BlockPlan (pipeline.model.block_attention)")
     if (
         q.device.type != "cuda"
         and torch.is_grad_enabled()

@@ -22,17 +22,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline import distributed
 from pipeline.config import Config, ConfigError
-from pipeline.data import WindowStream
-from pipeline.export import export_model
-from pipeline.geometry import positions_km
-from pipeline.metrics import ComparisonAccumulator, MetricAccumulator, last_observed
-from pipeline.model import LOSSES, Forecaster
-from pipeline.store import open_store
+from pipeline.data.geometry import positions_km
+from pipeline.data.store import open_store
+from pipeline.data.stream import WindowStream
+from pipeline.evaluate.metrics import ComparisonAccumulator, MetricAccumulator, last_observed
+from pipeline.model.export import export_model
+from pipeline.model.forecaster import LOSSES, Forecaster
+from pipeline.train import engine as distributed
 
 if TYPE_CHECKING:
-    from pipeline.tracking import Tracker
+    from pipeline.track.tracking import Tracker
 
 Reporter = Callable[[int, dict], None]  # (step, validation metrics) -> None (Ray Tune hook)
 
@@ -156,7 +156,7 @@ def _train(
         shutil.rmtree(ckpt_dir)
     distributed.barrier()
     if tracker is None and cfg.tracking.enabled:
-        from pipeline.tracking import Tracker  # MLflow is needed only when tracking is on
+        from pipeline.track.tracking import Tracker  # MLflow is needed only when tracking is on
 
         tracker = Tracker(cfg, ctx.is_main)
     if tracker is not None:

@@ -17,10 +17,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.attention import GeoAttention
-from pipeline.block_attention import block_plan
 from pipeline.config import ModelConfig
-from pipeline.covariance import CovarianceBias
+from pipeline.model.attention import GeoAttention
+from pipeline.model.block_attention import block_plan
+from pipeline.model.covariance import CovarianceBias
 
 CALENDAR_FEATURES = 4  # sin/cos of time of day and of day of week
 

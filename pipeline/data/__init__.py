@@ -1,0 +1,1 @@
+"""Raw sensor data -> Zarr store -> windows: sources, preprocess (Dask), store, stream."""

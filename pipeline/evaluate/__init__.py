@@ -1,0 +1,1 @@
+"""Evaluation: metrics, Diebold-Mariano and Moran tests, variography, diagnostics, summary."""

@@ -1,0 +1,1 @@
+"""The forecaster: covariance bias, attention backends (dense, knn, block), losses, export."""

@@ -1,0 +1,1 @@
+"""Tracking: MLflow runs, figures and model registry; Ray Tune sweeps."""

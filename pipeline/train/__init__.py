@@ -1,0 +1,1 @@
+"""Training: the DeepSpeed engine and process group, checkpoints, and the training loop."""
