@@ -29,7 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.geometry import positions_km  # noqa: E402
 from pipeline.data.neighbours import curve_order, k_nearest  # noqa: E402
-from pipeline.model.forecaster import LOSSES, Forecaster, parameter_groups  # noqa: E402
+from pipeline.model.forecaster import Forecaster  # noqa: E402
+from pipeline.model.losses import LOSSES  # noqa: E402
+from pipeline.train.optimizer import parameter_groups  # noqa: E402
 
 
 def one_size(cfg, n: int, device: torch.device, reps: int) -> dict:
@@ -43,9 +45,14 @@ def one_size(cfg, n: int, device: torch.device, reps: int) -> dict:
         nb = torch.from_numpy(k_nearest(pos, cfg.model.knn)[0]).to(device)
     pos_t = torch.tensor(pos, dtype=torch.float32, device=device)
     ti, hz = cfg.data.time_in, cfg.data.horizon
-    model = Forecaster(cfg.model, ti, hz, 1).to(device)
-    model.set_frame(torch.tensor(frame, dtype=torch.float32))
-    model.checkpoint_blocks = cfg.train.activation_checkpointing
+    model = Forecaster(
+        cfg.model,
+        ti,
+        hz,
+        1,
+        frame=torch.tensor(frame, dtype=torch.float32),
+        checkpoint_blocks=cfg.train.activation_checkpointing,
+    ).to(device)
     opt = torch.optim.AdamW(parameter_groups(model, 1e-3, 1e-2, 0.0))
     x = torch.randn(1, ti, n, 1, device=device)
     y = torch.randn(1, hz, n, 1, device=device)

@@ -19,7 +19,9 @@ from pipeline.data.geometry import positions_km
 from pipeline.data.neighbours import k_nearest
 from pipeline.data.stream import WindowSource
 from pipeline.data.synthetic import SyntheticField
-from pipeline.model.forecaster import LOSSES, Forecaster, parameter_groups
+from pipeline.model.forecaster import Forecaster
+from pipeline.model.losses import LOSSES
+from pipeline.train.optimizer import parameter_groups
 
 
 @dataclass
@@ -64,8 +66,14 @@ def fit_synthetic(cfg: Config, progress: bool = True) -> FitResult:
     pos_np, frame = positions_km(coords, "xy")
     pos = torch.from_numpy(pos_np).float()
     neighbours = torch.from_numpy(k_nearest(pos_np, cfg.model.knn)[0])
-    model = Forecaster(cfg.model, cfg.data.time_in, cfg.data.horizon, 1, len(coords))
-    model.set_frame(torch.from_numpy(frame).float())
+    model = Forecaster(
+        cfg.model,
+        cfg.data.time_in,
+        cfg.data.horizon,
+        1,
+        len(coords),
+        frame=torch.from_numpy(frame).float(),
+    )
     opt = torch.optim.AdamW(
         parameter_groups(model, cfg.train.lr, cfg.train.kernel_lr, cfg.train.weight_decay)
     )

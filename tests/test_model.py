@@ -9,7 +9,8 @@ from scipy import stats
 from pipeline.config import load_config
 from pipeline.data.geometry import positions_km
 from pipeline.data.neighbours import k_nearest
-from pipeline.model.forecaster import Forecaster, gaussian_crps, gaussian_nll
+from pipeline.model.forecaster import Forecaster
+from pipeline.model.losses import gaussian_crps, gaussian_nll
 
 
 def _inputs(n=30, b=2, t=6, f=2, seed=0):
@@ -35,8 +36,8 @@ def test_forecaster_shapes_and_gradients(backend):
         None, [f"model.backend={backend}", "model.anisotropy=true", "model.d_model=32"]
     )
     x, mask, cal, pos, nb, frame = _inputs()
-    model = Forecaster(cfg.model, time_in=6, horizon=3, features=2)
-    model.set_frame(torch.tensor(frame, dtype=torch.float32))
+    frame = torch.tensor(frame, dtype=torch.float32)
+    model = Forecaster(cfg.model, time_in=6, horizon=3, features=2, frame=frame)
     mean, std = model(x, mask, cal, pos, nb)
     assert mean.shape == std.shape == (2, 3, 30, 2)
     assert (std > 0).all()

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.config import ConfigError
 from pipeline.data.geometry import positions_km
 from pipeline.data.store import Store, open_store
 from pipeline.data.timefeatures import calendar_features
@@ -191,7 +192,7 @@ class WindowStream(torch.utils.data.IterableDataset):
 
     def __init__(
         self,
-        store: str,
+        store: Store | str,
         split: str,
         time_in: int,
         horizon: int,
@@ -207,7 +208,8 @@ class WindowStream(torch.utils.data.IterableDataset):
         shuffle: bool = True,
     ) -> None:
         super().__init__()
-        self.path, self.split, self.batch_size = store, split, batch_size
+        st = store if isinstance(store, Store) else open_store(store)
+        self.store, self.path, self.split, self.batch_size = st, st.path, split, batch_size
         self.time_in, self.horizon, self.seed, self.shuffle = time_in, horizon, seed, shuffle
         self.rank, self.world_size, self.start_step, self.prefetch = (
             rank,
@@ -215,20 +217,20 @@ class WindowStream(torch.utils.data.IterableDataset):
             start_step,
             prefetch,
         )
-        st = open_store(store)
         n_store_k = st["neighbours"].shape[1]
         if k > n_store_k:
-            raise ValueError(
-                f"model.knn = {k} exceeds the {n_store_k} neighbours stored in {store}; "
+            raise ConfigError(
+                f"model.knn = {k} exceeds the {n_store_k} neighbours stored in {st.path}; "
                 "preprocess again with a larger data.neighbours or lower model.knn"
             )
         self.time_chunk = st["values"].chunks[0]
         start, stop = st.split(split)
         self.origins = window_origins(start, stop, time_in, horizon)
         if len(self.origins) == 0:
-            raise ValueError(
-                f"store {store}: split {split!r} [{start}, {stop}) holds no window "
-                f"of {time_in} + {horizon} steps"
+            raise ConfigError(
+                f"store {st.path}: split {split!r} [{start}, {stop}) holds no window "
+                f"of {time_in} + {horizon} steps: shorten data.time_in or data.horizon, or "
+                "give the split more time (data.train_fraction, data.val_fraction)"
             )
         self.time = st["time"][:]
         self.mean, self.std = st["mean"][:], st["std"][:]
@@ -308,14 +310,14 @@ class WindowStream(torch.utils.data.IterableDataset):
         worker = (loader_id + self.start_step) % workers
         shards, shard = self.world_size * workers, self.rank * workers + worker
         if self.shuffle and shards > len(self.blocks):
-            raise ValueError(
+            raise ConfigError(
                 f"split {self.split!r} of {self.path} has {len(self.blocks)} blocks of windows, "
                 f"fewer than the {shards} readers (ranks x loader workers): use fewer loader "
                 "workers or a smaller data.time_chunk"
             )
         step0 = self.start_step + loader_id
         skip = (step0 - worker) // workers
-        cache = ChunkCache(open_store(self.path))
+        cache = ChunkCache(self.store)
         plan = self._plan(shard, shards, skip)
 
         stop = threading.Event()

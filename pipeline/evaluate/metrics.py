@@ -17,7 +17,7 @@ import scipy.stats
 import torch
 from torch import Tensor
 
-from pipeline.model.forecaster import gaussian_crps
+from pipeline.model.losses import gaussian_crps
 
 MAPE_EPS = 1e-6  # targets with |y| <= MAPE_EPS are left out of MAPE (and counted apart)
 Z50 = 0.6744897501960817  # central 50 % interval: |z| <= Z50
@@ -269,3 +269,9 @@ def morans_i(values: np.ndarray, neighbours: np.ndarray) -> dict:
     score = (moran - expected) / math.sqrt(var)
     p = float(2 * scipy.stats.norm.sf(abs(score)))
     return {"I": moran, "expected": expected, "variance": var, "z": score, "p_value": p, "n": n}
+
+
+def validation_row(val: dict) -> dict:
+    """The flat view of a validation: its mean metrics as ``val_<metric>`` (what Tune ranks,
+    tracking logs and metrics.json keeps)."""
+    return {f"val_{k}": v for k, v in val["mean"].items()}

@@ -64,7 +64,7 @@ class CovarianceBias(nn.Module):
             # spread initial angles so heads can specialise; ratio starts isotropic
             self.angle = nn.Parameter(torch.arange(heads) * (math.pi / max(heads, 1)))
             self.log_ratio = nn.Parameter(torch.zeros(heads))
-        self.register_buffer("frame", torch.eye(3), persistent=False)
+        self.register_buffer("frame", torch.eye(3))  # in the state dict: part of the model
 
     @property
     def range_km(self) -> Tensor:

@@ -72,17 +72,17 @@ class Predictor:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        pos, frame = positions_km(net["coords"], str(net["crs"]))
         self.model = Forecaster(
             ModelConfig(**meta["model"]),
             meta["time_in"],
             meta["horizon"],
             len(meta["features"]),
             len(self.sensor_id),
+            frame=torch.tensor(frame, dtype=torch.float32),
         )
         self.model.load_state_dict(torch.load(path / "weights.pt", weights_only=True))
         self.model.eval()
-        pos, frame = positions_km(net["coords"], str(net["crs"]))
-        self.model.set_frame(torch.tensor(frame, dtype=torch.float32))
         self.model.to(self.device)
         self.pos = torch.tensor(pos, dtype=torch.float32)
         self.neighbours = net["neighbours"].astype(np.int64)

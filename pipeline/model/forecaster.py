@@ -1,4 +1,4 @@
-"""The probabilistic spatially-informed forecaster (DESIGN.md section 1) and its losses.
+"""The probabilistic spatially-informed forecaster (docs/design.md, section 1).
 
 One token per sensor: the sensor's input window (values and their mask, flattened over time and
 feature) plus calendar features of the forecast origin are embedded to ``d_model``; L pre-norm
@@ -9,8 +9,6 @@ coordinates.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import Tensor, nn
@@ -65,7 +63,12 @@ class Forecaster(nn.Module):
         horizon: int,
         features: int,
         num_nodes: int | None = None,
+        frame: Tensor | None = None,
+        checkpoint_blocks: bool = False,
     ) -> None:
+        """``frame``: the network's local (east, north, up) frame [3, 3] (rows; see
+        positions_km), used by anisotropic kernels and kept in the state dict.
+        ``checkpoint_blocks``: activation checkpointing of each block while training."""
         super().__init__()
         self.cfg, self.time_in, self.horizon, self.features = cfg, time_in, horizon, features
         self.embed = nn.Linear(2 * time_in * features, cfg.d_model)
@@ -78,15 +81,13 @@ class Forecaster(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, 2 * horizon * features)
-        self.checkpoint_blocks = False  # activation checkpointing (set by the trainer)
+        self.checkpoint_blocks = checkpoint_blocks
+        if frame is not None:
+            for kernel in self.kernels():
+                kernel.set_frame(frame)
 
     def kernels(self) -> list[CovarianceBias]:
         return [block.attn.kernel for block in self.blocks]
-
-    def set_frame(self, frame: Tensor) -> None:
-        """The network's local (east, north, up) frame, used by anisotropic kernels."""
-        for kernel in self.kernels():
-            kernel.set_frame(frame)
 
     def set_qk(self, enabled: bool) -> None:
         """Switch the data-driven <q, k> residual on or off (kernel warm-up)."""
@@ -140,58 +141,3 @@ def _last_observed(x: Tensor, mask: Tensor) -> Tensor:
     latest = torch.where(mask, steps, torch.full_like(steps, -1)).amax(dim=1)  # [B, N, F]
     value = x.gather(1, latest.clamp_min(0).unsqueeze(1)).squeeze(1)
     return torch.where(latest >= 0, value, torch.zeros_like(value))
-
-
-# --------------------------------------------------------------------------------------------
-# Losses (masked means over observed targets)
-
-
-def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    return (values * mask).sum() / mask.sum().clamp_min(1)
-
-
-def gaussian_nll(mean: Tensor, std: Tensor, y: Tensor, mask: Tensor) -> Tensor:
-    """Mean negative log-likelihood of y under N(mean, std^2) over observed targets."""
-    y = torch.where(mask, y, mean.detach())
-    z = (y - mean) / std
-    nll = 0.5 * z * z + torch.log(std) + 0.5 * math.log(2 * math.pi)
-    return _masked_mean(nll, mask)
-
-
-def gaussian_crps(mean: Tensor, std: Tensor, y: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Closed-form CRPS of N(mean, std^2) at y (Gneiting & Raftery 2007, eq. 5):
-    std * [z (2 Phi(z) - 1) + 2 phi(z) - 1 / sqrt(pi)], z = (y - mean) / std.
-
-    With a mask: the mean over observed targets; without: the elementwise CRPS.
-    """
-    if mask is not None:
-        y = torch.where(mask, y, mean.detach())
-    z = (y - mean) / std
-    cdf = 0.5 * (1 + torch.erf(z / math.sqrt(2)))
-    pdf = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
-    crps = std * (z * (2 * cdf - 1) + 2 * pdf - 1 / math.sqrt(math.pi))
-    return crps if mask is None else _masked_mean(crps, mask)
-
-
-LOSSES = {"nll": gaussian_nll, "crps": gaussian_crps}
-
-
-def parameter_groups(model: nn.Module, lr: float, kernel_lr: float, weight_decay: float) -> list:
-    """AdamW groups: kernel parameters (range, nugget, anisotropy) at their own learning rate
-    and without weight decay; biases and norms without weight decay."""
-    kernel, decay, no_decay = [], [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if ".kernel." in name:
-            kernel.append(p)
-        elif p.dim() < 2:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    groups = [
-        {"params": decay, "lr": lr, "weight_decay": weight_decay},
-        {"params": no_decay, "lr": lr, "weight_decay": 0.0},
-        {"params": kernel, "lr": kernel_lr, "weight_decay": 0.0},
-    ]
-    return [g for g in groups if g["params"]]

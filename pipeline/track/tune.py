@@ -141,8 +141,9 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
 
 def _train_trial(cfg: Config, parent: str | None, tags: dict, send, main: bool) -> None:
     """The training run of a trial (or of one of its workers); ``send`` reports to Tune."""
+    from pipeline.evaluate.metrics import validation_row
     from pipeline.track.tracking import Tracker
-    from pipeline.train.loop import train, validation_row
+    from pipeline.train.loop import train
 
     def report(step: int, val: dict) -> None:
         send({"step": step, "val_loss": val["loss"], **validation_row(val)})

@@ -1,11 +1,16 @@
-"""Training, validation, early stopping, checkpoints and the final test evaluation.
+"""Training in four named steps: ``setup`` (store, model, engine, resume), ``fit`` (the
+loop: steps, validation, early stopping, checkpoints), ``evaluate`` (one split's metrics),
+``finish`` (test metrics, export, metrics.json).
 
 One code path for one CPU process, many CPU processes (gloo), GPUs (NCCL) and nodes: the
-DeepSpeed engine of pipeline/distributed.py steps the model; batches stream from the store
-(pipeline/data.py), each rank its own share; only rank 0 prints and tracks. At the end:
-``<out_dir>/<name>/metrics.json`` (schema in the README), the test split's per-window losses
-(``test_windows.npz``, for ``launch/compare.py``), the exported model (``<out_dir>/<name>/model/``)
-and, when tracking is on, the MLflow run and registered model.
+DeepSpeed engine of pipeline/train/engine.py steps the model; batches stream from the store
+(pipeline/data/stream.py), each rank its own share; only rank 0 prints and tracks. The store
+is opened once per run. At the end: ``<out_dir>/<name>/metrics.json`` (schema in the README),
+the test split's per-window losses (``test_windows.npz``, for ``launch/compare.py``), the
+exported model (``<out_dir>/<name>/model/``) and, with a tracker (pipeline/track/tracking.py,
+created by the caller), the MLflow run and registered model.
+
+Host-device synchronisation points of the loop are marked ``# sync``.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ import math
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -24,17 +30,57 @@ from tqdm import tqdm
 
 from pipeline.config import Config, ConfigError
 from pipeline.data.geometry import positions_km
-from pipeline.data.store import open_store
+from pipeline.data.store import Store, open_store
 from pipeline.data.stream import WindowStream
-from pipeline.evaluate.metrics import ComparisonAccumulator, MetricAccumulator, last_observed
+from pipeline.evaluate.metrics import (
+    ComparisonAccumulator,
+    MetricAccumulator,
+    last_observed,
+    validation_row,
+)
 from pipeline.model.export import export_model
-from pipeline.model.forecaster import LOSSES, Forecaster
-from pipeline.train import engine as distributed
-
-if TYPE_CHECKING:
-    from pipeline.track.tracking import Tracker
+from pipeline.model.forecaster import Forecaster
+from pipeline.model.losses import LOSSES
+from pipeline.train import checkpoint, engine
+from pipeline.train.optimizer import optimizer
 
 Reporter = Callable[[int, dict], None]  # (step, validation metrics) -> None (Ray Tune hook)
+
+
+class Tracker(Protocol):
+    """What training asks of a tracker (pipeline/track/tracking.py implements it)."""
+
+    def start(self, store: Store) -> None: ...
+    def log_step(self, step: int, loss: float, kernels: list[dict], lr: float) -> None: ...
+    def log_validation(self, step: int, val: dict) -> None: ...
+    def finish(self, metrics: dict, model_dir: Path, store: Store) -> str | None: ...
+
+
+@dataclass
+class Run:
+    """What a training run holds from setup to finish."""
+
+    cfg: Config
+    ctx: engine.Context
+    store: Store
+    run_dir: Path
+    model: Forecaster
+    engine: Any
+    dtype: torch.dtype
+    tracker: Tracker | None
+    state: dict
+    resumed: dict | None
+    streams: dict[str, WindowStream] = field(default_factory=dict)
+
+
+@dataclass
+class Fitted:
+    """How the loop ended and what it cost."""
+
+    stopped_early: bool = False
+    wait_s: float = 0.0
+    compute_s: float = 0.0
+    samples: int = 0
 
 
 def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
@@ -57,10 +103,11 @@ def _forward(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return mean.float(), std.float(), mask
 
 
-def _stream(cfg: Config, ctx, split: str, **kwargs) -> WindowStream:
-    """This rank's share of ``split`` (see pipeline/data.py)."""
+def _stream(run: Run, split: str, **kwargs) -> WindowStream:
+    """This rank's share of ``split`` (see pipeline/data/stream.py)."""
+    cfg, ctx = run.cfg, run.ctx
     return WindowStream(
-        cfg.data.store,
+        run.store,
         split,
         cfg.data.time_in,
         cfg.data.horizon,
@@ -75,72 +122,20 @@ def _stream(cfg: Config, ctx, split: str, **kwargs) -> WindowStream:
     )
 
 
-def evaluate(
-    engine, cfg: Config, split: str, ctx, max_batches: int | None = None, compare: bool = False
-) -> dict:
-    """Metrics of ``split`` in the data's units, over every rank's share (one pass); with
-    ``compare``, also the Diebold-Mariano tests against the baselines and Moran's I of the
-    residuals (pipeline/metrics.py)."""
-    stream = _stream(cfg, ctx, split, shuffle=False)
-    store = open_store(cfg.data.store)
-    mean_s = torch.from_numpy(store["mean"][:]).to(ctx.device)
-    std_s = torch.from_numpy(store["std"][:]).to(ctx.device)
-    acc = MetricAccumulator(cfg.data.horizon, device=ctx.device)
-    comparison = (
-        ComparisonAccumulator(stream.origins, store.shape[1], cfg.data.horizon, ctx.device)
-        if compare
-        else None
-    )
-    loss_sum = torch.zeros(2, dtype=torch.float64, device=ctx.device)
-    dtype = distributed.engine_dtype(engine)
-    engine.eval()
-    with torch.no_grad():
-        for i, batch in enumerate(stream):
-            if max_batches is not None and i >= max_batches:
-                break
-            batch = _to_device(batch, ctx.device, dtype)
-            mean, std, mask = _forward(engine, batch)
-            loss = LOSSES[cfg.train.loss](mean, std, batch["y"], mask)
-            loss_sum += torch.stack([loss.double() * mask.sum(), mask.sum().double()])
-            m, s = mean_s[batch["nodes"]], std_s[batch["nodes"]]  # [n, F]
-            mean, std, y = mean * s + m, std * s, batch["y"] * s + m  # the data's units
-            acc.update(mean, std, y, mask)
-            if comparison is not None:
-                last = last_observed(batch["x"].float(), batch["x_mask"], torch.zeros_like(m))
-                comparison.update(
-                    batch["origins"], batch["nodes"], mean, std, y, mask, last * s + m, m, s
-                )
-    engine.train()
-    distributed.all_reduce_sum(acc.state)
-    distributed.all_reduce_sum(loss_sum)
-    result = acc.result()
-    result["loss"] = float(loss_sum[0] / loss_sum[1].clamp_min(1))
-    if comparison is not None:
-        distributed.all_reduce_sum(comparison.windows)
-        distributed.all_reduce_sum(comparison.nodes)
-        result.update(comparison.result(store["neighbours"][:]))
-        result["windows"] = comparison.window_losses()  # popped by the caller (not JSON)
-    return result
-
-
-def validation_row(val: dict) -> dict:
-    """A validation's mean metrics as ``val_<metric>`` (what Tune ranks and metrics.json keeps)."""
-    return {f"val_{k}": v for k, v in val["mean"].items()}
-
-
 def kernel_params(model: Forecaster) -> list[dict]:
     return [{"layer": i, **k.describe()} for i, k in enumerate(model.kernels())]
 
 
 def train(cfg: Config, report: Reporter | None = None, tracker: Tracker | None = None) -> dict:
     """Train ``cfg``; returns the content of metrics.json (on every rank)."""
-    with distributed.process_group(cfg.train.device) as ctx:
-        return _train(cfg, ctx, report, tracker)
+    with engine.process_group(cfg.train.device) as ctx:
+        run = setup(cfg, ctx, tracker)
+        fitted = fit(run, report)
+        return finish(run, fitted)
 
 
-def _train(
-    cfg: Config, ctx: distributed.Context, report: Reporter | None, tracker: Tracker | None
-) -> dict:
+def setup(cfg: Config, ctx: engine.Context, tracker: Tracker | None = None) -> Run:
+    """Open the store, build the model and its DeepSpeed engine, resume from a checkpoint."""
     if cfg.model.backend == "block" and ctx.device.type != "cuda":
         raise ConfigError(
             "model.backend=block trains on CUDA GPUs only (FlexAttention has no backward on "
@@ -149,27 +144,24 @@ def _train(
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     run_dir = Path(cfg.train.out_dir) / cfg.name
-    ckpt_dir = run_dir / "checkpoints"
     store = open_store(cfg.data.store)
-    t, n, f = store.shape
-    if cfg.train.resume == "never" and ctx.is_main and ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)
-    distributed.barrier()
-    if tracker is None and cfg.tracking.enabled:
-        from pipeline.track.tracking import Tracker  # MLflow is needed only when tracking is on
-
-        tracker = Tracker(cfg, ctx.is_main)
+    if cfg.train.resume == "never" and ctx.is_main and (run_dir / "checkpoints").exists():
+        shutil.rmtree(run_dir / "checkpoints")
+    engine.barrier()
     if tracker is not None:
         tracker.start(store)  # fails early on an unreachable tracking server
 
-    model = Forecaster(cfg.model, cfg.data.time_in, cfg.data.horizon, f, n)
     _, frame = positions_km(store["coords"][:], store.attrs["crs"])
-    model.set_frame(torch.tensor(frame, dtype=torch.float32))
-    if cfg.train.activation_checkpointing:
-        model.checkpoint_blocks = True
-    engine = distributed.build_engine(model.to(ctx.device), cfg)
-    dtype = distributed.engine_dtype(engine)
-
+    model = Forecaster(
+        cfg.model,
+        cfg.data.time_in,
+        cfg.data.horizon,
+        store.shape[2],
+        store.shape[1],
+        frame=torch.tensor(frame, dtype=torch.float32),
+        checkpoint_blocks=cfg.train.activation_checkpointing,
+    ).to(ctx.device)
+    eng = engine.build_engine(model, *optimizer(model, cfg), cfg)
     state = {
         "step": 0,
         "micro_step": 0,
@@ -178,20 +170,26 @@ def _train(
         "history": [],
         "train_loss": [],
     }
-    restored = None
+    resumed = None
     if cfg.train.resume == "auto":
-        restored = distributed.load_checkpoint(engine, ckpt_dir, ctx, cfg.train.zero_stage)
-    if restored is not None:
-        state.update({k: restored[k] for k in state})
+        resumed = checkpoint.load(eng, run_dir / "checkpoints", ctx, cfg.train.zero_stage)
+    if resumed is not None:
+        state.update({k: resumed[k] for k in state})
         if ctx.is_main:
             print(
-                f"resumed from step {state['step']} ({ckpt_dir})"
-                + (", data re-sharded for the new world size" if restored["resharded"] else "")
+                f"resumed from step {state['step']} ({run_dir / 'checkpoints'})"
+                + (", data re-sharded for the new world size" if resumed["resharded"] else "")
             )
+    return Run(
+        cfg, ctx, store, run_dir, model, eng, engine.engine_dtype(eng), tracker, state, resumed
+    )
 
-    stream = _stream(cfg, ctx, "train", start_step=state["micro_step"])
+
+def fit(run: Run, report: Reporter | None = None) -> Fitted:
+    """The training loop from the run's current step to ``train.steps`` or early stopping."""
+    cfg, ctx, state = run.cfg, run.ctx, run.state
     loader = torch.utils.data.DataLoader(
-        stream,
+        _stream(run, "train", start_step=state["micro_step"]),
         batch_size=None,
         num_workers=cfg.train.loader_workers,
         pin_memory=ctx.device.type == "cuda",
@@ -207,45 +205,43 @@ def _train(
         disable=not ctx.is_main,
         dynamic_ncols=True,
     )
-    wait_s = compute_s = 0.0
-    samples = 0
-    stopped_early = False
-    while state["step"] < cfg.train.steps and not stopped_early:
+    fitted = Fitted()
+    while state["step"] < cfg.train.steps and not fitted.stopped_early:
         step = state["step"]
-        model.set_qk(step >= cfg.train.kernel_warmup_steps)
+        run.model.set_qk(step >= cfg.train.kernel_warmup_steps)
         step_loss = 0.0
         for _ in range(cfg.train.grad_accum):
             t0 = time.perf_counter()
-            batch = _to_device(next(batches), ctx.device, dtype)
+            batch = _to_device(next(batches), ctx.device, run.dtype)
             t1 = time.perf_counter()
-            mean, std, mask = _forward(engine, batch)
+            mean, std, mask = _forward(run.engine, batch)
             loss = loss_fn(mean, std, batch["y"], mask)
-            engine.backward(loss)
-            engine.step()
+            run.engine.backward(loss)
+            run.engine.step()
             if ctx.device.type == "cuda":
-                torch.cuda.synchronize()
-            wait_s += t1 - t0
-            compute_s += time.perf_counter() - t1
-            step_loss += loss.item() / cfg.train.grad_accum
-            samples += batch["x"].shape[0] * ctx.world_size
+                torch.cuda.synchronize()  # sync: honest step timing
+            fitted.wait_s += t1 - t0
+            fitted.compute_s += time.perf_counter() - t1
+            step_loss += loss.item() / cfg.train.grad_accum  # sync: the loss
+            fitted.samples += batch["x"].shape[0] * ctx.world_size
             state["micro_step"] += 1
         state["step"] = step = step + 1
         bar.update(1)
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             state["train_loss"].append([step, step_loss])
-            kernels = kernel_params(model)
+            kernels = kernel_params(run.model)  # sync: kernel parameters to the host
             bar.set_postfix(
                 loss=f"{step_loss:.4f}",
                 range=f"{kernels[0].get('range_km', [0])[0]:.1f}km",
-                wait=f"{wait_s / max(wait_s + compute_s, 1e-9):.0%}",
+                wait=f"{fitted.wait_s / max(fitted.wait_s + fitted.compute_s, 1e-9):.0%}",
             )
-            if tracker is not None:
-                tracker.log_step(step, step_loss, kernels, engine.get_lr()[0])
+            if run.tracker is not None:
+                run.tracker.log_step(step, step_loss, kernels, run.engine.get_lr()[0])
         if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-            val = evaluate(engine, cfg, "val", ctx, cfg.train.eval_batches)
+            val = evaluate(run, "val", cfg.train.eval_batches)  # sync: all-reduced metrics
             state["history"].append({"step": step, "val_loss": val["loss"], **validation_row(val)})
-            if tracker is not None:
-                tracker.log_validation(step, val)
+            if run.tracker is not None:
+                run.tracker.log_validation(step, val)
             if report is not None:
                 report(step, val)
             if val["loss"] < state["best_val"] - 1e-6:
@@ -253,45 +249,101 @@ def _train(
             else:
                 state["bad_evals"] += 1
             patience = cfg.train.patience
-            stopped_early = patience is not None and state["bad_evals"] >= patience
-        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or stopped_early:
-            distributed.save_checkpoint(engine, ckpt_dir, step, state, ctx)
+            fitted.stopped_early = patience is not None and state["bad_evals"] >= patience
+        if (
+            step % cfg.train.checkpoint_every == 0
+            or step == cfg.train.steps
+            or fitted.stopped_early
+        ):
+            checkpoint.save(run.engine, run.run_dir / "checkpoints", step, state, ctx)
     bar.close()
     del batches  # stops the prefetch thread (or the loader workers) now, not at exit
+    return fitted
 
-    test = evaluate(engine, cfg, "test", ctx, compare=True)
+
+def evaluate(run: Run, split: str, max_batches: int | None = None, compare: bool = False) -> dict:
+    """Metrics of ``split`` in the data's units, over every rank's share (one pass); with
+    ``compare``, also the Diebold-Mariano tests against the baselines and Moran's I of the
+    residuals (pipeline/evaluate/metrics.py)."""
+    cfg, ctx, store = run.cfg, run.ctx, run.store
+    if split not in run.streams:  # built once per run: tiles, positions, the split's windows
+        run.streams[split] = _stream(run, split, shuffle=False)
+    stream = run.streams[split]
+    mean_s = torch.from_numpy(stream.mean).to(ctx.device)
+    std_s = torch.from_numpy(stream.std).to(ctx.device)
+    acc = MetricAccumulator(cfg.data.horizon, device=ctx.device)
+    comparison = (
+        ComparisonAccumulator(stream.origins, store.shape[1], cfg.data.horizon, ctx.device)
+        if compare
+        else None
+    )
+    loss_sum = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+    run.engine.eval()
+    with torch.no_grad():
+        for i, batch in enumerate(stream):
+            if max_batches is not None and i >= max_batches:
+                break
+            batch = _to_device(batch, ctx.device, run.dtype)
+            mean, std, mask = _forward(run.engine, batch)
+            loss = LOSSES[cfg.train.loss](mean, std, batch["y"], mask)
+            loss_sum += torch.stack([loss.double() * mask.sum(), mask.sum().double()])
+            m, s = mean_s[batch["nodes"]], std_s[batch["nodes"]]  # [n, F]
+            mean, std, y = mean * s + m, std * s, batch["y"] * s + m  # the data's units
+            acc.update(mean, std, y, mask)
+            if comparison is not None:
+                last = last_observed(batch["x"].float(), batch["x_mask"], torch.zeros_like(m))
+                comparison.update(
+                    batch["origins"], batch["nodes"], mean, std, y, mask, last * s + m, m, s
+                )
+    run.engine.train()
+    engine.all_reduce_sum(acc.state)
+    engine.all_reduce_sum(loss_sum)
+    result = acc.result()
+    result["loss"] = float(loss_sum[0] / loss_sum[1].clamp_min(1))
+    if comparison is not None:
+        engine.all_reduce_sum(comparison.windows)
+        engine.all_reduce_sum(comparison.nodes)
+        result.update(comparison.result(store["neighbours"][:]))
+        result["windows"] = comparison.window_losses()  # popped by the caller (not JSON)
+    return result
+
+
+def finish(run: Run, fitted: Fitted) -> dict:
+    """Test metrics, the exported model, tracking, metrics.json (written last, atomically)."""
+    cfg, ctx, state, store = run.cfg, run.ctx, run.state, run.store
+    test = evaluate(run, "test", compare=True)
     windows = test.pop("windows")
+    busy = max(fitted.wait_s + fitted.compute_s, 1e-9)
     metrics = {
         "name": cfg.name,
         "steps": state["step"],
-        "stopped_early": stopped_early,
+        "stopped_early": fitted.stopped_early,
         "world_size": ctx.world_size,
         "device": str(ctx.device),
         "precision": cfg.train.precision,
         "test": test,
         "validation": state["history"],
         "train_loss": state["train_loss"],
-        "kernel": kernel_params(model),
+        "kernel": kernel_params(run.model),
         "truth": store.attrs.get("truth"),
         "store": {"path": str(store.path), "fingerprint": store.fingerprint()},
         "timing": {
-            "samples_per_s": samples / max(wait_s + compute_s, 1e-9),
-            "step_s": (wait_s + compute_s)
-            / max(1, state["micro_step"] - (restored or {}).get("micro_step", 0)),
-            "data_wait_fraction": wait_s / max(wait_s + compute_s, 1e-9),
+            "samples_per_s": fitted.samples / busy,
+            "step_s": busy / max(1, state["micro_step"] - (run.resumed or {}).get("micro_step", 0)),
+            "data_wait_fraction": fitted.wait_s / busy,
         },
     }
     if ctx.is_main:
-        model_dir = export_model(model, cfg, store, run_dir / "model")
-        if tracker is not None:
-            metrics["model_uri"] = tracker.finish(metrics, model_dir, store)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / "test_windows.npz.tmp"  # per-window losses, for launch/compare.py
+        model_dir = export_model(run.model, cfg, store, run.run_dir / "model")
+        if run.tracker is not None:
+            metrics["model_uri"] = run.tracker.finish(metrics, model_dir, store)
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run.run_dir / "test_windows.npz.tmp"  # per-window losses, for launch/compare.py
         with open(tmp, "wb") as f:
             np.savez(f, **windows)
-        tmp.replace(run_dir / "test_windows.npz")
-        tmp = run_dir / "metrics.json.tmp"
+        tmp.replace(run.run_dir / "test_windows.npz")
+        tmp = run.run_dir / "metrics.json.tmp"
         tmp.write_text(json.dumps(metrics, indent=2))
-        tmp.replace(run_dir / "metrics.json")
-    distributed.barrier()
+        tmp.replace(run.run_dir / "metrics.json")
+    engine.barrier()
     return metrics

@@ -1,0 +1,86 @@
+"""Checkpoints: DeepSpeed's engine state plus, per rank, the trainer state (step, data
+position, RNG states) saved as plain tensors and containers, so that our files load with
+``torch.load(weights_only=True)``."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.config import ConfigError
+from pipeline.train.engine import Context, barrier
+
+
+def rng_state() -> dict[str, Any]:
+    """RNG states of torch, NumPy and Python as tensors and plain containers."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "key": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "gauss": float(np_state[4]),
+        },
+        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(
+        ("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, ckpt_dir: Path, step: int, trainer_state: dict, ctx: Context) -> None:
+    """Engine state (DeepSpeed) + this rank's trainer state; ``latest`` moves last."""
+    tag = f"step{step:08d}"
+    # trainer state first: DeepSpeed writes `latest` at the end of save_checkpoint, so a
+    # checkpoint that `latest` names is complete on every rank
+    (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {**trainer_state, "rng": rng_state(), "world_size": ctx.world_size},
+        ckpt_dir / tag / f"trainer_rank{ctx.rank}.pt",
+    )
+    barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=tag)
+
+
+def latest_tag(ckpt_dir: Path) -> str | None:
+    latest = ckpt_dir / "latest"
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+def load(engine, ckpt_dir: Path, ctx: Context, zero_stage: int) -> dict | None:
+    """Restore the latest checkpoint; returns this rank's trainer state (None if none)."""
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        return None
+    own = ckpt_dir / tag / f"trainer_rank{ctx.rank}.pt"
+    first = torch.load(ckpt_dir / tag / "trainer_rank0.pt", weights_only=True)
+    saved_world = int(first["world_size"])
+    if saved_world != ctx.world_size and zero_stage > 0:
+        raise ConfigError(
+            f"checkpoint {ckpt_dir / tag} was written by {saved_world} processes with ZeRO "
+            f"stage {zero_stage}, whose optimizer state is partitioned per process: resume "
+            f"with {saved_world} processes, or start a new run (train.resume=never)"
+        )
+    engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    state = torch.load(own, weights_only=True) if own.is_file() else dict(first)
+    if own.is_file() and saved_world == ctx.world_size:
+        set_rng_state(state["rng"])
+    state["resharded"] = saved_world != ctx.world_size
+    return state
