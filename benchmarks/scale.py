@@ -51,7 +51,7 @@ def one_size(cfg, n: int, device: torch.device, reps: int) -> dict:
         hz,
         1,
         frame=torch.tensor(frame, dtype=torch.float32),
-        checkpoint_blocks=cfg.train.activation_checkpointing,
+        checkpoint_layers=cfg.train.activation_checkpointing,
     ).to(device)
     opt = torch.optim.AdamW(parameter_groups(model, 1e-3, 1e-2, 0.0))
     x = torch.randn(1, ti, n, 1, device=device)

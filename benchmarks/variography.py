@@ -18,14 +18,18 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline.config import load_config
-from pipeline.evaluate.variography import empirical_variogram, fit_variogram
-from pipeline.quickfit import fit_synthetic
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.quickfit
+
+from benchmarks.quickfit import fit_synthetic  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.evaluate.variography import empirical_variogram, fit_variogram  # noqa: E402
 
 SETTINGS = {
     "prior": [

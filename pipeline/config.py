@@ -35,7 +35,7 @@ class SyntheticConfig(_Section):
     family: Family = "matern32"
     """Spatial correlation family of the field (``none`` and ``spherical`` cannot be sampled)."""
     range_km: float = Field(20.0, gt=0)
-    """True length scale of the spatial correlation, km (the ``range`` of DESIGN.md)."""
+    """True length scale of the spatial correlation, km (the ``range`` of docs/design.md)."""
     variance: float = Field(1.0, gt=0)
     """Variance (sill) of the latent field."""
     nugget: float = Field(0.1, ge=0)
@@ -101,12 +101,37 @@ class SourceConfig(_Section):
     """Timestamp of the first row when rows carry no timestamp (UTC)."""
     freq: str | None = None
     """Time step (pandas frequency string, e.g. ``5min``); inferred from timestamps if None."""
+    delimiter: str = ","
+    """Wide CSV: the field delimiter (one character, e.g. ``;`` from European spreadsheets)."""
+    decimal: str = "."
+    """Wide CSV: the decimal mark (``,`` from European spreadsheets)."""
+    encoding: str = "utf-8"
+    """Wide CSV: the text encoding (ASCII-compatible: utf-8, latin-1, cp1252, ...); a UTF-8
+    byte-order mark is skipped."""
     sentinels: list[float] = []
     """Values that mean "missing" (e.g. 0 for METR-LA speeds): masked, never used."""
     hdf5_key: str = "df"
     """HDF5: the pandas key of the frame."""
     units: str = ""
     """Units of the values (recorded in the store)."""
+
+
+    @model_validator(mode="after")
+    def _csv_dialect(self) -> SourceConfig:
+        if len(self.delimiter) != 1 or len(self.decimal) != 1:
+            raise ValueError("delimiter and decimal must be one character each")
+        if self.delimiter == self.decimal:
+            raise ValueError(f"delimiter and decimal are both {self.delimiter!r}")
+        try:
+            ascii_ok = "\n,;.0".encode(self.encoding) == b"\n,;.0"
+        except LookupError:
+            raise ValueError(f"encoding {self.encoding!r} is unknown") from None
+        if not ascii_ok:
+            raise ValueError(
+                f"encoding {self.encoding!r} is not ASCII-compatible (UTF-16/32): convert the "
+                "file to UTF-8"
+            )
+        return self
 
 
 class DataConfig(_Section):
@@ -152,7 +177,7 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    """The spatially-informed transformer (DESIGN.md section 1)."""
+    """The spatially-informed transformer (docs/design.md, section 1)."""
 
     d_model: int = Field(64, ge=4)
     """Width of each sensor token."""
@@ -380,7 +405,12 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    try:
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(
+            f"override {override!r}: {text!r} is not a YAML value; quote it ({key}='\"{text}\"')"
+        ) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:

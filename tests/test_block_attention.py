@@ -124,12 +124,12 @@ def test_forecaster_with_block_backend_equals_dense_on_cpu():
     cal = torch.randn(2, 4, dtype=torch.float64)
     with torch.no_grad():
         model.cfg.backend = "block"
-        for block in model.blocks:
-            block.attn.backend = "block"
+        for layer in model.layers:
+            layer.attn.backend = "block"
         got = model(x, mask, cal, pos)
         model.cfg.backend = "dense"
-        for block in model.blocks:
-            block.attn.backend = "dense"
+        for layer in model.layers:
+            layer.attn.backend = "dense"
         ref = model(x, mask, cal, pos)
     for a, b in zip(got, ref, strict=True):
         assert torch.allclose(a, b, atol=1e-10)

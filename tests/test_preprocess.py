@@ -72,6 +72,63 @@ def test_good_input_makes_a_valid_store(scheduler, tmp_path):
     assert store["mask"][:].all()
 
 
+def _stored(path) -> pd.DataFrame:
+    """A store's values as a [time, sensor id] frame (sensors back in id order)."""
+    store = open_store(path)
+    values = store["values"][:, :, 0]
+    return pd.DataFrame(values, columns=store["sensor_id"][:].tolist())[IDS]
+
+
+@pytest.mark.parametrize(
+    "dialect",
+    ["bom-quoted-crlf", "semicolon-decimal-comma", "latin1"],
+)
+def test_spreadsheet_exports_read_the_same_values(scheduler, tmp_path, dialect):
+    """What spreadsheets and loggers write reads to the same store as a plain CSV."""
+    good = tmp_path / "plain"
+    good.mkdir()
+    want = _stored(run(scheduler, write_case(good)))
+    overrides = write_case(tmp_path)
+    data = tmp_path / "data.csv"
+    lines = data.read_text().splitlines()
+    rows = [line.split(",") for line in lines]
+    if dialect == "bom-quoted-crlf":
+        text = "\ufeff" + "\r\n".join(",".join(f'"{c}"' for c in r) for r in rows) + "\r\n"
+        data.write_bytes(text.encode("utf-8"))
+        extra = []
+    elif dialect == "semicolon-decimal-comma":
+        text = "\n".join(";".join(c.replace(".", ",") for c in r) for r in rows) + "\n"
+        data.write_text(text)
+        extra = ["data.source.delimiter=;", 'data.source.decimal=","']
+    else:  # a latin-1 header (an accented sensor id) needs the encoding set
+        rows[0][1] = "a1\u00e9"
+        data.write_bytes(("\n".join(",".join(r) for r in rows) + "\n").encode("latin-1"))
+        loc = tmp_path / "loc.csv"
+        loc.write_text(loc.read_text().replace("a1,", "a1\u00e9,"))
+        extra = ["data.source.encoding=latin-1"]
+    store = open_store(run(scheduler, overrides + extra))
+    got = pd.DataFrame(store["values"][:, :, 0], columns=store["sensor_id"][:].tolist())
+    got = got.rename(columns={"a1\u00e9": "a1"})[IDS]
+    np.testing.assert_array_equal(got.to_numpy(), want.to_numpy())
+
+
+def test_wrong_delimiter_is_named(scheduler, tmp_path):
+    overrides = write_case(tmp_path)
+    data = tmp_path / "data.csv"
+    data.write_text(data.read_text().replace(",", ";"))
+    expect_error(scheduler, tmp_path, overrides, "data.csv, line 1", "data.source.delimiter")
+
+
+def test_bad_cell_with_decimal_comma_names_line_and_sensor(scheduler, tmp_path):
+    rows = [[c.replace(".", ",") for c in r] for r in _rows()]
+    rows[7][3] = "12,5x"
+    overrides = write_case(tmp_path)
+    data = tmp_path / "data.csv"
+    data.write_text("\n".join(";".join(r) for r in [["time", *IDS], *rows]) + "\n")
+    extra = ["data.source.delimiter=;", 'data.source.decimal=","']
+    expect_error(scheduler, tmp_path, overrides + extra, "line 9", "'c3'", "12,5x")
+
+
 def _rows(n=60, start="2024-01-01"):
     t = pd.date_range(start, periods=n, freq="1h")
     return [[str(s), "1", "2", "3", "4"] for s in t]

@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
+from benchmarks.quickfit import fit_synthetic
 from pipeline.config import load_config
-from pipeline.quickfit import fit_synthetic
 
 TRUE_KM = 10.0
 

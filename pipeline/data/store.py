@@ -1,4 +1,5 @@
-"""The Zarr v3 store layout (DESIGN.md section 2): create, publish atomically, open and validate.
+"""The Zarr v3 store layout (docs/design.md, section 2): create, publish
+atomically, open and validate.
 
     values         float32 [T, N, F]  chunks (time_chunk, node_chunk, F); NaN where missing
     mask           bool    [T, N, F]  True where observed

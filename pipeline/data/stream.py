@@ -7,13 +7,13 @@ where the mask is False. Windows never cross a split boundary.
 
 :class:`WindowStream` streams batches from a store for training:
 
-- the windows of a split are grouped into blocks (one store time chunk of origins x one
+- the windows of a split are grouped (one store time chunk of origins x one
   spatial tile); an epoch visits every (window, tile) exactly once;
-- the blocks of an epoch are shuffled by (seed, epoch) and dealt to the shards
+- the groups of an epoch are shuffled by (seed, epoch) and dealt to the shards
   (rank x loader worker) in turn, so shards are disjoint and together cover the epoch; within
-  a block the order is a pure function of (seed, epoch, block), whatever the sharding;
-- a batch holds windows of one block, so it reads one or two time chunks, which a small cache
-  keeps for the next batch of the block; a background thread prefetches batches;
+  a group the order is a pure function of (seed, epoch, group), whatever the sharding;
+- a batch holds windows of one group, so it reads one or two time chunks, which a small cache
+  keeps for the next batch of the group; a background thread prefetches batches;
 - the stream is endless (epoch after epoch) and resumes at any step: ``start_step`` skips that
   many batches of this rank's stream without reading them.
 """
@@ -68,36 +68,6 @@ def window_origins(start: int, stop: int, time_in: int, horizon: int) -> np.ndar
     return np.arange(start + time_in, stop - horizon + 1)
 
 
-@dataclass
-class WindowSource:
-    """In-memory arrays to cut windows from: values/mask [T, N, F], time [T], mean/std [N, F]."""
-
-    values: np.ndarray
-    mask: np.ndarray
-    time: np.ndarray
-    mean: np.ndarray
-    std: np.ndarray
-    time_in: int
-    horizon: int
-
-    def origins(self, start: int, stop: int) -> np.ndarray:
-        return window_origins(start, stop, self.time_in, self.horizon)
-
-    def batch(self, origins: np.ndarray) -> dict[str, torch.Tensor]:
-        lo, hi = int(origins.min()) - self.time_in, int(origins.max()) + self.horizon
-        return cut_windows(
-            self.values[lo:hi],
-            self.mask[lo:hi],
-            self.time,
-            lo,
-            origins,
-            self.mean,
-            self.std,
-            self.time_in,
-            self.horizon,
-        )
-
-
 # --------------------------------------------------------------------------------------------
 # Streaming from a store
 
@@ -143,26 +113,26 @@ def make_tiles(
 
 
 class ChunkCache:
-    """Whole (time chunk, node chunk) blocks of values and mask, least recently used out."""
+    """Whole (time chunk, sensor chunk) pieces of values and mask, least recently used out."""
 
     def __init__(self, store: Store, capacity: int = 32) -> None:
         self.values, self.mask = store["values"], store["mask"]
         self.tc, self.nc = self.values.chunks[0], self.values.chunks[1]
-        self.capacity, self.blocks = capacity, OrderedDict()
+        self.capacity, self.chunks = capacity, OrderedDict()
         self.bytes_read = 0
 
-    def _block(self, ti: int, ni: int) -> tuple[np.ndarray, np.ndarray]:
+    def _chunk(self, ti: int, ni: int) -> tuple[np.ndarray, np.ndarray]:
         key = (ti, ni)
-        if key in self.blocks:
-            self.blocks.move_to_end(key)
-            return self.blocks[key]
+        if key in self.chunks:
+            self.chunks.move_to_end(key)
+            return self.chunks[key]
         sl = (slice(ti * self.tc, (ti + 1) * self.tc), slice(ni * self.nc, (ni + 1) * self.nc))
-        block = (self.values[sl], self.mask[sl])
-        self.bytes_read += block[0].nbytes + block[1].nbytes
-        self.blocks[key] = block
-        if len(self.blocks) > self.capacity:
-            self.blocks.popitem(last=False)
-        return block
+        chunk = (self.values[sl], self.mask[sl])
+        self.bytes_read += chunk[0].nbytes + chunk[1].nbytes
+        self.chunks[key] = chunk
+        if len(self.chunks) > self.capacity:
+            self.chunks.popitem(last=False)
+        return chunk
 
     def read(self, lo: int, hi: int, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """values, mask [hi - lo, len(nodes), F] for time steps [lo, hi) at store ``nodes``."""
@@ -175,7 +145,7 @@ class ChunkCache:
             local = nodes[cols] - ni * self.nc
             for ti in range(lo // self.tc, (hi - 1) // self.tc + 1):
                 a, b = max(lo, ti * self.tc), min(hi, (ti + 1) * self.tc)
-                bv, bm = self._block(ti, int(ni))
+                bv, bm = self._chunk(ti, int(ni))
                 values[a - lo : b - lo, cols] = bv[a - ti * self.tc : b - ti * self.tc][:, local]
                 mask[a - lo : b - lo, cols] = bm[a - ti * self.tc : b - ti * self.tc][:, local]
         return values, mask
@@ -237,9 +207,9 @@ class WindowStream(torch.utils.data.IterableDataset):
         self.tiles = make_tiles(st["neighbours"][:], k, tile_size, hops)
         pos, _ = positions_km(st["coords"][:], st.attrs["crs"])
         self.pos = pos.astype(np.float32)
-        # blocks: (tile, origins whose time chunk is the same)
+        # groups: (tile, origins whose time chunk is the same)
         groups = self.origins // self.time_chunk
-        self.blocks = [
+        self.groups = [
             (t, self.origins[groups == g])
             for t in range(len(self.tiles))
             for g in np.unique(groups)
@@ -249,12 +219,12 @@ class WindowStream(torch.utils.data.IterableDataset):
 
     def shard_batches(self, epoch: int, shard: int, shards: int) -> list[tuple[int, np.ndarray]]:
         """(tile, origins) of every batch of ``shard`` in ``epoch``, in order."""
-        order = np.arange(len(self.blocks))
+        order = np.arange(len(self.groups))
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch]).permutation(order)
         out = []
         for b in order[shard::shards]:
-            tile, origins = self.blocks[b]
+            tile, origins = self.groups[b]
             if self.shuffle:
                 origins = np.random.default_rng([self.seed, epoch, b]).permutation(origins)
             for i in range(0, len(origins), self.batch_size):
@@ -309,9 +279,10 @@ class WindowStream(torch.utils.data.IterableDataset):
         # i serves the shard whose first step at or after start_step is start_step + i.
         worker = (loader_id + self.start_step) % workers
         shards, shard = self.world_size * workers, self.rank * workers + worker
-        if self.shuffle and shards > len(self.blocks):
+        if self.shuffle and shards > len(self.groups):
             raise ConfigError(
-                f"split {self.split!r} of {self.path} has {len(self.blocks)} blocks of windows, "
+                f"split {self.split!r} of {self.path} has {len(self.groups)} groups of windows "
+                "(tile x time chunk), "
                 f"fewer than the {shards} readers (ranks x loader workers): use fewer loader "
                 "workers or a smaller data.time_chunk"
             )

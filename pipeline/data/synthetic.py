@@ -1,4 +1,4 @@
-"""Space-time Gaussian random fields with known truth (DESIGN.md section 2).
+"""Space-time Gaussian random fields with known truth (docs/design.md, section 2).
 
 Random Fourier features (Bochner): with frequencies omega_m drawn from the spectral density of
 the correlation rho (normalised to a probability law),

@@ -1,4 +1,4 @@
-"""Statistical comparison of two finished runs on the same test windows (DESIGN.md section 4):
+"""Statistical comparison of two finished runs on the same test windows (docs/design.md, section 4):
 the Diebold-Mariano test, with the Harvey-Leybourne-Newbold correction, of run A against run B
 on the per-window MAE and CRPS. The usual B is a baseline run, e.g. the same model with kernel
 ``none``; the last-value and train-mean baselines are tested inside every run's metrics.json.

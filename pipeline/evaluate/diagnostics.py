@@ -1,6 +1,10 @@
-"""Diagnostic figures of a run (matplotlib, no display needed)."""
+"""Diagnostic figures of a run (matplotlib, no display needed) and the data they need: the
+learned correlation against the empirical variogram of the training data and the truth, the
+PIT histogram, loss curves, a forecast fan chart from the exported model, sweep bars."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import matplotlib
 
@@ -10,7 +14,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from pipeline.config import Config  # noqa: E402
+from pipeline.data.geometry import positions_km  # noqa: E402
+from pipeline.data.store import Store  # noqa: E402
+from pipeline.evaluate.variography import empirical_variogram  # noqa: E402
 from pipeline.kernels import correlation  # noqa: E402
+from pipeline.model.export import Predictor  # noqa: E402
 
 
 def correlation_curves(
@@ -102,3 +111,47 @@ def sweep_bars(by_family: dict[str, dict], metric: str) -> plt.Figure:
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     return fig
+
+
+def close_figures() -> None:
+    plt.close("all")
+
+
+def run_figures(
+    cfg: Config, metrics: dict, store: Store, model_dir: Path, train_losses: list
+) -> dict[str, plt.Figure]:
+    """The figures of a finished run, by name."""
+    rng = np.random.default_rng(0)
+    a, b = store.split("train")
+    t, n, _ = store.shape
+    nodes = np.sort(rng.choice(n, min(n, 1500), replace=False))
+    steps = np.linspace(a, b - 1, min(20, b - a)).round().astype(int)
+    vals = store["values"].oindex[steps, nodes, 0]  # [S, n]
+    vals = (vals - store["mean"][:][nodes, 0]) / store["std"][:][nodes, 0]
+    pos, frame = positions_km(store["coords"][:][nodes], store.attrs["crs"])
+    plane = (pos @ frame.T)[:, :2]
+    span = float(np.ptp(plane, axis=0).max())
+    edges = np.linspace(0, span / 3 if span > 0 else 1.0, 16)
+    centres, gamma = empirical_variogram(plane, vals, edges, snapshots=len(steps))
+    figures = {
+        "correlation": correlation_curves(
+            metrics["kernel"], cfg.model.kernel, centres, 1 - gamma, metrics.get("truth")
+        ),
+        "pit": pit_histogram(metrics["test"]["pit_histogram"]),
+        "loss": loss_curves(train_losses, metrics["validation"]),
+    }
+    c, _ = store.split("test")
+    ti, h = cfg.data.time_in, cfg.data.horizon
+    origin = c + ti
+    x = store["values"][origin - ti : origin][None]  # [1, time_in, n, F]
+    out = Predictor(model_dir).predict(x, store["time"][origin : origin + 1])
+    pick = [0, n // 2, n - 1]
+    future = store["values"][origin : origin + h]  # [h, n, F]
+    figures["fan_chart"] = fan_chart(
+        x[0][:, pick, 0],
+        out["mean"][0][:, pick, 0],
+        out["std"][0][:, pick, 0],
+        future[:, pick, 0],
+        [str(store["sensor_id"][i]) for i in pick],
+    )
+    return figures

@@ -1,6 +1,6 @@
-"""Masked forecast metrics per horizon step (DESIGN.md section 4), accumulated over batches and
-ranks: MAE, RMSE, MAPE, Gaussian CRPS, PIT histogram, and coverage of the central 50 % and
-90 % intervals; and the statistical comparisons of the test split: the Diebold-Mariano test
+"""Masked forecast metrics per horizon step (docs/design.md, section 4), accumulated over
+batches and ranks: MAE, RMSE, MAPE, Gaussian CRPS, PIT histogram, and coverage of the central
+50 % and 90 % intervals; and the statistical comparisons of the test split: the Diebold-Mariano test
 (Harvey-Leybourne-Newbold correction) of the model against the baselines ``last_value`` and
 ``train_mean``, and Moran's I of the per-sensor residuals over the neighbour graph.
 
@@ -275,3 +275,21 @@ def validation_row(val: dict) -> dict:
     """The flat view of a validation: its mean metrics as ``val_<metric>`` (what Tune ranks,
     tracking logs and metrics.json keeps)."""
     return {f"val_{k}": v for k, v in val["mean"].items()}
+
+
+def test_row(test: dict) -> dict:
+    """The flat view of the test metrics (tracking): pooled means, PIT distance, baselines and
+    their Diebold-Mariano tests, Moran's I, and MAE / CRPS per horizon step."""
+    flat = {f"test_{k}": v for k, v in test["mean"].items()}
+    flat["test_pit_uniform_distance"] = test["pit_uniform_distance"]
+    for name, base in test.get("baselines", {}).items():
+        flat[f"test_{name}_mae"] = base["mae"]
+        for loss in ("mae", "crps"):
+            flat[f"test_dm_{loss}_vs_{name}"] = base[f"dm_{loss}"]["statistic"]
+            flat[f"test_dm_{loss}_vs_{name}_p"] = base[f"dm_{loss}"]["p_value"]
+    if "morans_i" in test:
+        flat["test_morans_i"] = test["morans_i"]["I"]
+        flat["test_morans_i_p"] = test["morans_i"]["p_value"]
+    for i, h in enumerate(test["horizon_steps"]):
+        flat.update({f"test_mae_h{h}": test["mae"][i], f"test_crps_h{h}": test["crps"][i]})
+    return flat

@@ -1,4 +1,4 @@
-"""Geostatistical multi-head attention across sensors (DESIGN.md section 1).
+"""Geostatistical multi-head attention across sensors (docs/design.md, section 1).
 
     score_ij = <q_i, k_j> / sqrt(d_head) + log c_h(d_ij)
 

@@ -1,4 +1,5 @@
-"""The ``block`` backend of geostatistical attention: block-sparse FlexAttention (DESIGN.md 1).
+"""The ``block`` backend of geostatistical attention: block-sparse FlexAttention
+(docs/design.md, section 1).
 
 Sensors arrive in space-filling-curve order (the store sorts them; Hilbert keeps runs compact).
 They are cut into blocks of ``block_size`` consecutive sensors; each query block attends to
@@ -113,7 +114,7 @@ def block_plan(pos: Tensor, observed: Tensor, block_size: int, key_blocks: int) 
     mask = BlockMask.from_kv_blocks(
         kv_num, kv_idx, BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(padded, padded)
     )
-    coords = tuple(pos_p[:, c].contiguous() for c in range(3))  # 1-D: see DESIGN.md 6
+    coords = tuple(pos_p[:, c].contiguous() for c in range(3))  # 1-D: see docs/design.md, section 6
     return BlockPlan(n, padded, block_size, key_index, mask, coords)
 
 

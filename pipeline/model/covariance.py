@@ -1,6 +1,6 @@
 """The learnable covariance bias of attention (the kernel of a family, range, nugget, anisotropy).
 
-For head h and sensors i, j at distance d_ij (DESIGN.md section 1):
+For head h and sensors i, j at distance d_ij (docs/design.md, section 1):
 
     c_h(d)      = (1 - tau_h) * rho(d / range_h) + tau_h * [i == j]
     log_bias_ij = log c_h(d_ij)  =  log(1 - tau_h) + log rho(d_ij / range_h)   (i != j)

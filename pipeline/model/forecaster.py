@@ -2,7 +2,7 @@
 
 One token per sensor: the sensor's input window (values and their mask, flattened over time and
 feature) plus calendar features of the forecast origin are embedded to ``d_model``; L pre-norm
-blocks of geostatistical attention across sensors + MLP follow; a Gaussian head gives, per
+layers of geostatistical attention across sensors + MLP follow; a Gaussian head gives, per
 horizon step and feature, a mean (a correction of the last observed value) and a scale.
 No per-sensor embedding by default: the model forecasts at sensors it never saw, given their
 coordinates.
@@ -23,8 +23,8 @@ from pipeline.model.covariance import CovarianceBias
 CALENDAR_FEATURES = 4  # sin/cos of time of day and of day of week
 
 
-class Block(nn.Module):
-    """Pre-norm residual block: geostatistical attention across sensors, then an MLP."""
+class Layer(nn.Module):
+    """Pre-norm residual layer: geostatistical attention across sensors, then an MLP."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -64,11 +64,11 @@ class Forecaster(nn.Module):
         features: int,
         num_nodes: int | None = None,
         frame: Tensor | None = None,
-        checkpoint_blocks: bool = False,
+        checkpoint_layers: bool = False,
     ) -> None:
         """``frame``: the network's local (east, north, up) frame [3, 3] (rows; see
         positions_km), used by anisotropic kernels and kept in the state dict.
-        ``checkpoint_blocks``: activation checkpointing of each block while training."""
+        ``checkpoint_layers``: activation checkpointing of each layer while training."""
         super().__init__()
         self.cfg, self.time_in, self.horizon, self.features = cfg, time_in, horizon, features
         self.embed = nn.Linear(2 * time_in * features, cfg.d_model)
@@ -78,21 +78,21 @@ class Forecaster(nn.Module):
             if num_nodes is None:
                 raise ValueError("model.node_embedding needs the number of sensors")
             self.node_embedding = nn.Embedding(num_nodes, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, 2 * horizon * features)
-        self.checkpoint_blocks = checkpoint_blocks
+        self.checkpoint_layers = checkpoint_layers
         if frame is not None:
             for kernel in self.kernels():
                 kernel.set_frame(frame)
 
     def kernels(self) -> list[CovarianceBias]:
-        return [block.attn.kernel for block in self.blocks]
+        return [layer.attn.kernel for layer in self.layers]
 
     def set_qk(self, enabled: bool) -> None:
         """Switch the data-driven <q, k> residual on or off (kernel warm-up)."""
-        for block in self.blocks:
-            block.attn.qk_enabled = enabled
+        for layer in self.layers:
+            layer.attn.qk_enabled = enabled
 
     def forward(
         self,
@@ -121,11 +121,11 @@ class Forecaster(nn.Module):
         observed = mask.any(dim=(1, 3))  # [B, N]
         if self.cfg.backend == "block":  # one block structure for every layer
             neighbours = block_plan(pos, observed, self.cfg.block_size, self.cfg.key_blocks)
-        for block in self.blocks:
-            if self.checkpoint_blocks and self.training:
-                h = checkpoint(block, h, pos, observed, neighbours, use_reentrant=False)
+        for layer in self.layers:
+            if self.checkpoint_layers and self.training:
+                h = checkpoint(layer, h, pos, observed, neighbours, use_reentrant=False)
             else:
-                h = block(h, pos, observed, neighbours)
+                h = layer(h, pos, observed, neighbours)
         out = self.head(self.norm(h)).view(b, n, self.horizon, f, 2)  # [B, N, H, F, 2]
         out = out.permute(0, 2, 1, 3, 4)  # [B, H, N, F, 2]
         last = _last_observed(x, mask)  # [B, N, F]

@@ -22,16 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
 import yaml
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import Config, flatten
-from pipeline.data.geometry import positions_km
 from pipeline.data.store import Store
 from pipeline.errors import UserError
-from pipeline.evaluate import diagnostics as figures
-from pipeline.evaluate.variography import empirical_variogram
+from pipeline.evaluate.diagnostics import close_figures, run_figures, sweep_bars
+from pipeline.evaluate.metrics import test_row, validation_row
 from pipeline.model.export import Predictor
 
 DEFAULT_URI = "sqlite:///mlruns.db"
@@ -65,6 +63,17 @@ def check_reachable(uri: str) -> None:
             f"MLflow tracking server {uri} is unreachable ({exc}); start it, fix tracking.uri "
             "/ MLFLOW_TRACKING_URI, or unset both to use the embedded sqlite:///mlruns.db"
         ) from None
+
+
+def connect(cfg: Config, experiment: bool = True) -> str:
+    """Point MLflow at ``cfg``'s tracking URI (checked first) and, with ``experiment``, at its
+    experiment; returns the URI."""
+    uri = tracking_uri(cfg)
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    if experiment:
+        mlflow.set_experiment(cfg.tracking.experiment)
+    return uri
 
 
 def _git_commit() -> str:
@@ -108,10 +117,7 @@ class Tracker:
     def start(self, store: Store) -> None:
         if not self.active:
             return
-        uri = tracking_uri(self.cfg)
-        check_reachable(uri)
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_experiment(self.cfg.tracking.experiment)
+        connect(self.cfg)
         tags = dict(self.tags)
         if self.parent_run_id:  # a trial of a sweep: a child of the sweep's run
             tags["mlflow.parentRunId"] = self.parent_run_id
@@ -141,29 +147,14 @@ class Tracker:
     def log_validation(self, step: int, val: dict) -> None:
         if not self.active:
             return
-        metrics = {f"val_{k}": v for k, v in val["mean"].items()}
-        metrics["val_loss"] = val["loss"]
-        mlflow.log_metrics(metrics, step=step)
+        mlflow.log_metrics({"val_loss": val["loss"], **validation_row(val)}, step=step)
 
     def finish(self, metrics: dict, model_dir: Path, store: Store) -> str | None:
         """Log test metrics, figures and the model; register it; end the run.
         Returns the registered model URI (``models:/NAME@candidate``) or the run's model URI."""
         if not self.active:
             return None
-        test = metrics["test"]
-        flat = {f"test_{k}": v for k, v in test["mean"].items()}
-        flat["test_pit_uniform_distance"] = test["pit_uniform_distance"]
-        for name, base in test.get("baselines", {}).items():
-            flat[f"test_{name}_mae"] = base["mae"]
-            for loss in ("mae", "crps"):
-                flat[f"test_dm_{loss}_vs_{name}"] = base[f"dm_{loss}"]["statistic"]
-                flat[f"test_dm_{loss}_vs_{name}_p"] = base[f"dm_{loss}"]["p_value"]
-        if "morans_i" in test:
-            flat["test_morans_i"] = test["morans_i"]["I"]
-            flat["test_morans_i_p"] = test["morans_i"]["p_value"]
-        for i, h in enumerate(test["horizon_steps"]):
-            flat.update({f"test_mae_h{h}": test["mae"][i], f"test_crps_h{h}": test["crps"][i]})
-        mlflow.log_metrics(flat)
+        mlflow.log_metrics(test_row(metrics["test"]))
         mlflow.log_dict(metrics, "metrics.json")
         self._log_figures(metrics, model_dir, store)
         uri = None
@@ -173,47 +164,10 @@ class Tracker:
         return uri
 
     def _log_figures(self, metrics: dict, model_dir: Path, store: Store) -> None:
-        rng = np.random.default_rng(0)
-        a, b = store.split("train")
-        t, n, _ = store.shape
-        nodes = np.sort(rng.choice(n, min(n, 1500), replace=False))
-        steps = np.linspace(a, b - 1, min(20, b - a)).round().astype(int)
-        vals = store["values"].oindex[steps, nodes, 0]  # [S, n]
-        vals = (vals - store["mean"][:][nodes, 0]) / store["std"][:][nodes, 0]
-        pos, frame = positions_km(store["coords"][:][nodes], store.attrs["crs"])
-        plane = (pos @ frame.T)[:, :2]
-        span = float(np.ptp(plane, axis=0).max())
-        edges = np.linspace(0, span / 3 if span > 0 else 1.0, 16)
-        centres, gamma = empirical_variogram(plane, vals, edges, snapshots=len(steps))
-        fig = figures.correlation_curves(
-            metrics["kernel"], self.cfg.model.kernel, centres, 1 - gamma, metrics.get("truth")
-        )
-        mlflow.log_figure(fig, "figures/correlation.png")
-        mlflow.log_figure(
-            figures.pit_histogram(metrics["test"]["pit_histogram"]), "figures/pit.png"
-        )
-        mlflow.log_figure(
-            figures.loss_curves(self.train_losses, metrics["validation"]), "figures/loss.png"
-        )
-        predictor = Predictor(model_dir)
-        c, d = store.split("test")
-        ti, h = self.cfg.data.time_in, self.cfg.data.horizon
-        origin = c + ti
-        x = store["values"][origin - ti : origin][None]
-        out = predictor.predict(x, store["time"][origin : origin + 1])
-        pick = [0, n // 2, n - 1]
-        future = store["values"][origin : origin + h]
-        fig = figures.fan_chart(
-            x[0][:, pick, 0],
-            out["mean"][0][:, pick, 0],
-            out["std"][0][:, pick, 0],
-            future[:, pick, 0],
-            [str(store["sensor_id"][i]) for i in pick],
-        )
-        mlflow.log_figure(fig, "figures/fan_chart.png")
-        import matplotlib.pyplot as plt
-
-        plt.close("all")
+        figures = run_figures(self.cfg, metrics, store, model_dir, self.train_losses)
+        for name, fig in figures.items():
+            mlflow.log_figure(fig, f"figures/{name}.png")
+        close_figures()
 
     def _log_model(self, model_dir: Path) -> str:
         name = self.cfg.tracking.model_name
@@ -233,9 +187,7 @@ class Tracker:
 
 def promote(cfg: Config) -> dict[str, Any]:
     """Move alias ``champion`` to ``candidate`` when the candidate's test metric is lower."""
-    uri = tracking_uri(cfg)
-    check_reachable(uri)
-    mlflow.set_tracking_uri(uri)
+    connect(cfg, experiment=False)
     client, name, metric = MlflowClient(), cfg.tracking.model_name, cfg.tracking.promote_metric
     if name is None:
         raise TrackingError("tracking.model_name is not set: nothing to promote")
@@ -281,10 +233,7 @@ class SweepTracker:
     def start(self) -> str | None:
         if not self.active:
             return None
-        uri = tracking_uri(self.cfg)
-        check_reachable(uri)
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_experiment(self.cfg.tracking.experiment)
+        connect(self.cfg)
         previous = self.id_file.read_text().strip() if self.id_file.is_file() else None
         if previous and self.cfg.tune.resume:
             run = mlflow.start_run(run_id=previous)
@@ -311,8 +260,9 @@ class SweepTracker:
         mlflow.log_text(summary["table"], "sweep_table.md")
         mlflow.log_dict({"trials": summary["trials"]}, "sweep_trials.json")
         if summary["by_family"]:
-            fig = figures.sweep_bars(summary["by_family"], self.cfg.tune.metric)
+            fig = sweep_bars(summary["by_family"], self.cfg.tune.metric)
             mlflow.log_figure(fig, "figures/sweep.png")
+            close_figures()
         if summary.get("best_yaml"):
             mlflow.log_artifact(summary["best_yaml"])
         if summary["best"] is not None:

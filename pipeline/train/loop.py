@@ -159,7 +159,7 @@ def setup(cfg: Config, ctx: engine.Context, tracker: Tracker | None = None) -> R
         store.shape[2],
         store.shape[1],
         frame=torch.tensor(frame, dtype=torch.float32),
-        checkpoint_blocks=cfg.train.activation_checkpointing,
+        checkpoint_layers=cfg.train.activation_checkpointing,
     ).to(ctx.device)
     eng = engine.build_engine(model, *optimizer(model, cfg), cfg)
     state = {

@@ -1,16 +1,24 @@
 """Wide CSV sources: a header of sensor ids and one row per time step (optionally a first
-column of timestamps). Big files are scanned in parallel blocks for line offsets and
-timestamps, then read in row ranges, each parsed at C speed as one value per line.
+column of timestamps), as spreadsheets and loggers export them: a UTF-8 byte-order mark,
+quoted header and cells, CRLF line ends, ``data.source.delimiter`` (``;``),
+``data.source.decimal`` (``,``) and ``data.source.encoding`` (any ASCII-compatible one).
+
+Big files are scanned in parallel blocks for line offsets and timestamps (a line ends at a
+newline byte: quoted cells may not hold line breaks); each task then parses its row range with
+``pyarrow.csv`` (C++, only the rows it writes). A row with the wrong number of fields or a
+cell that is not a number is an error naming the file, the line and the sensor.
 """
 
 from __future__ import annotations
 
+import csv
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
 
 from pipeline.config import DataConfig
 from pipeline.data.sources.base import (
@@ -20,7 +28,6 @@ from pipeline.data.sources.base import (
     axis_from_start,
     check_ids,
     data_path,
-    first_bad_cell,
     load_locations,
     parse_times,
     regular_axis,
@@ -28,9 +35,13 @@ from pipeline.data.sources.base import (
 
 SCAN_BLOCK = 32 << 20  # bytes per scan task
 _PREFIX = 256  # bytes read after each line start to find its timestamp
+NULLS = ["", "NA", "N/A", "NaN", "nan", "null", "NULL", "#N/A", "-nan", "None"]
+"""Cells that mean "missing" (besides data.source.sentinels)."""
 
 
-def _scan_block(path: str, offset: int, size: int, filesize: int) -> tuple[np.ndarray, list[bytes]]:
+def _scan_block(
+    path: str, offset: int, size: int, filesize: int, delimiter: bytes
+) -> tuple[np.ndarray, list[bytes]]:
     """Line starts in [offset, offset + size) and the first field of each such line."""
     with open(path, "rb") as fh:
         fh.seek(offset)
@@ -39,27 +50,8 @@ def _scan_block(path: str, offset: int, size: int, filesize: int) -> tuple[np.nd
     nl = np.flatnonzero(buf[:size] == 10)
     starts = offset + nl + 1
     starts = starts[starts < filesize]
-    firsts = [data[s - offset : s - offset + _PREFIX].split(b",", 1)[0] for s in starts]
+    firsts = [data[s - offset : s - offset + _PREFIX].split(delimiter, 1)[0] for s in starts]
     return starts, firsts
-
-
-def _parse_numbers(lines: list[bytes], drop_first: bool) -> np.ndarray | None:
-    """Cells of CSV lines of plain numbers (empty = NaN), flattened, as float32 at C speed
-    (one value per line through pandas' C parser); None if some cell is not a number."""
-    cells = [line.split(b",", 1)[1] for line in lines] if drop_first else lines
-    body = b"\n".join(cells).replace(b",", b"\n") + b"\n0"  # "0": keeps a last empty cell
-    try:
-        values = pd.read_csv(
-            io.BytesIO(body),
-            header=None,
-            names=["v"],
-            dtype=np.float32,
-            skip_blank_lines=False,
-            engine="c",
-        ).to_numpy()[:-1, 0]
-    except ValueError:
-        return None
-    return values
 
 
 @dataclass
@@ -69,6 +61,9 @@ class WideCsvSource(Source):
     sensor_cols: np.ndarray = field(default_factory=lambda: np.zeros(0, int))
     line_starts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [rows + 1]
     row_pos: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [rows]
+    delimiter: str = ","
+    decimal: str = "."
+    encoding: str = "utf-8"
 
     def read(self, g0: int, g1: int, sensors: np.ndarray) -> np.ndarray:
         out = np.full((g1 - g0, len(sensors), 1), np.nan, dtype=np.float32)
@@ -79,36 +74,88 @@ class WideCsvSource(Source):
         with open(self.path, "rb") as fh:
             fh.seek(a)
             data = fh.read(b - a)
-        where = f"{self.path}"
-        lines = [line.rstrip(b"\r") for line in data.rstrip(b"\r\n").split(b"\n")]
-        commas = np.array([line.count(b",") for line in lines])
-        wrong = np.flatnonzero(commas != len(self.columns) - 1)
-        if len(wrong) or len(lines) != r1 - r0:
-            i = int(wrong[0]) if len(wrong) else len(lines)
-            found = commas[i] + 1 if i < len(lines) else 0
-            raise SourceError(
-                f"{where}, line {r0 + i + 2}: {found} fields, the header has "
-                f"{len(self.columns)}; fix the ragged row"
-            )
-        drop = bool(self.sensor_cols[0] > 0)
-        flat = _parse_numbers(lines, drop)
-        if flat is not None and flat.size == len(lines) * len(self.sensor_cols):
-            vals = flat.reshape(len(lines), len(self.sensor_cols))
-        else:  # a cell is not a plain number: find it (the slow path, errors only)
-            frame = pd.read_csv(
-                io.BytesIO(data),
-                header=None,
-                names=self.columns,
-                usecols=list(self.sensor_cols),
-                skip_blank_lines=False,
-            )
-            names = [self.columns[c] for c in self.sensor_cols]
-            first_bad_cell(frame[names], names, where, r0 + 2)
-            vals = frame[names].to_numpy(dtype=np.float32)
+        vals = self._parse(data, r0, r1 - r0)  # [rows, sensors]
         if r1 - r0 == g1 - g0:  # no gap in these rows: no scatter needed
             return vals[:, sensors, None]
         out[self.row_pos[r0:r1] - g0, :, 0] = vals[:, sensors]
         return out
+
+    def _parse(self, data: bytes, r0: int, rows: int) -> np.ndarray:
+        """Rows r0 .. r0 + rows of the file (``data``) as float32 [rows, sensors]."""
+        names = [f"c{i}" for i in range(len(self.columns))]  # header ids may repeat a null
+        wanted = [names[c] for c in self.sensor_cols]
+        try:
+            table = pacsv.read_csv(
+                io.BytesIO(data),
+                read_options=pacsv.ReadOptions(
+                    column_names=names,
+                    encoding=self.encoding,
+                    use_threads=False,
+                    block_size=len(data) + 1,  # one block: rows never straddle two
+                ),
+                parse_options=pacsv.ParseOptions(delimiter=self.delimiter),
+                convert_options=pacsv.ConvertOptions(
+                    column_types={n: pa.float32() for n in wanted},
+                    include_columns=wanted,
+                    decimal_point=self.decimal,
+                    null_values=NULLS,
+                    strings_can_be_null=True,
+                    quoted_strings_can_be_null=True,
+                ),
+            )
+        except (pa.ArrowInvalid, UnicodeDecodeError):
+            table = None
+        if table is None or table.num_rows != rows:
+            self._raise_first_error(data, r0)
+            raise SourceError(
+                f"{self.path}, lines {r0 + 2}-{r0 + rows + 1}: could not be read as "
+                f"{len(self.columns)} fields of numbers; check data.source.delimiter, "
+                "decimal and encoding"
+            )
+        # float columns: pyarrow gives NaN for nulls
+        return np.stack([c.to_numpy() for c in table.columns], axis=1)  # [rows, sensors]
+
+    def _raise_first_error(self, data: bytes, r0: int) -> None:
+        """The slow path, on errors only: name the first bad line, and its sensor."""
+        try:
+            text = data.decode(self.encoding)
+        except UnicodeDecodeError as exc:
+            line = r0 + 2 + data[: exc.start].count(b"\n")
+            raise SourceError(
+                f"{self.path}, line {line}: bytes that are not {self.encoding}; set "
+                "data.source.encoding to the file's encoding"
+            ) from None
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=self.delimiter)
+        for i, cells in enumerate(reader):
+            line = r0 + i + 2
+            if len(cells) != len(self.columns):
+                raise SourceError(
+                    f"{self.path}, line {line}: {len(cells)} fields, the header has "
+                    f"{len(self.columns)}; fix the ragged row"
+                )
+            for c in self.sensor_cols:
+                cell = cells[c].strip()
+                if cell in NULLS:
+                    continue
+                try:
+                    float(cell.replace(self.decimal, ".") if self.decimal != "." else cell)
+                except ValueError:
+                    raise SourceError(
+                        f"{self.path}, line {line}, sensor {self.columns[c]!r}: {cell!r} is "
+                        "not a number; fix the cell or leave it empty (decimal mark: "
+                        f"{self.decimal!r}, data.source.decimal)"
+                    ) from None
+
+
+def _header(raw: bytes, path: Path, encoding: str, delimiter: str) -> list[str]:
+    try:
+        text = raw.decode(encoding).lstrip("\ufeff")  # a byte-order mark is not an id
+    except UnicodeDecodeError:
+        raise SourceError(
+            f"{path}, line 1: the header is not {encoding}; set data.source.encoding"
+        ) from None
+    (cells,) = list(csv.reader([text.rstrip("\r\n")], delimiter=delimiter)) or [[]]
+    return [c.strip() for c in cells]
 
 
 def open_wide_csv(cfg: DataConfig, pmap: PMap) -> WideCsvSource:
@@ -122,7 +169,14 @@ def open_wide_csv(cfg: DataConfig, pmap: PMap) -> WideCsvSource:
         fh.seek(max(0, filesize - 64))
         tail = fh.read()
     filesize -= len(tail) - len(tail.rstrip(b"\r\n"))  # trailing blank lines are not rows
-    columns = [c.strip() for c in header_line.decode().rstrip("\r\n").split(",")]
+    columns = _header(header_line, path, src.encoding, src.delimiter)
+    if len(columns) < 2 and src.delimiter not in header_line.decode(src.encoding, "replace"):
+        guess = next((d for d in ";\t|," if d in header_line.decode("latin-1")), None)
+        if guess is not None and guess != src.delimiter:
+            raise SourceError(
+                f"{path}, line 1: no {src.delimiter!r} in the header, but {guess!r} is there: "
+                f"set data.source.delimiter: {guess!r}"
+            )
     if src.time_column is not None:
         if src.time_column not in columns:
             raise SourceError(
@@ -136,8 +190,9 @@ def open_wide_csv(cfg: DataConfig, pmap: PMap) -> WideCsvSource:
     sensor_cols = np.arange(1 if src.time_column else 0, len(columns))
     ids = check_ids([columns[c] for c in sensor_cols], f"{path} header")
     body = len(header_line)
+    delim = src.delimiter.encode(src.encoding)
     blocks = [
-        (str(path), o, min(SCAN_BLOCK, filesize - o), filesize)
+        (str(path), o, min(SCAN_BLOCK, filesize - o), filesize, delim)
         for o in range(body, filesize, SCAN_BLOCK)
     ]
     scans = pmap(lambda args: _scan_block(*args), blocks)
@@ -151,8 +206,9 @@ def open_wide_csv(cfg: DataConfig, pmap: PMap) -> WideCsvSource:
     if src.time_column:
         with open(path, "rb") as fh:
             fh.seek(body)
-            first = fh.read(_PREFIX).split(b",", 1)[0]
-        stamps = parse_times([x.decode().strip() for x in [first, *firsts]], str(path), 2)
+            first = fh.read(_PREFIX).split(delim, 1)[0]
+        stamps = [x.decode(src.encoding, "replace").strip().strip('"') for x in [first, *firsts]]
+        stamps = parse_times(stamps, str(path), 2)
         time, row_pos, freq = regular_axis(stamps, src.freq, str(path), 2)
     else:
         time, row_pos, freq = axis_from_start(src.start, src.freq, rows, str(path))
@@ -171,4 +227,8 @@ def open_wide_csv(cfg: DataConfig, pmap: PMap) -> WideCsvSource:
         sensor_cols=sensor_cols,
         line_starts=line_starts,
         row_pos=row_pos,
+        delimiter=src.delimiter,
+        decimal=src.decimal,
+        encoding=src.encoding,
     )
+

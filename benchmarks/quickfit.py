@@ -1,8 +1,9 @@
 """In-memory, single-process training of the forecaster on a synthetic field.
 
 The laboratory for deep variography (does the learned range find the true one?): no store, no
-launcher, plain PyTorch. Production training (DeepSpeed, checkpoints, tracking) is
-``pipeline/train.py``; both build batches with :class:`pipeline.data.stream.WindowSource`.
+launcher, plain PyTorch, for the variography benchmark and its test. Production training
+(DeepSpeed, checkpoints, tracking) is pipeline/train/loop.py; both cut windows with
+``pipeline.data.stream.cut_windows``.
 """
 
 from __future__ import annotations
@@ -17,11 +18,41 @@ from tqdm import tqdm
 from pipeline.config import Config
 from pipeline.data.geometry import positions_km
 from pipeline.data.neighbours import k_nearest
-from pipeline.data.stream import WindowSource
+from pipeline.data.stream import cut_windows, window_origins
 from pipeline.data.synthetic import SyntheticField
 from pipeline.model.forecaster import Forecaster
 from pipeline.model.losses import LOSSES
 from pipeline.train.optimizer import parameter_groups
+
+
+@dataclass
+class WindowSource:
+    """In-memory arrays to cut windows from: values/mask [T, N, F], time [T], mean/std [N, F]."""
+
+    values: np.ndarray
+    mask: np.ndarray
+    time: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    time_in: int
+    horizon: int
+
+    def origins(self, start: int, stop: int) -> np.ndarray:
+        return window_origins(start, stop, self.time_in, self.horizon)
+
+    def batch(self, origins: np.ndarray) -> dict[str, torch.Tensor]:
+        lo, hi = int(origins.min()) - self.time_in, int(origins.max()) + self.horizon
+        return cut_windows(
+            self.values[lo:hi],
+            self.mask[lo:hi],
+            self.time,
+            lo,
+            origins,
+            self.mean,
+            self.std,
+            self.time_in,
+            self.horizon,
+        )
 
 
 @dataclass

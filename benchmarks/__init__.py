@@ -1,0 +1,1 @@
+"""Benchmarks (run as scripts) and the in-memory trainer they and the variography test use."""
