@@ -101,6 +101,9 @@ class SourceConfig(_Section):
     """Timestamp of the first row when rows carry no timestamp (UTC)."""
     freq: str | None = None
     """Time step (pandas frequency string, e.g. ``5min``); inferred from timestamps if None."""
+    partition_mb: float = Field(64.0, gt=0)
+    """Long formats: size of the partitions read in parallel (CSV bytes; Parquet: whole row
+    groups up to this uncompressed size); memory per task follows it, not the file size."""
     delimiter: str = ","
     """Wide CSV: the field delimiter (one character, e.g. ``;`` from European spreadsheets)."""
     decimal: str = "."
@@ -114,7 +117,6 @@ class SourceConfig(_Section):
     """HDF5: the pandas key of the frame."""
     units: str = ""
     """Units of the values (recorded in the store)."""
-
 
     @model_validator(mode="after")
     def _csv_dialect(self) -> SourceConfig:

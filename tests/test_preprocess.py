@@ -1,6 +1,7 @@
 """Preprocessing on a real Dask cluster: bad input is a clear error and leaves nothing behind."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -338,6 +339,71 @@ def test_long_duplicate_observation(scheduler, tmp_path):
         "two rows",
         "'d4'",
     )
+
+
+@pytest.mark.parametrize("kind", ["long_csv", "parquet"])
+def test_long_files_stream_in_partitions(scheduler, tmp_path, kind):
+    """Rows in any order, read in many small partitions (tiny data.source.partition_mb), give
+    the store of one partition; a duplicate in another partition names both rows."""
+    ov = [o for o in write_case(tmp_path) if "time_column" not in o and "source.path" not in o]
+    frame = _long_frame().sample(frac=1.0, random_state=1).reset_index(drop=True)
+    path = tmp_path / ("long.csv" if kind == "long_csv" else "long.parquet")
+
+    def write(f):
+        if kind == "long_csv":
+            f.to_csv(path, index=False)
+        else:
+            f.to_parquet(path, row_group_size=7)
+
+    write(frame)
+    base = [
+        f"data.source.kind={kind}",
+        f"data.source.path={path}",
+        "data.source.value_columns=[value, flow]",
+    ]
+    whole = open_store(run(scheduler, ov + base))
+    want = whole["values"][:]
+    shutil.rmtree(whole.path)
+    parts = open_store(run(scheduler, ov + base + ["data.source.partition_mb=0.001"]))
+    np.testing.assert_array_equal(parts["values"][:], want)
+    shutil.rmtree(parts.path)
+    assert not list(tmp_path.glob(".*spill*")), "the spill folder was left behind"
+    write(pd.concat([frame, frame.iloc[[3]]], ignore_index=True))  # row 3 again, at the end
+    offset, unit = (2, "lines") if kind == "long_csv" else (0, "rows")  # CSV: header, 1-based
+    first, last = 3 + offset, len(frame) + offset
+    expect_error(
+        scheduler,
+        tmp_path,
+        ov + base + ["data.source.partition_mb=0.001"],
+        "two rows",
+        repr(frame.sensor_id[3]),
+        f"{unit} {first} and {last}",
+    )
+    assert not list(tmp_path.glob(".*spill*")), "the spill folder was left behind"
+
+
+@pytest.mark.parametrize(
+    "column,cell,message",
+    [
+        ("time", "yesterday", "line 52: 'yesterday' is not a timestamp"),
+        ("value", "abc", "line 52, column 'value': 'abc' is not a number"),
+    ],
+)
+def test_long_bad_cell_in_a_later_partition_names_its_line(
+    scheduler, tmp_path, column, cell, message
+):
+    ov = [o for o in write_case(tmp_path) if "time_column" not in o and "source.path" not in o]
+    frame = _long_frame().astype({column: object})
+    frame.loc[50, column] = cell
+    frame.to_csv(tmp_path / "long.csv", index=False)
+    extra = [
+        "data.source.kind=long_csv",
+        f"data.source.path={tmp_path / 'long.csv'}",
+        "data.source.value_columns=[value, flow]",
+        "data.source.partition_mb=0.001",
+    ]
+    expect_error(scheduler, tmp_path, ov + extra, message)
+    assert not list(tmp_path.glob(".*spill*")), "the spill folder was left behind"
 
 
 def test_hdf5_metr_la_layout(scheduler, tmp_path):

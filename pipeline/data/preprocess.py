@@ -26,7 +26,7 @@ import zarr
 from dask.distributed import Client, LocalCluster, as_completed
 from tqdm import tqdm
 
-from pipeline.config import Config, DaskConfig
+from pipeline.config import Config, DaskConfig, DataConfig
 from pipeline.data.geometry import positions_km
 from pipeline.data.neighbours import curve_order, k_nearest
 from pipeline.data.sources import Source, SourceError, open_source
@@ -124,93 +124,103 @@ def preprocess(cfg: Config, progress: bool = True) -> Path:
             return client.gather(client.map(func, list(items), pure=False))
 
         source = open_source(data, pmap)
-        t, n, f = len(source.time), len(source.sensor_ids), len(source.features)
-        if t < data.time_in + data.horizon:
-            raise SourceError(
-                f"{source.files[0] if source.files else 'source'}: {t} time steps are fewer "
-                f"than one window (data.time_in + data.horizon = {data.time_in + data.horizon})"
-            )
-        pos, frame = positions_km(source.coords, source.crs)
-        order = curve_order(pos, frame, data.curve)  # store index j -> source index order[j]
-        split = splits(t, data.train_fraction, data.val_fraction)
-        k = min(data.neighbours, n)
-        with atomic_store(target, data.overwrite) as tmp:
-            root = create_arrays(tmp, t, n, f, k, data.time_chunk, data.node_chunk)
-            blocks = _task_blocks(t, n, f, data.time_chunk, data.node_chunk, source.node_subsets)
-            source_future = client.scatter(source, broadcast=True)
-            hashes = client.map(sha256, source.files, pure=False)  # overlaps the writes
-            futures = [
-                client.submit(
-                    _write_block,
-                    source_future,
-                    str(tmp),
-                    g0,
-                    g1,
-                    n0,
-                    n1,
-                    order[n0:n1],
-                    tuple(data.source.sentinels),
-                    split["train"][1],
-                    pure=False,
-                )
-                for g0, g1, n0, n1 in blocks
-            ]
-            total, total_sq = np.zeros((n, f)), np.zeros((n, f))
-            count, seen = np.zeros((n, f)), np.zeros((n, f))
-            bar = tqdm(
-                as_completed(futures),
-                total=len(futures),
-                desc="preprocess",
-                unit="chunk",
-                disable=not progress,
-            )
-            for future in bar:
-                n0, n1, s, sq, c, obs = future.result()
-                total[n0:n1] += s
-                total_sq[n0:n1] += sq
-                count[n0:n1] += c
-                seen[n0:n1] += obs
-            never = np.flatnonzero((seen == 0).all(axis=1))
-            if len(never):
-                ids = [source.sensor_ids[order[j]] for j in never[:10]]
-                raise SourceError(
-                    f"sensors {ids} have no observation at all; drop them from the data and "
-                    "the locations file"
-                )
-            mean, std, fallback = _train_stats(total, total_sq, count)
-            nb, nd = k_nearest(pos[order], k)
-            root["time"][:] = source.time
-            root["coords"][:] = source.coords[order]
-            root["sensor_id"][:] = np.asarray(source.sensor_ids[order], dtype=str)
-            root["order"][:] = order
-            root["neighbours"][:] = nb.astype(np.int32)
-            root["neighbour_dist"][:] = nd.astype(np.float32)
-            root["mean"][:] = mean
-            root["std"][:] = std
-            root.attrs.update(
-                {
-                    "schema_version": SCHEMA_VERSION,
-                    "freq": source.freq,
-                    "splits": split,
-                    "features": source.features,
-                    "units": data.source.units,
-                    "crs": source.crs,
-                    "curve": data.curve,
-                    "sources": [
-                        {"path": str(p), "sha256": h}
-                        for p, h in zip(source.files, client.gather(hashes), strict=True)
-                    ],
-                    "truth": source.truth,
-                    "time_chunk": data.time_chunk,
-                    "node_chunk": data.node_chunk,
-                    "sentinels": list(data.source.sentinels),
-                    "sensors_without_train_stats": [
-                        str(source.sensor_ids[order[j]]) for j in fallback[:100]
-                    ],
-                    "observed_fraction": float(seen.sum() / (t * n * f)),
-                }
-            )
+        try:
+            _write_store(client, source, data, target, progress)
+        finally:
+            source.close()
     return target
+
+
+def _write_store(
+    client: Client, source: Source, data: DataConfig, target: Path, progress: bool
+) -> None:
+    """The write tasks, train statistics, neighbours and attributes; published atomically."""
+    t, n, f = len(source.time), len(source.sensor_ids), len(source.features)
+    if t < data.time_in + data.horizon:
+        raise SourceError(
+            f"{source.files[0] if source.files else 'source'}: {t} time steps are fewer "
+            f"than one window (data.time_in + data.horizon = {data.time_in + data.horizon})"
+        )
+    pos, frame = positions_km(source.coords, source.crs)
+    order = curve_order(pos, frame, data.curve)  # store index j -> source index order[j]
+    split = splits(t, data.train_fraction, data.val_fraction)
+    k = min(data.neighbours, n)
+    with atomic_store(target, data.overwrite) as tmp:
+        root = create_arrays(tmp, t, n, f, k, data.time_chunk, data.node_chunk)
+        blocks = _task_blocks(t, n, f, data.time_chunk, data.node_chunk, source.node_subsets)
+        source_future = client.scatter(source, broadcast=True)
+        hashes = client.map(sha256, source.files, pure=False)  # overlaps the writes
+        futures = [
+            client.submit(
+                _write_block,
+                source_future,
+                str(tmp),
+                g0,
+                g1,
+                n0,
+                n1,
+                order[n0:n1],
+                tuple(data.source.sentinels),
+                split["train"][1],
+                pure=False,
+            )
+            for g0, g1, n0, n1 in blocks
+        ]
+        total, total_sq = np.zeros((n, f)), np.zeros((n, f))
+        count, seen = np.zeros((n, f)), np.zeros((n, f))
+        bar = tqdm(
+            as_completed(futures),
+            total=len(futures),
+            desc="preprocess",
+            unit="chunk",
+            disable=not progress,
+        )
+        for future in bar:
+            n0, n1, s, sq, c, obs = future.result()
+            total[n0:n1] += s
+            total_sq[n0:n1] += sq
+            count[n0:n1] += c
+            seen[n0:n1] += obs
+        never = np.flatnonzero((seen == 0).all(axis=1))
+        if len(never):
+            ids = [source.sensor_ids[order[j]] for j in never[:10]]
+            raise SourceError(
+                f"sensors {ids} have no observation at all; drop them from the data and "
+                "the locations file"
+            )
+        mean, std, fallback = _train_stats(total, total_sq, count)
+        nb, nd = k_nearest(pos[order], k)
+        root["time"][:] = source.time
+        root["coords"][:] = source.coords[order]
+        root["sensor_id"][:] = np.asarray(source.sensor_ids[order], dtype=str)
+        root["order"][:] = order
+        root["neighbours"][:] = nb.astype(np.int32)
+        root["neighbour_dist"][:] = nd.astype(np.float32)
+        root["mean"][:] = mean
+        root["std"][:] = std
+        root.attrs.update(
+            {
+                "schema_version": SCHEMA_VERSION,
+                "freq": source.freq,
+                "splits": split,
+                "features": source.features,
+                "units": data.source.units,
+                "crs": source.crs,
+                "curve": data.curve,
+                "sources": [
+                    {"path": str(p), "sha256": h}
+                    for p, h in zip(source.files, client.gather(hashes), strict=True)
+                ],
+                "truth": source.truth,
+                "time_chunk": data.time_chunk,
+                "node_chunk": data.node_chunk,
+                "sentinels": list(data.source.sentinels),
+                "sensors_without_train_stats": [
+                    str(source.sensor_ids[order[j]]) for j in fallback[:100]
+                ],
+                "observed_fraction": float(seen.sum() / (t * n * f)),
+            }
+        )
 
 
 def _train_stats(total, total_sq, count):

@@ -57,6 +57,9 @@ class Source:
     def read(self, g0: int, g1: int, sensors: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Remove what opening the source wrote (preprocessing calls it, also on failure)."""
+
 
 # --------------------------------------------------------------------------------------------
 # Locations and the time axis
