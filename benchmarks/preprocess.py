@@ -5,11 +5,15 @@
    plain pandas -> numpy -> zarr baseline doing the same work (read, mask, curve order, train
    statistics, neighbours, the same Zarr layout and chunks) run on it in the same session.
 2. Synthetic fields of 250,000 and 1,000,000 sensors x 2,000 steps go to a store.
+3. With ``--long-rows R``: a long Parquet file of R rows (sensor_id, time, value; 10,000
+   sensors, shuffled within each row group) is generated and preprocessed in partitions
+   (``data.source.partition_mb``); its peak memory is compared with the file's size.
 
 Each job runs in its own process tree; wall time and the peak of the summed resident memory
 of the tree (sampled every 0.1 s) are printed, with the ratios.
 
-Usage: python benchmarks/preprocess.py [--sensors 20000] [--steps 10000] [--skip-synthetic]
+Usage: python benchmarks/preprocess.py [--sensors 20000] [--steps 10000] [--synthetic N ...]
+       [--long-rows 100000000]
 """
 
 from __future__ import annotations
@@ -81,6 +85,39 @@ def generate_csv(path: Path, loc: Path, sensors: int, steps: int) -> None:
         fh.writelines(f"s{i},{lat[i]:.6f},{lon[i]:.6f}\n" for i in range(sensors))
 
 
+def generate_long_parquet(path: Path, loc: Path, rows: int, sensors: int = 10_000) -> None:
+    """``rows`` readings of ``sensors`` sensors every 5 minutes, written a row group at a
+    time (memory flat), rows shuffled within each group."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    ids = np.array([f"s{i}" for i in range(sensors)], dtype=object)
+    steps_per_group = max(1, 1_000_000 // sensors)
+    t0 = np.datetime64("2024-01-01T00:00", "ns")
+    schema = pa.schema(
+        [("sensor_id", pa.string()), ("time", pa.timestamp("ns")), ("value", pa.float32())]
+    )
+    with pq.ParquetWriter(path, schema) as writer:
+        for s0 in range(0, rows // sensors, steps_per_group):
+            steps = np.arange(s0, min(s0 + steps_per_group, rows // sensors))
+            perm = rng.permutation(len(steps) * sensors)
+            time = np.repeat(t0 + steps * np.timedelta64(5, "m"), sensors)[perm]
+            table = pa.table(
+                {
+                    "sensor_id": pa.array(np.tile(ids, len(steps))[perm], pa.string()),
+                    "time": pa.array(time, pa.timestamp("ns")),
+                    "value": pa.array(rng.normal(size=len(perm)).astype(np.float32)),
+                },
+                schema=schema,
+            )
+            writer.write_table(table)
+    lat, lon = 34.0 + rng.random(sensors), -118.5 + rng.random(sensors)
+    with open(loc, "w") as fh:
+        fh.write("sensor_id,latitude,longitude\n")
+        fh.writelines(f"s{i},{lat[i]:.6f},{lon[i]:.6f}\n" for i in range(sensors))
+
+
 def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
     """Wall seconds and peak resident MB of the command's whole process tree."""
     t0 = time.perf_counter()
@@ -105,6 +142,7 @@ def main() -> None:
     parser.add_argument("--sensors", type=int, default=20_000)
     parser.add_argument("--steps", type=int, default=10_000)
     parser.add_argument("--synthetic", type=int, nargs="*", default=[250_000, 1_000_000])
+    parser.add_argument("--long-rows", type=int, default=0)
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="sit-bench-"))
@@ -148,6 +186,36 @@ def main() -> None:
         f"{dask_m / base_m:.2f} of the baseline's memory |",
         flush=True,
     )
+    if args.long_rows:
+        long, long_loc = work / f"long{args.long_rows}.parquet", work / "long_loc.csv"
+        if not long.exists():
+            t0 = time.perf_counter()
+            generate_long_parquet(long, long_loc, args.long_rows)
+            print(
+                f"# generated {long.stat().st_size / 2**20:.0f} MB Parquet in "
+                f"{time.perf_counter() - t0:.0f} s",
+                flush=True,
+            )
+        store = work / "long.zarr"
+        cmd = [
+            sys.executable,
+            "launch/preprocess.py",
+            f"data.store={store}",
+            "data.overwrite=true",
+            "data.source.kind=parquet",
+            f"data.source.path={long}",
+            f"data.source.locations={long_loc}",
+            "dask.workers=2",
+            "dask.threads_per_worker=1",
+        ]
+        secs, mb = measure(cmd, env)
+        print(
+            f"| long Parquet, {args.long_rows:,} rows ({long.stat().st_size / 2**20:.0f} MB on "
+            f"disk, {args.long_rows * 16 / 2**20:.0f} MB as id/time/value columns) | "
+            f"{secs:.1f} | {mb:.0f} |",
+            flush=True,
+        )
+        shutil.rmtree(store, ignore_errors=True)
     for n in args.synthetic:
         store = work / f"syn{n}.zarr"
         cmd = [

@@ -6,7 +6,8 @@ length scale of the textbook closed form, in km. With it: the GSTools model in o
 (classical variography; the tests pin each against GSTools' ``rescale``) and the sampler of its
 spectral law (synthetic fields). ``config`` (``model.kernel``, ``synthetic.family``), the
 attention bias (pipeline/model/covariance.py), the variography fit and the synthetic sampler
-all read this table, so adding a family is one entry.
+all read this table, so adding a family is one entry. The correlations use tensor methods
+only, so the table (and the config that reads it) imports no torch: Dask workers stay light.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import Tensor
+
+if TYPE_CHECKING:  # the functions take torch tensors; this table imports no torch
+    from torch import Tensor
 
 _SQRT3 = math.sqrt(3.0)
 _SQRT5 = math.sqrt(5.0)
@@ -40,7 +43,7 @@ def log_matern32(h: Tensor) -> Tensor:
     (2006), eq. 4.17.
     """
     s = _SQRT3 * h
-    return torch.log1p(s) - s
+    return s.log1p() - s
 
 
 def log_matern52(h: Tensor) -> Tensor:
@@ -50,7 +53,7 @@ def log_matern52(h: Tensor) -> Tensor:
     Williams (2006), eq. 4.17.
     """
     s = _SQRT5 * h
-    return torch.log1p(s + s * s / 3.0) - s
+    return (s + s * s / 3.0).log1p() - s
 
 
 def log_gaussian(h: Tensor) -> Tensor:
@@ -69,7 +72,7 @@ def log_rational_quadratic(h: Tensor, alpha: float = 1.0) -> Tensor:
     h^2 / alpha). Reference: Rasmussen &
     Williams (2006), eq. 4.19.
     """
-    return -alpha * torch.log1p(h * h / (2.0 * alpha))
+    return -alpha * (h * h / (2.0 * alpha)).log1p()
 
 
 def log_spherical(h: Tensor) -> Tensor:
@@ -80,7 +83,7 @@ def log_spherical(h: Tensor) -> Tensor:
     (2012), 2.5. Positive definite in up to three dimensions.
     """
     hc = h.clamp(max=1.0)
-    return math.log(0.5) + 2.0 * torch.log((1.0 - hc).clamp_min(_LOG_FLOOR)) + torch.log(2.0 + hc)
+    return math.log(0.5) + 2.0 * (1.0 - hc).clamp_min(_LOG_FLOOR).log() + (2.0 + hc).log()
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,4 +158,4 @@ LOG_CORRELATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 
 def correlation(family: str, h: Tensor) -> Tensor:
     """rho_family(h) for scaled distances h >= 0."""
-    return torch.exp(LOG_CORRELATIONS[family](h))
+    return LOG_CORRELATIONS[family](h).exp()

@@ -84,10 +84,9 @@ class Reader:
             ),
         )
 
-    def sensors(self, table: pa.Table) -> np.ndarray:
-        """The sensor column as stripped strings [rows]."""
-        column = pc.utf8_trim_whitespace(table[self.sensor].cast(pa.string()))
-        return column.to_numpy(zero_copy_only=False)
+    def sensors(self, table: pa.Table) -> pa.ChunkedArray:
+        """The sensor column as stripped strings [rows] (Arrow: no Python string per row)."""
+        return pc.utf8_trim_whitespace(table[self.sensor].cast(pa.string()))
 
     def survey(self, part: Part) -> tuple[int, np.ndarray, np.ndarray, bool]:
         """Rows, sensor ids in order of appearance, distinct timestamps (ns), and whether a
@@ -97,7 +96,8 @@ class Reader:
             stamps = np.unique(_stamps(t[self.time]))
         except SourceError:
             return t.num_rows, np.zeros(0, object), np.zeros(0, np.int64), True
-        return t.num_rows, pd.unique(self.sensors(t)), stamps, False
+        ids = pc.unique(self.sensors(t)).to_numpy(zero_copy_only=False)  # first appearance
+        return t.num_rows, ids, stamps, False
 
     def spill(
         self,
@@ -125,7 +125,8 @@ class Reader:
                         )
         t0, step, time_chunk = axis
         ti = (_stamps(t[self.time]) - t0) // step
-        ni = pd.Index(ids).get_indexer(self.sensors(t))
+        ni = pc.index_in(self.sensors(t), value_set=pa.array(ids, pa.string()))
+        ni = ni.to_numpy(zero_copy_only=False)
         rows = first_row + np.arange(t.num_rows, dtype=np.int64)
         chunk = ti // time_chunk
         for c in np.unique(chunk):
@@ -133,7 +134,13 @@ class Reader:
             piece = out / f"{int(c):08d}"
             piece.mkdir(parents=True, exist_ok=True)
             with open(piece / f"{part.index:06d}.npz", "wb") as fh:
-                np.savez(fh, ti=ti[sel], ni=ni[sel], row=rows[sel], values=values[sel])
+                np.savez(
+                    fh,
+                    ti=ti[sel].astype(np.int32),
+                    ni=ni[sel].astype(np.int32),
+                    row=rows[sel],
+                    values=values[sel],
+                )
         return None
 
 
@@ -147,19 +154,19 @@ def _not_number(cell) -> bool:
 
 def _stamps(column: pa.ChunkedArray) -> np.ndarray:
     """int64 ns UTC of a time column (strings parsed once per distinct value)."""
-    if pa.types.is_timestamp(column.type):
-        s = pd.Series(column.to_pandas())
-        s = s.dt.tz_localize("UTC") if s.dt.tz is None else s.dt.tz_convert("UTC")
-        return s.dt.as_unit("ns").astype("int64").to_numpy()
-    text = np.asarray(column.to_pandas(), dtype=object)
-    uniq, inverse = np.unique(text.astype(str), return_inverse=True)
+    if pa.types.is_timestamp(column.type) or pa.types.is_date(column.type):
+        # Arrow stores instants as UTC; a naive time is taken as UTC
+        tz = getattr(column.type, "tz", None)
+        return column.cast(pa.timestamp("ns", tz=tz)).cast(pa.int64()).to_numpy()
+    text = column.cast(pa.string())
+    uniq = pc.unique(text)
     try:
-        parsed = pd.DatetimeIndex(pd.to_datetime(pd.Series(uniq), utc=True)).as_unit("ns")
+        parsed = pd.DatetimeIndex(pd.to_datetime(uniq.to_pandas(), utc=True)).as_unit("ns")
     except (ValueError, TypeError):
         raise SourceError("a cell is not a timestamp") from None
     if parsed.isna().any():
         raise SourceError("a cell is not a timestamp")
-    return parsed.asi8[inverse]
+    return parsed.asi8[pc.index_in(text, value_set=uniq).to_numpy(zero_copy_only=False)]
 
 
 def _not_timestamp(value) -> bool:

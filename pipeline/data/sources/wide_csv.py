@@ -5,10 +5,10 @@ quoted header and cells, CRLF line ends, ``data.source.delimiter`` (``;``),
 
 Big files are scanned in parallel blocks for line offsets and timestamps (a line ends at a
 newline byte: quoted cells may not hold line breaks); each task then parses its row range with
-Arrow: plain rows by splitting and converting all cells in bulk with Arrow compute kernels,
-rows with quoted cells with ``pyarrow.csv`` (a table of thousands of columns costs per
-column). A row with the wrong number of fields or a cell that is not a number is an error
-naming the file, the line and the sensor.
+``pyarrow.csv``: plain rows as one column of cells (one per line), rows with quoted cells
+as a table (slower: a table of thousands of columns costs per column). A row with the wrong
+number of fields or a cell that is not a number is an error naming the file, the line and the
+sensor.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from pipeline.config import DataConfig
@@ -102,24 +101,34 @@ class WideCsvSource(Source):
         return vals
 
     def _parse_cells(self, data: bytes) -> np.ndarray | None:
-        """Unquoted rows: the sensor cells of every row, split and converted by Arrow compute
-        kernels in one pass over all cells."""
+        """Unquoted rows: every sensor cell on a line of its own, parsed by pyarrow.csv as one
+        float32 column (a table of thousands of columns costs per column; one column does
+        not). None when a row has the wrong number of fields."""
         delim = self.delimiter.encode(self.encoding)
         lines = [line.rstrip(b"\r") for line in data.rstrip(b"\r\n").split(b"\n")]
-        if self.sensor_cols[0] > 0:  # drop the time column
-            lines = [line.split(delim, 1)[-1] for line in lines]
-        text = pa.array(lines, pa.binary()).cast(pa.string())  # [rows]
-        split = pc.split_pattern(text, self.delimiter)
-        if pc.min(pc.list_value_length(split)).as_py() != len(self.sensor_cols) or (
-            pc.max(pc.list_value_length(split)).as_py() != len(self.sensor_cols)
-        ):
+        if any(line.count(delim) != len(self.columns) - 1 for line in lines):
             return None
-        cells = pc.utf8_trim_whitespace(pc.list_flatten(split))  # [rows * sensors]
-        if self.decimal != ".":
-            cells = pc.replace_substring(cells, self.decimal, ".")
-        missing = pc.is_in(cells, value_set=pa.array(NULLS))
-        cells = pc.if_else(missing, pa.scalar(None, pa.string()), cells)
-        flat = pc.cast(cells, pa.float32()).to_numpy(zero_copy_only=False)  # nulls: NaN
+        if self.sensor_cols[0] > 0:  # drop the time column
+            lines = [line.split(delim, 1)[1] for line in lines]
+        body = b"\n".join(lines).replace(delim, b"\n")  # one cell per line
+        table = pacsv.read_csv(
+            io.BytesIO(body),
+            read_options=pacsv.ReadOptions(
+                column_names=["v"],
+                encoding=self.encoding,
+                use_threads=False,
+                block_size=len(body) + 1,
+            ),
+            # the delimiter no longer occurs; an empty line is a missing cell
+            parse_options=pacsv.ParseOptions(delimiter=self.delimiter, ignore_empty_lines=False),
+            convert_options=pacsv.ConvertOptions(
+                column_types={"v": pa.float32()},
+                decimal_point=self.decimal,
+                null_values=NULLS,
+                strings_can_be_null=True,
+            ),
+        )
+        flat = table["v"].to_numpy()  # [rows * sensors]; nulls are NaN
         return flat.reshape(len(lines), len(self.sensor_cols))
 
     def _parse_table(self, data: bytes) -> np.ndarray:
