@@ -224,6 +224,24 @@ def first_bad_cell(frame: pd.DataFrame, columns: Sequence[str], where: str, firs
                 )
 
 
+def located(
+    src, path: Path, ids: np.ndarray, time: np.ndarray, freq: str, features: Sequence[str]
+) -> dict[str, Any]:
+    """The fields of the ``Source`` record that every file format fills the same way: ids,
+    positions from the locations file (``src``: ``data.source``), the time axis, features and
+    the files whose checksums the store records."""
+    coords, crs = load_locations(src.locations, src.locations_header, ids)
+    return {
+        "sensor_ids": ids,
+        "coords": coords,
+        "crs": crs,
+        "time": time,
+        "freq": freq,
+        "features": list(features),
+        "files": [path, Path(src.locations)],
+    }
+
+
 def data_path(path: str | None) -> Path:
     if path is None:
         raise SourceError("data.source.path is not set: name the data file")

@@ -15,7 +15,7 @@ from pipeline.data.sources.base import (
     SourceError,
     check_ids,
     data_path,
-    load_locations,
+    located,
     regular_axis,
 )
 
@@ -69,15 +69,8 @@ def open_hdf5(cfg: DataConfig, pmap: PMap) -> Hdf5Source:
         raise SourceError(f"{path} has no rows")
     stamps = pd.DatetimeIndex(pd.to_datetime(raw_t, utc=True)).as_unit("ns")
     time, row_pos, freq = regular_axis(stamps, src.freq, str(path), 0)
-    coords, crs = load_locations(src.locations, src.locations_header, ids)
     return Hdf5Source(
-        sensor_ids=ids,
-        coords=coords,
-        crs=crs,
-        time=time,
-        freq=freq,
-        features=["value"],
-        files=[path, Path(src.locations)],
+        **located(src, path, ids, time, freq, ["value"]),
         node_subsets=False,
         path=path,
         key=src.hdf5_key,

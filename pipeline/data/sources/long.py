@@ -36,7 +36,7 @@ from pipeline.data.sources.base import (
     SourceError,
     check_ids,
     data_path,
-    load_locations,
+    located,
     regular_axis,
 )
 
@@ -286,30 +286,20 @@ def open_long(cfg: DataConfig, pmap: PMap) -> LongSource:
     step = int(time[1] - time[0]) if len(time) > 1 else 1
     spill_dir = Path(cfg.store).parent / f".{Path(cfg.store).name}.long-spill"
     shutil.rmtree(spill_dir, ignore_errors=True)
-    source = LongSource(
-        sensor_ids=ids,
-        coords=np.zeros((0, 2)),
-        crs="xy",
-        time=time,
-        freq=freq,
-        features=list(src.value_columns),
-        files=[path, Path(src.locations)],
-        node_subsets=False,
-        reader=reader,
-        spill_dir=spill_dir,
-        time_chunk=cfg.time_chunk,
-    )
     try:
         axis = (int(time[0]), step, cfg.time_chunk)
         errors = pmap(lambda p: reader.spill(p, int(starts[p.index]), ids, axis, spill_dir), parts)
         errors = [e for e in errors if e is not None]
         if errors:
             raise SourceError(errors[0])
-        source.pieces = {
-            int(d.name): sorted(f.name for f in d.iterdir()) for d in spill_dir.iterdir()
-        }
-        source.coords, source.crs = load_locations(src.locations, src.locations_header, ids)
+        return LongSource(
+            **located(src, path, ids, time, freq, src.value_columns),
+            node_subsets=False,
+            reader=reader,
+            spill_dir=spill_dir,
+            time_chunk=cfg.time_chunk,
+            pieces={int(d.name): sorted(f.name for f in d.iterdir()) for d in spill_dir.iterdir()},
+        )
     except BaseException:
-        source.close()
+        shutil.rmtree(spill_dir, ignore_errors=True)
         raise
-    return source

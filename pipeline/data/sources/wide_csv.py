@@ -30,7 +30,7 @@ from pipeline.data.sources.base import (
     axis_from_start,
     check_ids,
     data_path,
-    load_locations,
+    located,
     parse_times,
     regular_axis,
 )
@@ -253,15 +253,8 @@ def open_wide_csv(cfg: DataConfig, pmap: PMap) -> WideCsvSource:
         time, row_pos, freq = regular_axis(stamps, src.freq, str(path), 2)
     else:
         time, row_pos, freq = axis_from_start(src.start, src.freq, rows, str(path))
-    coords, crs = load_locations(src.locations, src.locations_header, ids)
     return WideCsvSource(
-        sensor_ids=ids,
-        coords=coords,
-        crs=crs,
-        time=time,
-        freq=freq,
-        features=["value"],
-        files=[path, Path(src.locations)],
+        **located(src, path, ids, time, freq, ["value"]),
         node_subsets=False,
         path=path,
         columns=columns,
