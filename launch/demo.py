@@ -5,7 +5,6 @@ model registry, then a summary.
     python launch/demo.py [--config configs/small.yaml] [section.key=value ...]
 """
 
-import json
 import os
 import shutil
 import subprocess
@@ -16,15 +15,11 @@ from pipeline.cli import parse_command_line, reporting_user_errors
 from pipeline.config import load_config
 from pipeline.data.preprocess import preprocess
 from pipeline.data.store import StoreError, open_store
-from pipeline.evaluate.report import summary
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(config: str, overrides: list[str]) -> None:
-    # MLflow here, not at the top: Dask's worker processes import this file
-    from pipeline.track.tracking import tracking_uri
-
     cfg = load_config(config, overrides)
 
     try:
@@ -50,9 +45,8 @@ def main(config: str, overrides: list[str]) -> None:
         "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
         "MLFLOW_DISABLE_TELEMETRY": "true",
     }
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True)
-    metrics = json.loads((Path(cfg.train.out_dir) / cfg.name / "metrics.json").read_text())
-    print("\n" + summary(metrics, tracking_uri(cfg)))
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True)  # training prints the summary
+    print(f"results: {Path(cfg.train.out_dir) / cfg.name / 'metrics.json'}")
 
 
 if __name__ == "__main__":

@@ -116,6 +116,22 @@ def test_test_split_baselines_and_diagnostics_cover_every_window(reference, synt
     assert test["morans_i"]["n"] == int(y_mask.any(axis=(0, 1, 3)).sum())
 
 
+def test_synthetic_runs_report_their_distance_to_the_bayes_limit(reference, synthetic_store):
+    """The exact oracle of the synthetic store is in metrics.json: calibrated, never worse
+    given the whole past than given the window, and a 12-step model is above it."""
+    from pipeline.data.store import open_store
+
+    m = metrics(reference, "ref")
+    window, full = m["oracle"]["window"], m["oracle"]["full_past"]
+    assert abs(window["mean"]["coverage_90"] - 0.9) < 0.03, window["mean"]
+    assert full["mean"]["crps"] <= window["mean"]["crps"] + 1e-12
+    ratio = m["test"]["ratio_to_oracle"]
+    assert ratio["mean"] == pytest.approx(m["test"]["mean"]["crps"] / window["mean"]["crps"])
+    assert ratio["mean"] > 1 and len(ratio["crps"]) == 3
+    assert m["test"]["dm_vs_oracle"]["statistic"] > 0  # the oracle's loss is lower
+    assert open_store(synthetic_store).attrs["synthetic"]["num_sensors"] == 300
+
+
 def test_checkpoints_load_with_weights_only(reference):
     files = list((reference / "ref" / "checkpoints").rglob("*.pt"))
     assert len(files) >= 3

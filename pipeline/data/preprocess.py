@@ -212,6 +212,10 @@ def _write_store(
                     for p, h in zip(source.files, client.gather(hashes), strict=True)
                 ],
                 "truth": source.truth,
+                # the whole field configuration: evaluation rebuilds its exact forecast law
+                "synthetic": (
+                    data.synthetic.model_dump(mode="json") if source.truth is not None else None
+                ),
                 "time_chunk": data.time_chunk,
                 "node_chunk": data.node_chunk,
                 "sentinels": list(data.source.sentinels),

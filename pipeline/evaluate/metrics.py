@@ -292,4 +292,8 @@ def test_row(test: dict) -> dict:
         flat["test_morans_i_p"] = test["morans_i"]["p_value"]
     for i, h in enumerate(test["horizon_steps"]):
         flat.update({f"test_mae_h{h}": test["mae"][i], f"test_crps_h{h}": test["crps"][i]})
+    if "ratio_to_oracle" in test:
+        flat["test_ratio_to_oracle"] = test["ratio_to_oracle"]["mean"]
+        flat["test_dm_vs_oracle"] = test["dm_vs_oracle"]["statistic"]
+        flat["test_dm_vs_oracle_p"] = test["dm_vs_oracle"]["p_value"]
     return flat

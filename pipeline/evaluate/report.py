@@ -41,6 +41,22 @@ def summary(metrics: dict, tracking_uri: str | None = None) -> str:
             f"  Moran's I of the sensors' mean residuals: {mi['I']:.3f} "
             f"(expected {mi['expected']:.3f}, p {_p(mi['p_value'])}, {mi['n']} sensors)"
         )
+    oracle = metrics.get("oracle") or {}
+    if "ratio_to_oracle" in test:
+        w, f = oracle["window"], oracle["full_past"]
+        dm = test["dm_vs_oracle"]
+        lines.append(
+            f"  Bayes limit (exact Kalman forecast of the synthetic field): CRPS "
+            f"{w['mean']['crps']:.4f} given the input window, {f['mean']['crps']:.4f} given the "
+            f"whole past; model / window oracle = {test['ratio_to_oracle']['mean']:.3f} "
+            f"(Diebold-Mariano {dm['statistic']:+.2f}, p {_p(dm['p_value'])})"
+        )
+        lines.append(
+            f"  oracle's Moran's I of residuals: {w['morans_i']['I']:.3f} (the model's should "
+            "be compared with this, not with 0)"
+        )
+    elif "skipped" in oracle:
+        lines.append(f"  Bayes limit not computed: {oracle['skipped']}")
     lines.append("")
     truth = metrics.get("truth")
     for layer in metrics["kernel"]:

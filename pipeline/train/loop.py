@@ -38,6 +38,7 @@ from pipeline.evaluate.metrics import (
     last_observed,
     validation_row,
 )
+from pipeline.evaluate.oracle import limit
 from pipeline.model.export import export_model
 from pipeline.model.forecaster import Forecaster
 from pipeline.model.losses import LOSSES
@@ -313,6 +314,13 @@ def finish(run: Run, fitted: Fitted) -> dict:
     cfg, ctx, state, store = run.cfg, run.ctx, run.state, run.store
     test = evaluate(run, "test", compare=True)
     windows = test.pop("windows")
+    oracle = None
+    if ctx.is_main:  # the exact Bayes limit of a synthetic store (evaluate/oracle.py)
+        origins = run.streams["test"].origins
+        oracle = limit(store, cfg.data.time_in, cfg.data.horizon, origins, windows, test)
+    if oracle is not None and "ratio_to_oracle" in oracle:
+        test["ratio_to_oracle"] = oracle.pop("ratio_to_oracle")
+        test["dm_vs_oracle"] = oracle.pop("dm_vs_oracle")
     busy = max(fitted.wait_s + fitted.compute_s, 1e-9)
     metrics = {
         "name": cfg.name,
@@ -326,6 +334,7 @@ def finish(run: Run, fitted: Fitted) -> dict:
         "train_loss": state["train_loss"],
         "kernel": kernel_params(run.model),
         "truth": store.attrs.get("truth"),
+        "oracle": oracle,
         "store": {"path": str(store.path), "fingerprint": store.fingerprint()},
         "timing": {
             "samples_per_s": fitted.samples / busy,
