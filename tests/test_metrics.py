@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import scoringrules
@@ -148,6 +150,18 @@ def test_morans_i_leaves_out_sensors_without_a_value():
     values[[3, 17, 40]] = np.nan
     res = morans_i(values, idx)
     assert res["n"] == 57 and np.isfinite(res["I"]) and res["p_value"] < 1e-3
+
+
+@pytest.mark.parametrize("case", ["complete", "constant", "too-few"])
+def test_morans_i_says_when_it_cannot_be_tested(case):
+    """A complete graph (N <= k), equal residuals or under 4 sensors: "not testable" with the
+    reason, never p = 1 or NaN (metrics.json stays valid JSON)."""
+    n = {"complete": 8, "constant": 30, "too-few": 3}[case]
+    xy, idx = _graph(n, min(n, 9), 2)
+    values = np.ones(n) if case == "constant" else np.sin(xy[:, 0] / 20)
+    res = morans_i(values, idx)
+    assert res["testable"] is False and res["p_value"] is None and res["reason"]
+    json.dumps(res, allow_nan=False)
 
 
 def test_last_observed_takes_the_latest_observed_input():

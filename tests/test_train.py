@@ -203,6 +203,7 @@ def test_compare_two_runs_with_diebold_mariano(reference, synthetic_store, tmp_p
     test windows; its pooled MAE equals the run's own test MAE (two code paths), and runs of
     different stores, or a directory without results, are refused with a clear error."""
     finish(launch(tiny(synthetic_store, tmp_path, "none", 12, ["model.kernel=none"]), procs=1))
+    assert metrics(tmp_path, "none")["kernel"] == []  # kernel none learns no range or nugget
     a, b = reference / "ref", tmp_path / "none"
 
     def compare(*args):

@@ -234,13 +234,21 @@ def morans_i(values: np.ndarray, neighbours: np.ndarray) -> dict:
     values = np.asarray(values, dtype=np.float64)
     keep = np.isfinite(values)
     n = int(keep.sum())
-    undefined = {"I": math.nan, "expected": math.nan, "variance": math.nan, "z": math.nan}
-    undefined.update(p_value=math.nan, n=n)
+
+    def untestable(reason: str) -> dict:
+        empty = dict.fromkeys(("I", "expected", "variance", "z", "p_value"))
+        return {**empty, "n": n, "testable": False, "reason": reason}
+
     if n < 4:
-        return undefined
+        return untestable(f"{n} sensors with residuals; the test needs at least 4")
     index = np.full(len(values), -1, dtype=np.int64)
     index[keep] = np.arange(n)
     nb = index[np.asarray(neighbours)[keep][:, 1:]]  # [n, k - 1] kept rows, new indices
+    if ((nb >= 0).sum(axis=1) >= n - 1).all():
+        return untestable(
+            f"the neighbour graph is complete ({n} sensors, {nb.shape[1]} neighbours each): I "
+            "is -1/(N-1) whatever the residuals"
+        )
     rows = np.repeat(np.arange(n), nb.shape[1])
     cols = nb.ravel()
     ok = cols >= 0
@@ -252,8 +260,10 @@ def morans_i(values: np.ndarray, neighbours: np.ndarray) -> dict:
     z = values[keep] - values[keep].mean()
     s0 = float(w.sum())
     zz = float(z @ z)
-    if s0 == 0 or zz == 0:  # no edges left, or every value the same
-        return undefined
+    if s0 == 0:
+        return untestable("no neighbour edges between sensors with residuals")
+    if zz == 0:
+        return untestable("every sensor has the same residual")
     moran = n / s0 * float(z @ (w @ z)) / zz
     s1 = 0.5 * float((w + w.T).power(2).sum())
     s2 = float(((np.asarray(w.sum(axis=1)).ravel() + np.asarray(w.sum(axis=0)).ravel()) ** 2).sum())
@@ -265,10 +275,18 @@ def morans_i(values: np.ndarray, neighbours: np.ndarray) -> dict:
     ) / ((n - 1) * (n - 2) * (n - 3) * s0 * s0)
     var = second - expected**2
     if var <= 0:
-        return {**undefined, "I": moran, "expected": expected}
+        return untestable("the graph leaves I no variance under randomisation")
     score = (moran - expected) / math.sqrt(var)
     p = float(2 * scipy.stats.norm.sf(abs(score)))
-    return {"I": moran, "expected": expected, "variance": var, "z": score, "p_value": p, "n": n}
+    return {
+        "I": moran,
+        "expected": expected,
+        "variance": var,
+        "z": score,
+        "p_value": p,
+        "n": n,
+        "testable": True,
+    }
 
 
 def validation_row(val: dict) -> dict:
@@ -287,7 +305,7 @@ def test_row(test: dict) -> dict:
         for loss in ("mae", "crps"):
             flat[f"test_dm_{loss}_vs_{name}"] = base[f"dm_{loss}"]["statistic"]
             flat[f"test_dm_{loss}_vs_{name}_p"] = base[f"dm_{loss}"]["p_value"]
-    if "morans_i" in test:
+    if test.get("morans_i", {}).get("testable"):
         flat["test_morans_i"] = test["morans_i"]["I"]
         flat["test_morans_i_p"] = test["morans_i"]["p_value"]
     for i, h in enumerate(test["horizon_steps"]):

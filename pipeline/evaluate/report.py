@@ -35,12 +35,14 @@ def summary(metrics: dict, tracking_uri: str | None = None) -> str:
             f"{dm_mae['statistic']:+.2f} (p {_p(dm_mae['p_value'])}), on CRPS "
             f"{dm_crps['statistic']:+.2f} (p {_p(dm_crps['p_value'])}); negative = model better"
         )
-    if "morans_i" in test:
-        mi = test["morans_i"]
+    mi = test.get("morans_i")
+    if mi is not None and mi["testable"]:
         lines.append(
             f"  Moran's I of the sensors' mean residuals: {mi['I']:.3f} "
             f"(expected {mi['expected']:.3f}, p {_p(mi['p_value'])}, {mi['n']} sensors)"
         )
+    elif mi is not None:
+        lines.append(f"  Moran's I of the sensors' mean residuals: not testable ({mi['reason']})")
     oracle = metrics.get("oracle") or {}
     if "ratio_to_oracle" in test:
         w, f = oracle["window"], oracle["full_past"]
@@ -51,10 +53,11 @@ def summary(metrics: dict, tracking_uri: str | None = None) -> str:
             f"whole past; model / window oracle = {test['ratio_to_oracle']['mean']:.3f} "
             f"(Diebold-Mariano {dm['statistic']:+.2f}, p {_p(dm['p_value'])})"
         )
-        lines.append(
-            f"  oracle's Moran's I of residuals: {w['morans_i']['I']:.3f} (the model's should "
-            "be compared with this, not with 0)"
-        )
+        if w["morans_i"]["testable"]:
+            lines.append(
+                f"  oracle's Moran's I of residuals: {w['morans_i']['I']:.3f} (the model's "
+                "should be compared with this, not with 0)"
+            )
     elif "skipped" in oracle:
         lines.append(f"  Bayes limit not computed: {oracle['skipped']}")
     lines.append("")

@@ -124,6 +124,9 @@ def _stream(run: Run, split: str, **kwargs) -> WindowStream:
 
 
 def kernel_params(model: Forecaster) -> list[dict]:
+    """Learned kernel parameters per layer; none for kernel ``none`` (nothing is learned)."""
+    if model.cfg.kernel == "none":
+        return []
     return [{"layer": i, **k.describe()} for i, k in enumerate(model.kernels())]
 
 
@@ -233,7 +236,7 @@ def fit(run: Run, report: Reporter | None = None) -> Fitted:
             kernels = kernel_params(run.model)  # sync: kernel parameters to the host
             bar.set_postfix(
                 loss=f"{step_loss:.4f}",
-                range=f"{kernels[0].get('range_km', [0])[0]:.1f}km",
+                range=f"{kernels[0]['range_km'][0]:.1f}km" if kernels else "none",
                 wait=f"{fitted.wait_s / max(fitted.wait_s + fitted.compute_s, 1e-9):.0%}",
             )
             if run.tracker is not None:
