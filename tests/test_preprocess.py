@@ -253,6 +253,41 @@ def test_unfinished_and_other_version_stores_are_refused(scheduler, tmp_path):
         open_store(tmp_path / "nope.zarr")
 
 
+@pytest.mark.parametrize("damage", ["deleted", "truncated", "altered"])
+def test_a_damaged_store_is_refused_naming_the_chunk(scheduler, tmp_path, damage):
+    """A missing or truncated chunk file stops open_store (Zarr would read it as NaN); an
+    altered one of the same size is found by the checksum check (--verify)."""
+    from pipeline.data.store import verify_store
+
+    path = run(scheduler, write_case(tmp_path))
+    assert verify_store(path) > 0
+    chunk = sorted((path / "values" / "c").rglob("*"))
+    chunk = [c for c in chunk if c.is_file()][0]
+    name = chunk.relative_to(path).as_posix()
+    data = chunk.read_bytes()
+    if damage == "deleted":
+        chunk.unlink()
+    elif damage == "truncated":
+        chunk.write_bytes(data[: len(data) // 2])
+    else:
+        chunk.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    if damage == "altered":
+        open_store(path)  # same size: the cheap check passes
+        with pytest.raises(StoreError, match=f"{name} does not match its checksum"):
+            verify_store(path)
+    else:
+        with pytest.raises(StoreError, match=name):
+            open_store(path)
+    proc = subprocess.run(
+        [sys.executable, "launch/preprocess.py", "--verify", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and name in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_killed_mid_write_leaves_no_finished_store(tmp_path):
     target = tmp_path / "big.zarr"
     cmd = [

@@ -122,7 +122,7 @@ def test_promote_moves_champion_only_when_better(tracked):
     from mlflow.tracking import MlflowClient
 
     from pipeline.config import load_config
-    from pipeline.track.tracking import promote
+    from pipeline.track.tracking import TrackingError, promote
 
     _, uri = tracked
     cfg = load_config(None, [f"tracking.uri={uri}", "tracking.model_name=sit-test"])
@@ -149,6 +149,14 @@ def test_promote_moves_champion_only_when_better(tracked):
     better = new_candidate(score * 0.5)
     assert promote(cfg)["promoted"]
     assert client.get_model_version_by_alias("sit-test", "champion").version == better
+    nan = new_candidate(float("nan"))  # a model trained on a damaged store
+    with pytest.raises(TrackingError, match="never promoted"):
+        promote(cfg)
+    assert client.get_model_version_by_alias("sit-test", "champion").version == better
+    client.set_registered_model_alias("sit-test", "champion", nan)  # a NaN champion of old
+    worse = new_candidate(score * 3)
+    assert promote(cfg)["promoted"]  # anything finite replaces it
+    assert client.get_model_version_by_alias("sit-test", "champion").version == worse
 
 
 def test_mlflow_server_receives_a_run_over_http(synthetic_store, tmp_path):

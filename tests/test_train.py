@@ -181,6 +181,15 @@ def test_zero_stage_checkpoint_refuses_another_world_size(synthetic_store, tmp_p
     assert "resume with 2 processes" in out
 
 
+def test_a_non_finite_loss_stops_training_with_a_clear_error(synthetic_store, tmp_path):
+    extra = ["train.lr=1e30", "train.kernel_lr=1e30", "train.warmup_steps=1"]
+    proc = launch(tiny(synthetic_store, tmp_path, "nan", 6, extra), procs=1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "step 2: the training loss is not finite" in out and "--verify" in out
+    assert not (tmp_path / "nan" / "metrics.json").exists()
+
+
 def test_runs_in_one_process_each_own_their_process_group(synthetic_store, tmp_path):
     """Two runs in one process (as in a reused Ray Tune actor): each creates its group of one
     and destroys it on the way out (a gloo group left to the interpreter's exit aborts the

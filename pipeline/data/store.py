@@ -16,7 +16,10 @@ atomically, open and validate.
 Sensors are stored in space-filling-curve order: ``order[j]`` is the source index of store
 sensor ``j``. A store is built under a temporary sibling path, validated, marked complete
 (``COMPLETE`` file) and then renamed into place; a directory without the marker is never
-opened as a finished store.
+opened as a finished store. The marker holds the manifest of every file of the store (size
+and sha256): opening checks that each exists with its size (a listing: a deleted or
+truncated chunk is an error naming it, never NaN read as data), and ``verify_store`` (``python
+launch/preprocess.py --verify STORE``) checks every checksum.
 """
 
 from __future__ import annotations
@@ -161,8 +164,67 @@ def validate(root: zarr.Group, where: Path) -> None:
         raise StoreError(f"store {where}: attrs.splits must name train, val and test")
 
 
+def _files(root: Path) -> dict[str, int]:
+    """Size of every file below ``root`` except the marker, by relative POSIX path."""
+    out, stack = {}, [root]
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for e in entries:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(Path(e.path))
+                elif e.name != MARKER or Path(e.path).parent != root:
+                    out[Path(e.path).relative_to(root).as_posix()] = e.stat().st_size
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _manifest(path: Path) -> dict[str, list] | None:
+    """{relative file: [size, sha256]} recorded at publish (None for older stores)."""
+    return json.loads((path / MARKER).read_text()).get("files")
+
+
+def _check_files(path: Path, manifest: dict[str, list]) -> None:
+    """Every file of the manifest is there with its size (a listing, no data read)."""
+    present = _files(path)
+    for name, (size, _) in manifest.items():
+        if name not in present:
+            raise StoreError(
+                f"store {path}: {name} is missing (the store is damaged); preprocess the data "
+                "again (data.overwrite=true)"
+            )
+        if present[name] != size:
+            raise StoreError(
+                f"store {path}: {name} has {present[name]} bytes, {size} were written (truncated "
+                "or altered); preprocess the data again (data.overwrite=true)"
+            )
+
+
+def verify_store(path: str | Path) -> int:
+    """Check every file of a finished store against its recorded sha256; returns the number
+    of files checked (raises StoreError naming the first that differs)."""
+    store = open_store(path)
+    manifest = _manifest(store.path)
+    if manifest is None:
+        raise StoreError(f"store {store.path} has no manifest (an older store): preprocess again")
+    for name, (_, digest) in manifest.items():
+        if _sha256(store.path / name) != digest:
+            raise StoreError(
+                f"store {store.path}: {name} does not match its checksum (altered or "
+                "corrupted); preprocess the data again (data.overwrite=true)"
+            )
+    return len(manifest)
+
+
 def open_store(path: str | Path) -> Store:
-    """Open a finished store, with clear errors for missing / unfinished / other-version."""
+    """Open a finished store, with clear errors for missing / unfinished / other-version /
+    damaged (a chunk file missing or of the wrong size) stores."""
     path = Path(path)
     if not path.exists():
         raise StoreError(
@@ -173,6 +235,9 @@ def open_store(path: str | Path) -> Store:
             f"store {path} is unfinished (no {MARKER} marker: its preprocessing did not "
             "complete); delete it and run preprocessing again"
         )
+    manifest = _manifest(path)
+    if manifest is not None:
+        _check_files(path, manifest)
     root = zarr.open_group(str(path), mode="r")
     version = root.attrs.get("schema_version")
     if version != SCHEMA_VERSION:
@@ -213,7 +278,9 @@ def atomic_store(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         validate(zarr.open_group(str(tmp), mode="r"), tmp)
-        (tmp / MARKER).write_text(json.dumps({"schema_version": SCHEMA_VERSION}))
+        files = {name: [size, _sha256(tmp / name)] for name, size in _files(tmp).items()}
+        marker = {"schema_version": SCHEMA_VERSION, "files": files}
+        (tmp / MARKER).write_text(json.dumps(marker))
         old = None
         if target.exists():
             old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"

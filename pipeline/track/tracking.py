@@ -14,6 +14,7 @@ loss curves); the model as a pyfunc registered under ``tracking.model_name`` wit
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import urllib.error
@@ -208,8 +209,17 @@ def promote(cfg: Config) -> dict[str, Any]:
     candidate = score("candidate")
     if candidate is None:
         raise TrackingError(f"registered model {name!r} has no version with alias 'candidate'")
+    if not math.isfinite(candidate[1]):
+        raise TrackingError(
+            f"{name} v{candidate[0]} has {metric} = {candidate[1]}: a model without a finite "
+            "score is never promoted"
+        )
     champion = score("champion")
-    promoted = champion is None or (candidate[0] != champion[0] and candidate[1] < champion[1])
+    promoted = (
+        champion is None
+        or not math.isfinite(champion[1])  # a champion without a finite score is replaced
+        or (candidate[0] != champion[0] and candidate[1] < champion[1])
+    )
     if promoted:
         client.set_registered_model_alias(name, "champion", candidate[0])
     return {

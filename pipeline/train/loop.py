@@ -229,6 +229,13 @@ def fit(run: Run, report: Reporter | None = None) -> Fitted:
             step_loss += loss.item() / cfg.train.grad_accum  # sync: the loss
             fitted.samples += batch["x"].shape[0] * ctx.world_size
             state["micro_step"] += 1
+        finite = torch.tensor([float(math.isfinite(step_loss))], dtype=torch.float64)
+        if engine.all_reduce_sum(finite.to(ctx.device)).item() < ctx.world_size:  # sync
+            raise ConfigError(
+                f"step {step + 1}: the training loss is not finite on some rank (this rank: "
+                f"{step_loss}); check the store (python launch/preprocess.py --verify "
+                f"{cfg.data.store}) and lower train.lr"
+            )
         state["step"] = step = step + 1
         bar.update(1)
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
@@ -304,6 +311,13 @@ def evaluate(run: Run, split: str, max_batches: int | None = None, compare: bool
     engine.all_reduce_sum(loss_sum)
     result = acc.result()
     result["loss"] = float(loss_sum[0] / loss_sum[1].clamp_min(1))
+    bad = [k for k, v in {"loss": result["loss"], **result["mean"]}.items() if not math.isfinite(v)]
+    if bad:
+        raise ConfigError(
+            f"the {split} split's {', '.join(bad)} are not finite: the model or the store "
+            f"({store.path}) gives NaN or inf; check it with python launch/preprocess.py "
+            "--verify and lower train.lr"
+        )
     if comparison is not None:
         engine.all_reduce_sum(comparison.windows)
         engine.all_reduce_sum(comparison.nodes)
