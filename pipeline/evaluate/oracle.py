@@ -123,7 +123,7 @@ class Oracle:
 
 
 MAX_BASIS = 50_000_000  # sensors x 2M above which the oracle is skipped (memory, time)
-MAX_FORECASTS = 25_000_000  # test windows x horizon x sensors, likewise
+MAX_FORECASTS = 25_000_000  # test windows x horizon x sensors (and time x sensors), likewise
 
 
 def limit(
@@ -147,7 +147,8 @@ def limit(
         return None
     cfg = SyntheticConfig(**raw)
     n = store.shape[1]
-    if n * 2 * cfg.num_features > MAX_BASIS or len(origins) * horizon * n > MAX_FORECASTS:
+    cells = max(len(origins) * horizon, store.shape[0]) * n  # forecasts, or the whole store
+    if n * 2 * cfg.num_features > MAX_BASIS or cells > MAX_FORECASTS:
         return {
             "skipped": f"{n} sensors x {2 * cfg.num_features} features x {len(origins)} test "
             f"windows x {horizon} steps is beyond the exact filter's budget"

@@ -7,6 +7,7 @@ sensor or the config key, and what to do.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -240,6 +241,20 @@ def located(
         "features": list(features),
         "files": [path, Path(src.locations)],
     }
+
+
+def header_fields(
+    raw: bytes, path: Path, encoding: str = "utf-8", delimiter: str = ","
+) -> list[str]:
+    """The column names of a CSV header line (quoted fields, a byte-order mark)."""
+    try:
+        text = raw.decode(encoding).lstrip("\ufeff")  # a byte-order mark is not an id
+    except UnicodeDecodeError:
+        raise SourceError(
+            f"{path}, line 1: the header is not {encoding}; set data.source.encoding"
+        ) from None
+    (cells,) = list(csv.reader([text.rstrip("\r\n")], delimiter=delimiter)) or [[]]
+    return [c.strip() for c in cells]
 
 
 def data_path(path: str | None) -> Path:

@@ -36,6 +36,7 @@ from pipeline.data.sources.base import (
     SourceError,
     check_ids,
     data_path,
+    header_fields,
     located,
     regular_axis,
 )
@@ -248,8 +249,7 @@ def _partitions(path: Path, kind: str, size_mb: float) -> tuple[list[Part], tupl
             if fh.tell() < size and fh.tell() > cuts[-1]:
                 cuts.append(fh.tell())
     cuts.append(size)
-    text = header.decode("utf-8-sig").strip()
-    names = tuple(c.strip().strip('"') for c in text.split(","))
+    names = tuple(header_fields(header, path))
     parts = [Part(i, a, b) for i, (a, b) in enumerate(itertools.pairwise(cuts))]
     return parts, names
 

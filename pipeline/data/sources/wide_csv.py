@@ -30,6 +30,7 @@ from pipeline.data.sources.base import (
     axis_from_start,
     check_ids,
     data_path,
+    header_fields,
     located,
     parse_times,
     regular_axis,
@@ -188,17 +189,6 @@ class WideCsvSource(Source):
                     ) from None
 
 
-def _header(raw: bytes, path: Path, encoding: str, delimiter: str) -> list[str]:
-    try:
-        text = raw.decode(encoding).lstrip("\ufeff")  # a byte-order mark is not an id
-    except UnicodeDecodeError:
-        raise SourceError(
-            f"{path}, line 1: the header is not {encoding}; set data.source.encoding"
-        ) from None
-    (cells,) = list(csv.reader([text.rstrip("\r\n")], delimiter=delimiter)) or [[]]
-    return [c.strip() for c in cells]
-
-
 def open_wide_csv(cfg: DataConfig, pmap: PMap) -> WideCsvSource:
     src = cfg.source
     path = data_path(src.path)
@@ -210,7 +200,7 @@ def open_wide_csv(cfg: DataConfig, pmap: PMap) -> WideCsvSource:
         fh.seek(max(0, filesize - 64))
         tail = fh.read()
     filesize -= len(tail) - len(tail.rstrip(b"\r\n"))  # trailing blank lines are not rows
-    columns = _header(header_line, path, src.encoding, src.delimiter)
+    columns = header_fields(header_line, path, src.encoding, src.delimiter)
     if len(columns) < 2 and src.delimiter not in header_line.decode(src.encoding, "replace"):
         guess = next((d for d in ";\t|," if d in header_line.decode("latin-1")), None)
         if guess is not None and guess != src.delimiter:
