@@ -13,7 +13,9 @@
 #    (a 1,048,576-sensor synthetic store made by launch/preprocess.py, shortened in time so the
 #    check fits; tiles, block backend, bf16, ZeRO-2; MLflow off);
 # 5. benchmarks/scale.py (one full training step at N = 65,536 / 262,144 / 1,048,576);
-# 6. the attention scaling table for N = 16,384 ... 262,144.
+# 6. the attention scaling table for N = 16,384 ... 262,144;
+# 7. benchmarks/block_breakdown.py at N = 1,048,576: plan, forward, forward + backward, with the
+#    backend's tuned FlexAttention settings against FlexAttention's defaults.
 # Every stage has its share of a deadline ($BUDGET_S seconds in all, default 560) and logs to
 # its own file; a failing stage does not stop the next. summary.txt lists each stage's status.
 set -uo pipefail
@@ -128,6 +130,10 @@ stage scale 120 "$PY" benchmarks/scale.py --json "$OUT/scale.json"
 # -- 6. attention scaling table ------------------------------------------------------------
 stage attention_scaling 150 "$PY" benchmarks/attention.py --device cuda \
   --sizes 16384 65536 262144 --json "$OUT/attention_scaling.json"
+
+# -- 7. where the block backend's time goes at N = 1,048,576 ---------------------------------
+stage block_breakdown 120 "$PY" benchmarks/block_breakdown.py --head-dims 32 64 --key-blocks 8 \
+  --bias matern32 --kernel-options null '{}' --json "$OUT/block_breakdown.json"
 
 echo "== summary"
 cat "$SUMMARY"

@@ -16,6 +16,7 @@ from pipeline.evaluate.metrics import (
     last_observed,
     morans_i,
 )
+from pipeline.evaluate.report import dm_text
 
 
 def _data(seed=0, shape=(3, 4, 50, 2)):
@@ -110,6 +111,20 @@ def test_diebold_mariano_detects_a_better_forecast_and_not_an_equal_one():
     assert abs(np.mean(np.array(equal) < 0.05) - 0.05) < 0.02
     better = diebold_mariano(noise[0] - 0.5, 1)  # the first forecast's loss is lower
     assert better["statistic"] < 0 and better["p_value"] < 1e-6
+
+
+def test_diebold_mariano_says_why_it_is_not_testable_in_valid_json():
+    """Too few windows for the horizon (a short test split at 1M sensors gave 7 windows at
+    horizon 12) and a constant differential: no statistic, a reason, and JSON without NaN."""
+    few = diebold_mariano(np.linspace(-1, 1, 7), 12)
+    assert few["testable"] is False and few["statistic"] is None and few["p_value"] is None
+    assert "7 test windows" in few["reason"] and "25" in few["reason"]
+    same = diebold_mariano(np.full(40, 0.3), 1)
+    assert same["testable"] is False and same["mean_difference"] == pytest.approx(0.3)
+    json.loads(json.dumps([few, same], allow_nan=False))
+    assert dm_text(few) == f"not testable ({few['reason']})"
+    ok = diebold_mariano(np.random.default_rng(0).normal(size=50), 1)
+    assert ok["testable"] is True and dm_text(ok).startswith(f"{ok['statistic']:+.2f} (p ")
 
 
 def _graph(n, k, seed):

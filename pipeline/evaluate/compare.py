@@ -16,6 +16,7 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.evaluate.metrics import diebold_mariano
+from pipeline.evaluate.report import dm_text
 
 
 class CompareError(UserError, ValueError):
@@ -72,12 +73,9 @@ def compare_runs(run_a: str | Path, run_b: str | Path) -> dict:
 
 def format_comparison(result: dict) -> str:
     lines = [f"A = {result['a']}", f"B = {result['b']}", f"{result['windows']} common test windows"]
-    lines.append("loss   A         B         Diebold-Mariano (HLN)  p")
+    lines.append("loss   A         B         Diebold-Mariano (HLN)")
     for loss in ("mae", "crps"):
         r = result[loss]
-        lines.append(
-            f"{loss:<5} {r['a']:9.4f} {r['b']:9.4f} {r['dm']['statistic']:+12.3f}          "
-            f"{r['dm']['p_value']:.3g}"
-        )
+        lines.append(f"{loss:<5} {r['a']:9.4f} {r['b']:9.4f} {dm_text(r['dm'])}")
     lines.append("negative statistic: A's loss is lower; p: two-sided, Student t on T - 1 dof")
     return "\n".join(lines)

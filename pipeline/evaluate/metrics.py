@@ -201,25 +201,45 @@ def diebold_mariano(d: np.ndarray, horizon: int) -> dict:
     overlap of h-step forecast errors); if that sum is not positive, the lag-0 variance alone
     is used. The statistic carries the Harvey-Leybourne-Newbold small-sample correction and is
     compared with Student's t on T - 1 degrees of freedom (two-sided p). A negative statistic
-    means the model's loss is lower.
+    means the model's loss is lower. Fewer than 2 * horizon + 1 windows, or a constant
+    differential, give ``testable`` False with the ``reason`` (statistic and p None).
     """
     d = np.asarray(d, dtype=np.float64)
     d = d[np.isfinite(d)]
     t, h = len(d), horizon
-    undefined = {"statistic": math.nan, "p_value": math.nan, "mean_difference": math.nan, "T": t}
+
+    def untestable(reason: str) -> dict:
+        mean = float(d.mean()) if t else None
+        return {
+            "statistic": None,
+            "p_value": None,
+            "mean_difference": mean,
+            "T": t,
+            "testable": False,
+            "reason": reason,
+        }
+
     if t < 2 * h + 1:
-        return undefined
+        return untestable(
+            f"{t} test windows; the test at horizon {h} needs at least 2 x {h} + 1 = {2 * h + 1}"
+        )
     mean = float(d.mean())
     dev = d - mean
     gamma = [float(dev[k:] @ dev[: t - k]) / t for k in range(h)]
     var = gamma[0] + 2 * sum(gamma[1:])
     if var <= 0:
         var = gamma[0]
-    if var <= 0:  # a constant differential: no test
-        return {**undefined, "mean_difference": mean}
+    if var <= 0:
+        return untestable("the loss differential is the same in every window")
     stat = mean / math.sqrt(var / t) * math.sqrt((t + 1 - 2 * h + h * (h - 1) / t) / t)
     p = float(2 * scipy.stats.t.sf(abs(stat), df=t - 1))
-    return {"statistic": float(stat), "p_value": p, "mean_difference": mean, "T": t}
+    return {
+        "statistic": float(stat),
+        "p_value": p,
+        "mean_difference": mean,
+        "T": t,
+        "testable": True,
+    }
 
 
 def morans_i(values: np.ndarray, neighbours: np.ndarray) -> dict:
@@ -303,8 +323,9 @@ def test_row(test: dict) -> dict:
     for name, base in test.get("baselines", {}).items():
         flat[f"test_{name}_mae"] = base["mae"]
         for loss in ("mae", "crps"):
-            flat[f"test_dm_{loss}_vs_{name}"] = base[f"dm_{loss}"]["statistic"]
-            flat[f"test_dm_{loss}_vs_{name}_p"] = base[f"dm_{loss}"]["p_value"]
+            if base[f"dm_{loss}"]["testable"]:
+                flat[f"test_dm_{loss}_vs_{name}"] = base[f"dm_{loss}"]["statistic"]
+                flat[f"test_dm_{loss}_vs_{name}_p"] = base[f"dm_{loss}"]["p_value"]
     if test.get("morans_i", {}).get("testable"):
         flat["test_morans_i"] = test["morans_i"]["I"]
         flat["test_morans_i_p"] = test["morans_i"]["p_value"]
@@ -312,6 +333,7 @@ def test_row(test: dict) -> dict:
         flat.update({f"test_mae_h{h}": test["mae"][i], f"test_crps_h{h}": test["crps"][i]})
     if "ratio_to_oracle" in test:
         flat["test_ratio_to_oracle"] = test["ratio_to_oracle"]["mean"]
-        flat["test_dm_vs_oracle"] = test["dm_vs_oracle"]["statistic"]
-        flat["test_dm_vs_oracle_p"] = test["dm_vs_oracle"]["p_value"]
+        if test["dm_vs_oracle"]["testable"]:
+            flat["test_dm_vs_oracle"] = test["dm_vs_oracle"]["statistic"]
+            flat["test_dm_vs_oracle_p"] = test["dm_vs_oracle"]["p_value"]
     return flat

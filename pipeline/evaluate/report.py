@@ -8,6 +8,13 @@ def _p(p: float) -> str:
     return "< 1e-300" if p == 0 else f"{p:.2g}"
 
 
+def dm_text(dm: dict) -> str:
+    """A Diebold-Mariano result in a few words: statistic and p, or why it is not testable."""
+    if not dm["testable"]:
+        return f"not testable ({dm['reason']})"
+    return f"{dm['statistic']:+.2f} (p {_p(dm['p_value'])})"
+
+
 def summary(metrics: dict, tracking_uri: str | None = None) -> str:
     test = metrics["test"]
     lines = [
@@ -29,11 +36,10 @@ def summary(metrics: dict, tracking_uri: str | None = None) -> str:
     )
     lines.append(f"  PIT distance from uniform: {test['pit_uniform_distance']:.3f}")
     for name, base in test.get("baselines", {}).items():
-        dm_mae, dm_crps = base["dm_mae"], base["dm_crps"]
         lines.append(
             f"  vs {name} (MAE {base['mae']:.4f}): Diebold-Mariano on MAE "
-            f"{dm_mae['statistic']:+.2f} (p {_p(dm_mae['p_value'])}), on CRPS "
-            f"{dm_crps['statistic']:+.2f} (p {_p(dm_crps['p_value'])}); negative = model better"
+            f"{dm_text(base['dm_mae'])}, on CRPS {dm_text(base['dm_crps'])}; negative = model "
+            "better"
         )
     mi = test.get("morans_i")
     if mi is not None and mi["testable"]:
@@ -46,12 +52,11 @@ def summary(metrics: dict, tracking_uri: str | None = None) -> str:
     oracle = metrics.get("oracle") or {}
     if "ratio_to_oracle" in test:
         w, f = oracle["window"], oracle["full_past"]
-        dm = test["dm_vs_oracle"]
         lines.append(
             f"  Bayes limit (exact Kalman forecast of the synthetic field): CRPS "
             f"{w['mean']['crps']:.4f} given the input window, {f['mean']['crps']:.4f} given the "
-            f"whole past; model / window oracle = {test['ratio_to_oracle']['mean']:.3f} "
-            f"(Diebold-Mariano {dm['statistic']:+.2f}, p {_p(dm['p_value'])})"
+            f"whole past; model / window oracle = {test['ratio_to_oracle']['mean']:.3f}, "
+            f"Diebold-Mariano {dm_text(test['dm_vs_oracle'])}"
         )
         if w["morans_i"]["testable"]:
             lines.append(

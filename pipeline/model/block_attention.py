@@ -38,6 +38,11 @@ from pipeline.model.covariance import CovarianceBias
 
 CUDA_PAD_BLOCKS = 32  # on CUDA, pad N to a multiple of 32 blocks: fewer distinct compiled shapes
 _CHUNK_PAIRS = 1 << 26  # block-centroid distances computed this many pairs at a time
+# FlexAttention's Triton settings by head size, where its defaults measured badly (H100,
+# torch 2.11, N = 1M, 8 key blocks of 128, bf16; docs/benchmarks.md): at 64 dimensions per
+# head the default forward took 358 ms, these 20 ms (forward + backward 489 -> 83 ms). Head
+# sizes not listed keep the defaults (32 per head: forward 19 ms, forward + backward 72 ms).
+TUNED_KERNEL_OPTIONS = {64: {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}}
 
 
 class BlockBackendError(UserError, RuntimeError):
@@ -184,8 +189,11 @@ def block_attention(
     kernel: CovarianceBias,
     neighbours: BlockPlan | None,
     use_qk: bool,
+    kernel_options: dict | None = None,
 ) -> Tensor:
-    """q, k, v [B, H, N, dh]; ``neighbours`` the :class:`BlockPlan` of ``pos`` -> [B, H, N, dh]."""
+    """q, k, v [B, H, N, dh]; ``neighbours`` the :class:`BlockPlan` of ``pos`` -> [B, H, N, dh].
+    ``kernel_options``: FlexAttention's Triton settings on CUDA (block sizes, warps, stages);
+    None: ``TUNED_KERNEL_OPTIONS`` for this head size, else FlexAttention's defaults."""
     plan = neighbours
     if not isinstance(plan, BlockPlan):
         raise ValueError("the block backend needs a BlockPlan (pipeline.model.block_attention)")
@@ -218,8 +226,15 @@ def block_attention(
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     score_mod = _score_mod(kernel, plan, use_qk, dtype)
     if q.device.type == "cuda":
+        if kernel_options is None:
+            kernel_options = TUNED_KERNEL_OPTIONS.get(dh)
         out = _flex()(
-            padded(q), padded(k), padded(v), score_mod=score_mod, block_mask=plan.block_mask
+            padded(q),
+            padded(k),
+            padded(v),
+            score_mod=score_mod,
+            block_mask=plan.block_mask,
+            kernel_options=kernel_options,
         )
     else:  # eager on purpose (see the module docstring): silence its advice to compile
         with warnings.catch_warnings():
