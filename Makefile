@@ -7,7 +7,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export RAY_USAGE_STATS_ENABLED ?= 0
 export DO_NOT_TRACK ?= 1
 
-.PHONY: setup test lint bench demo clean
+.PHONY: setup test lint bench bench-limit demo clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,9 @@ bench: setup
 	$(BIN)/python benchmarks/preprocess.py
 	$(BIN)/python benchmarks/loader.py
 	$(BIN)/python benchmarks/train.py
+
+bench-limit: setup
+	$(BIN)/python benchmarks/limit.py --json docs/limit.json --plot docs/limit.png
 
 demo: setup
 	$(BIN)/python launch/demo.py

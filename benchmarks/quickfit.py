@@ -18,7 +18,13 @@ from tqdm import tqdm
 from pipeline.config import Config
 from pipeline.data.geometry import positions_km
 from pipeline.data.neighbours import k_nearest
-from pipeline.data.stream import cut_windows, window_origins
+from pipeline.data.stream import (
+    cut_windows,
+    hide_sensors,
+    holdout_nodes,
+    unseen_statistics,
+    window_origins,
+)
 from pipeline.data.synthetic import SyntheticField
 from pipeline.model.forecaster import Forecaster
 from pipeline.model.losses import LOSSES
@@ -36,13 +42,16 @@ class WindowSource:
     std: np.ndarray
     time_in: int
     horizon: int
+    hidden: np.ndarray | None = None  # [N] held-out sensors (data.holdout_sensors)
 
     def origins(self, start: int, stop: int) -> np.ndarray:
         return window_origins(start, stop, self.time_in, self.horizon)
 
-    def batch(self, origins: np.ndarray) -> dict[str, torch.Tensor]:
+    def batch(self, origins: np.ndarray, test: bool = False) -> dict[str, torch.Tensor]:
+        """Windows at ``origins``; held-out sensors lose their inputs, and their targets too
+        unless ``test`` (as pipeline/data/stream.py does for a store)."""
         lo, hi = int(origins.min()) - self.time_in, int(origins.max()) + self.horizon
-        return cut_windows(
+        batch = cut_windows(
             self.values[lo:hi],
             self.mask[lo:hi],
             self.time,
@@ -53,6 +62,9 @@ class WindowSource:
             self.time_in,
             self.horizon,
         )
+        if self.hidden is not None:
+            hide_sensors(batch, self.hidden, targets=not test)
+        return batch
 
 
 @dataclass
@@ -60,6 +72,9 @@ class FitResult:
     model: Forecaster
     coords: np.ndarray  # [N, 2] km
     train_values: np.ndarray  # [T_train, N]
+    source: WindowSource
+    pos: torch.Tensor  # [N, 3] km
+    neighbours: torch.Tensor  # [N, k]
     ranges: list[list[float]] = field(default_factory=list)  # per logged step: layer-0 heads
     losses: list[float] = field(default_factory=list)
     val_loss: float = float("nan")
@@ -67,24 +82,45 @@ class FitResult:
     def learned(self) -> list[dict[str, list[float]]]:
         return [k.describe() for k in self.model.kernels()]
 
+    @torch.no_grad()
+    def predict(self, origins: np.ndarray, batch: int = 16) -> tuple[np.ndarray, np.ndarray]:
+        """The Gaussian forecast in data units: mean and std [origins, horizon, N] (feature 0)."""
+        self.model.eval()
+        means, stds = [], []
+        for chunk in np.array_split(origins, max(1, -(-len(origins) // batch))):
+            b = self.source.batch(chunk, test=True)
+            mean, std = self.model(b["x"], b["x_mask"], b["calendar"], self.pos, self.neighbours)
+            means.append(mean[..., 0].double().numpy())  # [B, horizon, N]
+            stds.append(std[..., 0].double().numpy())
+        scale, shift = self.source.std[:, 0], self.source.mean[:, 0]  # [N]
+        return np.concatenate(means) * scale + shift, np.concatenate(stds) * scale
+
 
 def synthetic_source(cfg: Config) -> tuple[WindowSource, np.ndarray]:
     """The synthetic field of ``cfg.data.synthetic`` in memory, with train statistics."""
     syn = cfg.data.synthetic
     fld = SyntheticField(syn)
-    values = fld.values(0, syn.num_steps)[..., None]  # [T, N, 1]
+    seen = fld.observed(0, syn.num_steps)  # [T, N]
+    values = np.where(seen, fld.values(0, syn.num_steps), np.nan)[..., None]  # [T, N, 1]
     n_train = int(syn.num_steps * cfg.data.train_fraction)
     time = pd.date_range(syn.start, periods=syn.num_steps, freq=syn.freq).as_unit("ns").asi8
+    coords = fld.coords(np.arange(syn.num_sensors))
+    mean, std = np.nanmean(values[:n_train], 0), np.nanstd(values[:n_train], 0) + 1e-6
+    hidden = holdout_nodes(fld.sensor_ids(), cfg.data.holdout_sensors, "the synthetic field")
+    if hidden is not None:
+        graph = k_nearest(positions_km(coords, "xy")[0], cfg.data.neighbours)[0]
+        mean, std = unseen_statistics(mean, std, graph, hidden)
     src = WindowSource(
         values=values,
-        mask=np.ones_like(values, dtype=bool),
+        mask=seen[..., None],
         time=time,
-        mean=values[:n_train].mean(0),
-        std=values[:n_train].std(0) + 1e-6,
+        mean=mean,
+        std=std,
         time_in=cfg.data.time_in,
         horizon=cfg.data.horizon,
+        hidden=hidden,
     )
-    return src, fld.coords(np.arange(syn.num_sensors))
+    return src, coords
 
 
 def fit_synthetic(cfg: Config, progress: bool = True) -> FitResult:
@@ -109,7 +145,7 @@ def fit_synthetic(cfg: Config, progress: bool = True) -> FitResult:
         parameter_groups(model, cfg.train.lr, cfg.train.kernel_lr, cfg.train.weight_decay)
     )
     loss_fn = LOSSES[cfg.train.loss]
-    result = FitResult(model, coords, src.values[:n_train, :, 0])
+    result = FitResult(model, coords, src.values[:n_train, :, 0], src, pos, neighbours)
     train_origins = src.origins(0, n_train)
     bar = tqdm(range(cfg.train.steps), disable=not progress, desc="fit", leave=False)
     for step in bar:

@@ -56,6 +56,25 @@ class SyntheticConfig(_Section):
     """Number of time steps T."""
     domain_km: float = Field(100.0, gt=0)
     """Side of the square domain holding the sensors, km."""
+    layout: Literal["uniform", "clustered"] = "uniform"
+    """Sensor placement: ``uniform`` in the domain, or ``clustered``: a share
+    ``cluster_fraction`` of the sensors in ``clusters`` tight Gaussian clusters (sd
+    ``cluster_km``) at random centres, the rest uniform (highways and cities over a sparse
+    background: a sensor's k nearest lie at very different distances)."""
+    clusters: int = Field(20, ge=1)
+    """Number of clusters of the ``clustered`` layout."""
+    cluster_km: float = Field(1.0, gt=0)
+    """Standard deviation of a cluster around its centre, km per axis."""
+    cluster_fraction: float = Field(0.8, ge=0, le=1)
+    """Share of the sensors in clusters (``clustered`` layout)."""
+    outage_fraction: float = Field(0.0, ge=0, lt=1)
+    """Share of the domain's area out of service during an outage (0: no outages): the sensors
+    within ``outage_patches`` circular patches at random centres go unobserved for a random
+    span of half to all of each episode of ``outage_steps`` steps (new centres each episode)."""
+    outage_patches: int = Field(4, ge=1)
+    """Number of outage patches per episode."""
+    outage_steps: int = Field(48, ge=2)
+    """Length of an outage episode, steps."""
     seed: int = 0
     """Seed; the field is a pure function of (seed, configuration)."""
     start: str = "2024-01-01T00:00:00"
@@ -167,6 +186,21 @@ class DataConfig(_Section):
     """Leading fraction of time steps used for training."""
     val_fraction: float = Field(0.1, gt=0, lt=1)
     """Next fraction used for validation; the rest is the test split."""
+    holdout_sensors: float | list[str] | None = None
+    """Sensors held out of training entirely, for forecasting at new locations: a fraction
+    (chosen by a hash of each sensor id, the same in every run) or a list of sensor ids. They
+    are never an input nor a target in training or validation; at test time they are forecast
+    from their coordinates and their neighbours alone (no history of their own), and the test
+    metrics report seen and unseen sensors separately."""
+
+    @model_validator(mode="after")
+    def _holdout(self) -> DataConfig:
+        h = self.holdout_sensors
+        if isinstance(h, float) and not 0 < h < 1:
+            raise ValueError(f"holdout_sensors = {h}: give a fraction in (0, 1) or sensor ids")
+        if isinstance(h, list) and not h:
+            raise ValueError("holdout_sensors is an empty list: give sensor ids, or leave it out")
+        return self
 
     @model_validator(mode="after")
     def _splits(self) -> DataConfig:

@@ -4,7 +4,7 @@ import pytest
 
 from pipeline.config import Config, ConfigError, flatten, load_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("**/*.yaml"))
 
 
 def test_there_are_configs():

@@ -71,18 +71,18 @@ def test_log_bias_gradcheck(family):
         kernel.log_ratio.copy_(torch.tensor([0.3, -0.2]))
     offset, is_self = _offsets()
 
-    def f(raw_range, raw_nugget, angle, log_ratio):
-        params = dict(raw_range=raw_range, raw_nugget=raw_nugget, angle=angle, log_ratio=log_ratio)
+    def f(log_range, raw_nugget, angle, log_ratio):
+        params = dict(log_range=log_range, raw_nugget=raw_nugget, angle=angle, log_ratio=log_ratio)
         return torch.func.functional_call(kernel, params, (offset, is_self))
 
     params = [
-        kernel.raw_range.detach().clone().requires_grad_(),
+        kernel.log_range.detach().clone().requires_grad_(),
         kernel.raw_nugget.detach().clone().requires_grad_(),
         kernel.angle.detach().clone().requires_grad_(),
         kernel.log_ratio.detach().clone().requires_grad_(),
     ]
     if family == "spherical":  # keep every pair away from the kink at h = 1
-        params[0] = torch.full((2,), 80.0, dtype=torch.float64, requires_grad=True)
+        params[0] = torch.full((2,), math.log(80.0), dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(f, params)
 
 
@@ -103,8 +103,8 @@ def test_spherical_beyond_range_is_flat_and_finite():
     offset = torch.tensor([[6.0, 0, 0], [50.0, 0, 0]])
     bias = kernel.log_bias(offset, torch.tensor([False, False]))
     bias.sum().backward()
-    assert torch.isfinite(kernel.raw_range.grad).all()
-    assert kernel.raw_range.grad.abs().item() == 0.0
+    assert torch.isfinite(kernel.log_range.grad).all()
+    assert kernel.log_range.grad.abs().item() == 0.0
     assert (bias < -50).all()  # effectively no attention beyond the range
 
 

@@ -10,6 +10,7 @@ from scipy import stats
 from pipeline.data.neighbours import k_nearest
 from pipeline.evaluate.metrics import (
     BASELINES,
+    BaselineSpread,
     ComparisonAccumulator,
     MetricAccumulator,
     diebold_mariano,
@@ -17,6 +18,7 @@ from pipeline.evaluate.metrics import (
     morans_i,
 )
 from pipeline.evaluate.report import dm_text
+from pipeline.model.losses import gaussian_crps
 
 
 def _data(seed=0, shape=(3, 4, 50, 2)):
@@ -225,3 +227,35 @@ def test_comparison_sums_merge_across_batches_tiles_and_ranks():
     assert res["baselines"]["train_mean"]["dm_mae"] == pytest.approx(expected)
     resid = ((y - mean) / ts * mask).sum((0, 1, 3)) / mask.sum((0, 1, 3))
     assert res["morans_i"] == pytest.approx(morans_i(resid, idx))
+
+
+def test_baselines_are_gaussian_forecasts_with_a_spread_fitted_per_step():
+    """BaselineSpread gives each baseline's RMS error per horizon step in train-std units; with
+    it, a baseline's CRPS is that of N(point, (spread_h * train_std)^2), not its MAE."""
+    rng = np.random.default_rng(8)
+    b, h, n, f = 40, 3, 25, 1
+    y = torch.from_numpy(rng.normal(0, 1, (b, h, n, f)) * np.array([1, 2, 3])[None, :, None, None])
+    mask = torch.from_numpy(rng.random((b, h, n, f)) > 0.1)
+    last = torch.from_numpy(rng.normal(0, 1, (b, n, f)))
+    spread = BaselineSpread(h)
+    spread.update(y[:20], mask[:20], last[:20])
+    spread.update(y[20:], mask[20:], last[20:])  # sums: batches merge
+    rms = spread.result()
+    m = mask.double()
+    expected = (((y - last[:, None]) ** 2 * m).sum((0, 2, 3)) / m.sum((0, 2, 3))).sqrt()
+    torch.testing.assert_close(rms["last_value"], expected)
+    assert rms["train_mean"][2] > rms["train_mean"][0] * 2  # the third step varies 3x as much
+
+    tm, ts = (
+        torch.full((n, f), 5.0, dtype=torch.float64),
+        torch.full((n, f), 2.0, dtype=torch.float64),
+    )
+    yd, lastd = y * ts + tm, last * ts + tm  # data units
+    acc = ComparisonAccumulator(np.arange(b), n, h, "cpu", spreads=rms)
+    acc.update(torch.arange(b), torch.arange(n), yd, torch.ones_like(yd), yd, mask, lastd, tm, ts)
+    res = acc.result(_graph(n, 4, 1)[1])["baselines"]
+    sd = rms["train_mean"][None, :, None, None] * ts
+    crps = gaussian_crps(tm.expand_as(yd), sd.expand_as(yd), yd)
+    assert res["train_mean"]["crps"] == pytest.approx(float((crps * m).sum() / m.sum()))
+    assert res["train_mean"]["crps"] < res["train_mean"]["mae"]  # a spread beats a point
+    assert res["train_mean"]["probabilistic"] is True

@@ -45,7 +45,7 @@ def test_forecaster_shapes_and_gradients(backend):
     loss = gaussian_crps(mean, std, y, torch.ones_like(y, dtype=torch.bool))
     loss.backward()
     kernel = model.kernels()[0]
-    assert kernel.raw_range.grad is not None and torch.isfinite(kernel.raw_range.grad).all()
+    assert kernel.log_range.grad is not None and torch.isfinite(kernel.log_range.grad).all()
 
 
 def test_forecasts_at_unseen_sensors():

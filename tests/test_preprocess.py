@@ -135,3 +135,34 @@ def test_killed_mid_write_leaves_no_finished_store(tmp_path):
     subprocess.run(small, cwd=ROOT, check=True, capture_output=True, timeout=300)
     assert open_store(target).shape == (200, 300, 1)
     assert not list(tmp_path.glob(".big.zarr.partial-*")), "stale partial store not cleaned"
+
+
+def test_synthetic_outages_reach_the_store_as_its_mask(scheduler, tmp_path):
+    """A clustered field with outages: the store's mask is the field's ``observed`` (sensors in
+    the store's curve order), the values are NaN exactly where it is False, and the store
+    records the regime in its synthetic configuration."""
+    from pipeline.config import SyntheticConfig
+    from pipeline.data.synthetic import SyntheticField
+
+    extra = {"layout": "clustered", "outage_fraction": 0.4, "outage_steps": 20}
+    path = run(
+        scheduler,
+        [
+            f"data.store={tmp_path / 'outages.zarr'}",
+            "data.synthetic.num_sensors=200",
+            "data.synthetic.num_steps=120",
+            "data.time_in=6",
+            "data.horizon=3",
+            *(f"data.synthetic.{k}={v}" for k, v in extra.items()),
+        ],
+    )
+    store = open_store(path)
+    cfg = SyntheticConfig(**store.attrs["synthetic"])
+    assert {k: getattr(cfg, k) for k in extra} == extra
+    index = np.array([int(s[1:]) for s in store["sensor_id"][:]])  # "s017" -> 17
+    expected = SyntheticField(cfg).observed(0, 120, index)  # [T, N] in store order
+    mask = store["mask"][:, :, 0]
+    np.testing.assert_array_equal(mask, expected)
+    assert 0 < (~mask).mean() < 0.5
+    np.testing.assert_array_equal(np.isnan(store["values"][:, :, 0]), ~expected)
+    np.testing.assert_allclose(store["coords"][:], SyntheticField(cfg).coords(index))

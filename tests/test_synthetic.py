@@ -70,3 +70,45 @@ def test_empirical_variogram_matches_theory(family):
     theory = gstools_model(family, 15.0, 1.0, 0.1).variogram(centres)
     np.testing.assert_allclose(gamma, theory, atol=0.1)
     assert gamma[0] < 0.5 * gamma[-1]  # spatial structure is really there
+
+
+def test_outages_are_spatial_patches_over_random_spans_and_chunk_free():
+    cfg = SyntheticConfig(num_sensors=800, num_steps=480, outage_fraction=0.4, seed=5)
+    field = SyntheticField(cfg)
+    seen = field.observed(0, 480)  # [T, N]
+    active = (~seen).any(axis=1)
+    # every episode of 48 steps has one outage of 24-48 steps
+    assert 0.5 <= active.mean() <= 1.0
+    share = 1 - seen[active].mean(axis=1)  # missing share while an outage is on
+    assert 0.2 < share.mean() < 0.55
+    # contiguous patches: the nearest neighbour of a missing sensor is mostly missing too
+    xy = field.coords(np.arange(800))
+    nearest = np.argsort(((xy[:, None] - xy[None]) ** 2).sum(-1), axis=1)[:, 1]
+    t = int(np.flatnonzero(active)[0])
+    off = ~seen[t]
+    assert off[nearest[off]].mean() > 0.8 > off.mean()
+    # a pure function of (t, sensor): any chunk, any subset
+    pick = np.random.default_rng(0).permutation(800)[:150]
+    np.testing.assert_array_equal(field.observed(100, 333, pick), seen[100:333, pick])
+    # the values themselves do not change with outages
+    plain = SyntheticField(cfg.model_copy(update={"outage_fraction": 0.0}))
+    np.testing.assert_array_equal(plain.values(0, 50), field.values(0, 50))
+    assert plain.observed(0, 50).all()
+
+
+def test_clustered_layout_mixes_very_different_neighbour_distances():
+    cfg = SyntheticConfig(num_sensors=1000, num_steps=10, layout="clustered", seed=2)
+    xy = SyntheticField(cfg).coords(np.arange(1000))
+    uniform = SyntheticField(cfg.model_copy(update={"layout": "uniform"})).coords(np.arange(1000))
+
+    def nearest_km(p):
+        d = np.sqrt(((p[:, None] - p[None]) ** 2).sum(-1))
+        np.fill_diagonal(d, np.inf)
+        return d.min(axis=1)
+
+    clustered, spread = nearest_km(xy), nearest_km(uniform)
+    # most sensors sit in tight clusters, a few far out: a wide spread of distances
+    assert np.median(clustered) < 0.4 * np.median(spread)
+    assert np.quantile(clustered, 0.95) / np.median(clustered) > 5
+    pick = np.arange(0, 1000, 7)[::-1]
+    np.testing.assert_array_equal(SyntheticField(cfg).coords(pick), xy[pick])

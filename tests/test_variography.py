@@ -7,7 +7,6 @@ to the covariance, so the forecasting loss identifies the range.
 
 import math
 
-import pytest
 import torch
 
 from benchmarks.quickfit import fit_synthetic
@@ -16,8 +15,7 @@ from pipeline.config import load_config
 TRUE_KM = 10.0
 
 
-@pytest.mark.parametrize("init_km", [40.0, 2.5])
-def test_learned_range_moves_towards_truth(init_km):
+def _learned_range(init_km: float) -> float:
     torch.set_num_threads(1)
     cfg = load_config(
         None,
@@ -36,10 +34,18 @@ def test_learned_range_moves_towards_truth(init_km):
             "model.qk_residual=false",
             "model.knn=64",
             "train.steps=200",
-            "train.kernel_lr=0.1",
         ],
     )
-    result = fit_synthetic(cfg, progress=False)
-    learned = result.learned()[0]["range_km"][0]
-    before, after = abs(math.log(init_km / TRUE_KM)), abs(math.log(learned / TRUE_KM))
-    assert after < 0.5 * before, (init_km, learned)
+    return fit_synthetic(cfg, progress=False).learned()[0]["range_km"][0]
+
+
+def test_learned_range_converges_to_one_value_from_4x_above_and_4x_below():
+    """Log-range at the default kernel learning rate: from 40 km and from 2.5 km (4x the
+    truth either way) the range ends at the same value within 5 %, in 200 steps, and closer to
+    the truth than it started by more than half (in log distance). The value itself is below
+    the truth: with a finite nugget the kriging weights are more concentrated than the
+    covariance (docs/variography.md)."""
+    above, below = _learned_range(4 * TRUE_KM), _learned_range(TRUE_KM / 4)
+    assert abs(math.log(above / below)) < math.log(1.05), (above, below)
+    for learned in (above, below):
+        assert abs(math.log(learned / TRUE_KM)) < 0.5 * math.log(4), (above, below)

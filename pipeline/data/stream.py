@@ -16,10 +16,16 @@ where the mask is False. Windows never cross a split boundary.
   keeps for the next batch of the group; a background thread prefetches batches;
 - the stream is endless (epoch after epoch) and resumes at any step: ``start_step`` skips that
   many batches of this rank's stream without reading them.
+
+Held-out sensors (``data.holdout_sensors``, forecasting at new locations): their values never
+enter a batch of the train or validation split, as input or as target; in the test split only
+their targets do. Their normalisation statistics, which come from their own history, are
+replaced by the average of their seen neighbours'.
 """
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import threading
 from collections import OrderedDict
@@ -61,6 +67,59 @@ def cut_windows(
         "y_mask": torch.from_numpy(mask[y_idx]),
         "calendar": torch.from_numpy(calendar_features(time[origins])),  # [B, 4]
     }
+
+
+def holdout_nodes(sensor_ids: np.ndarray, spec: float | list[str] | None, where: str):
+    """The held-out sensors of ``data.holdout_sensors`` as a mask over ``sensor_ids`` [N]
+    (None when nothing is held out): a fraction picks the sensors whose id hashes below it (the
+    same sensors in every run, whatever the order), a list names them."""
+    if spec is None:
+        return None
+    ids = [str(s) for s in sensor_ids]
+    if isinstance(spec, float):
+        digest = [hashlib.blake2b(s.encode(), digest_size=8).digest() for s in ids]
+        hidden = np.array([int.from_bytes(d, "big") / 2.0**64 < spec for d in digest])
+    else:
+        unknown = sorted(set(spec) - set(ids))
+        if unknown:
+            raise ConfigError(
+                f"data.holdout_sensors names {len(unknown)} sensor(s) not in {where}: "
+                f"{', '.join(unknown[:5])}; use ids of its sensor_id array"
+            )
+        hidden = np.isin(ids, list(spec))
+    if hidden.all() or not hidden.any():
+        raise ConfigError(
+            f"data.holdout_sensors = {spec} holds out {int(hidden.sum())} of the {len(ids)} "
+            f"sensors of {where}: keep at least one sensor on each side"
+        )
+    return hidden
+
+
+def unseen_statistics(
+    mean: np.ndarray, std: np.ndarray, neighbours: np.ndarray, hidden: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """mean, std [N, F] with each held-out sensor's replaced by the average over its seen
+    stored neighbours (``neighbours`` [N, k], itself first; -1 none), or over every seen
+    sensor where none of its neighbours is seen."""
+    mean, std = mean.copy(), std.copy()
+    nb = neighbours[hidden][:, 1:]  # [h, k - 1]
+    seen = (nb >= 0) & ~hidden[nb.clip(min=0)]
+    weights = seen[..., None].astype(np.float64)  # [h, k - 1, 1]
+    count = weights.sum(1)  # [h, 1]
+    for a in (mean, std):
+        local = (a[nb.clip(min=0)] * weights).sum(1) / count.clip(min=1)  # [h, F]
+        a[hidden] = np.where(count > 0, local, a[~hidden].mean(0))
+    return mean, std
+
+
+def hide_sensors(batch: dict, hidden: np.ndarray, targets: bool) -> None:
+    """Remove the values of the ``hidden`` [n] sensors from a batch of :func:`cut_windows`
+    (in place): their inputs always, their targets too when ``targets``."""
+    h = torch.from_numpy(np.asarray(hidden, dtype=bool))
+    keys = ("x", "y") if targets else ("x",)
+    for key in keys:
+        batch[key][:, :, h] = 0.0  # [B, time, n, F]
+        batch[f"{key}_mask"][:, :, h] = False
 
 
 def window_origins(start: int, stop: int, time_in: int, horizon: int) -> np.ndarray:
@@ -157,7 +216,8 @@ class WindowStream(torch.utils.data.IterableDataset):
     Each item is a dict: x, x_mask [B, time_in, n, F]; y, y_mask [B, horizon, n, F];
     calendar [B, 4]; pos [n, 3] km; neighbours [n, k] (local, -1 outside the tile);
     target [n] bool (loss on targets only); nodes [n] store indices; origins [B];
-    epoch and step (the rank-level batch counter).
+    epoch and step (the rank-level batch counter); with ``holdout``, hidden [n] bool (the
+    held-out sensors, see the module docstring).
     """
 
     def __init__(
@@ -176,6 +236,7 @@ class WindowStream(torch.utils.data.IterableDataset):
         start_step: int = 0,
         prefetch: int = 2,
         shuffle: bool = True,
+        holdout: float | list[str] | None = None,
     ) -> None:
         super().__init__()
         st = store if isinstance(store, Store) else open_store(store)
@@ -204,6 +265,11 @@ class WindowStream(torch.utils.data.IterableDataset):
             )
         self.time = st["time"][:]
         self.mean, self.std = st["mean"][:], st["std"][:]
+        self.hidden = holdout_nodes(st["sensor_id"][:], holdout, f"store {st.path}")
+        if self.hidden is not None:  # their statistics would carry their own history
+            self.mean, self.std = unseen_statistics(
+                self.mean, self.std, st["neighbours"][:], self.hidden
+            )
         self.tiles = make_tiles(st["neighbours"][:], k, tile_size, hops)
         pos, _ = positions_km(st["coords"][:], st.attrs["crs"])
         self.pos = pos.astype(np.float32)
@@ -262,6 +328,10 @@ class WindowStream(torch.utils.data.IterableDataset):
             self.time_in,
             self.horizon,
         )
+        if self.hidden is not None:
+            hidden = self.hidden[tile.nodes]  # [n]
+            hide_sensors(batch, hidden, targets=self.split != "test")
+            batch["hidden"] = torch.from_numpy(hidden)
         batch.update(
             pos=torch.from_numpy(self.pos[tile.nodes]),
             neighbours=torch.from_numpy(tile.neighbours),

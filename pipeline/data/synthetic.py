@@ -32,7 +32,12 @@ from scipy.signal import lfilter
 from pipeline.config import SyntheticConfig
 from pipeline.kernels import FAMILIES
 
-_FREQ, _POS_X, _POS_Y, _NOISE_A, _NOISE_B, _COEF = range(6)  # independent random streams
+# independent random streams
+_FREQ, _POS_X, _POS_Y, _NOISE_A, _NOISE_B, _COEF = range(6)
+_IN_CLUSTER, _CLUSTER, _CENTRE_X, _CENTRE_Y, _SPREAD_A, _SPREAD_B, _SPREAD_C, _SPREAD_D = range(
+    6, 14
+)
+_OUT_X, _OUT_Y, _OUT_START, _OUT_LENGTH = range(14, 18)
 
 
 def _rng(seed: int, *key: int) -> np.random.Generator:
@@ -92,12 +97,76 @@ class SyntheticField:
     def shape(self) -> tuple[int, int]:
         return self.cfg.num_steps, self.cfg.num_sensors
 
+    def sensor_ids(self) -> np.ndarray:
+        """Sensor ids [N] ("s0042"), zero-padded to one width so that they sort by index."""
+        n = self.cfg.num_sensors
+        width = max(1, math.ceil(math.log10(n)))
+        return np.asarray([f"s{i:0{width}d}" for i in range(n)], dtype=object)
+
     def coords(self, sensors: np.ndarray) -> np.ndarray:
-        """x/y km [n, 2] of the sensors with indices ``sensors`` [n], uniform in the domain."""
+        """x/y km [n, 2] of the sensors with indices ``sensors`` [n]: uniform in the domain,
+        or (``clustered``) around the centre of the sensor's cluster."""
+        c = self.cfg
         sensors = np.asarray(sensors, dtype=np.uint64)
-        x = counter_uniform(self.cfg.seed, _POS_X, sensors)
-        y = counter_uniform(self.cfg.seed, _POS_Y, sensors)
-        return self.cfg.domain_km * np.stack([x, y], axis=1)
+        xy = c.domain_km * np.stack(
+            [counter_uniform(c.seed, _POS_X, sensors), counter_uniform(c.seed, _POS_Y, sensors)],
+            axis=1,
+        )  # [n, 2]
+        if c.layout == "uniform":
+            return xy
+        inside = counter_uniform(c.seed, _IN_CLUSTER, sensors) < c.cluster_fraction  # [n]
+        cluster = np.floor(counter_uniform(c.seed, _CLUSTER, sensors) * c.clusters)
+        cluster = cluster.astype(np.uint64)
+        centre = c.domain_km * np.stack(
+            [
+                counter_uniform(c.seed, _CENTRE_X, cluster),
+                counter_uniform(c.seed, _CENTRE_Y, cluster),
+            ],
+            axis=1,
+        )
+        spread = c.cluster_km * np.stack(
+            [
+                counter_normal(c.seed, _SPREAD_A, _SPREAD_B, sensors),
+                counter_normal(c.seed, _SPREAD_C, _SPREAD_D, sensors),
+            ],
+            axis=1,
+        )
+        return np.where(inside[:, None], centre + spread, xy)
+
+    def observed(self, t0: int, t1: int, sensors: np.ndarray | None = None) -> np.ndarray:
+        """Whether each sensor reports [t1 - t0, n] (all True without outages): a pure
+        function of (seed, configuration, t, sensor), like the values."""
+        c = self.cfg
+        if sensors is None:
+            sensors = np.arange(c.num_sensors)
+        seen = np.ones((t1 - t0, len(sensors)), dtype=bool)
+        if c.outage_fraction == 0:
+            return seen
+        xy = self.coords(sensors)  # [n, 2]
+        # patches of radius r cover the share f of the area on average: 1 - exp(-P pi r^2 / D^2)
+        radius = c.domain_km * math.sqrt(
+            -math.log1p(-c.outage_fraction) / (c.outage_patches * math.pi)
+        )
+        length = c.outage_steps
+        for episode in range(t0 // length, (t1 - 1) // length + 1):
+            key = np.uint64(episode) * np.uint64(c.outage_patches) + np.arange(
+                c.outage_patches, dtype=np.uint64
+            )
+            centres = c.domain_km * np.stack(
+                [counter_uniform(c.seed, _OUT_X, key), counter_uniform(c.seed, _OUT_Y, key)], axis=1
+            )  # [P, 2]
+            ep = np.asarray([episode], dtype=np.uint64)
+            u_length, u_start = (
+                counter_uniform(c.seed, s, ep)[0] for s in (_OUT_LENGTH, _OUT_START)
+            )
+            span = int(round(length * (0.5 + 0.5 * u_length)))  # half to all of the episode
+            start = episode * length + int(u_start * (length - span + 1))
+            lo, hi = max(start, t0), min(start + span, t1)
+            if lo >= hi:
+                continue
+            near = ((xy[:, None] - centres[None]) ** 2).sum(-1).min(1) < radius * radius  # [n]
+            seen[lo - t0 : hi - t0, near] = False
+        return seen
 
     def coefficients(self) -> np.ndarray:
         """AR(1) Fourier coefficients [T, 2M], stationary with unit variance (cached)."""
@@ -149,5 +218,7 @@ class SyntheticField:
             "anisotropy_angle_deg": c.anisotropy_angle_deg,
             "anisotropy_ratio": c.anisotropy_ratio,
             "ar_coef": c.ar_coef,
+            "layout": c.layout,
+            "outage_fraction": c.outage_fraction,
             "seed": c.seed,
         }

@@ -100,8 +100,38 @@ class MetricAccumulator:
 
 BASELINES = ("last_value", "train_mean")
 # per-window sums: observed cells, then absolute error and CRPS of the model, then the
-# absolute error of each baseline (a point forecast, whose CRPS is its absolute error)
-_WINDOW_COLS = ("n", "model_abs", "model_crps", *(f"{b}_abs" for b in BASELINES))
+# absolute error and the CRPS of each baseline (a Gaussian forecast, see BaselineSpread)
+_WINDOW_COLS = (
+    "n",
+    "model_abs",
+    "model_crps",
+    *(f"{b}_abs" for b in BASELINES),
+    *(f"{b}_crps" for b in BASELINES),
+)
+
+
+class BaselineSpread:
+    """The baselines as probabilistic forecasts: the root mean square error of each baseline
+    per horizon step, in units of each sensor's train std, summed over train windows (float64,
+    ranks merge by an all-reduce sum of ``state`` [baselines, horizon, 2])."""
+
+    def __init__(self, horizon: int, device: torch.device | str = "cpu") -> None:
+        self.state = torch.zeros(len(BASELINES), horizon, 2, dtype=torch.float64, device=device)
+
+    def update(self, y: Tensor, mask: Tensor, last: Tensor) -> None:
+        """y, mask [B, horizon, n, F] normalised (train mean 0, std 1 per sensor); last
+        [B, n, F] the last observed normalised input (0, the train mean, where none)."""
+        m = mask.double()
+        points = (last.double()[:, None], torch.zeros_like(last, dtype=torch.float64)[:, None])
+        for i, p in enumerate(points):  # same order as BASELINES
+            err = (y.double() - p) * m
+            self.state[i, :, 0] += (err * err).sum((0, 2, 3))
+            self.state[i, :, 1] += m.sum((0, 2, 3))
+
+    def result(self) -> dict[str, Tensor]:
+        """Per baseline, the spread per horizon step [horizon] (std units)."""
+        rms = (self.state[..., 0] / self.state[..., 1].clamp_min(1)).sqrt()
+        return {b: rms[i] for i, b in enumerate(BASELINES)}
 
 
 def last_observed(x: Tensor, x_mask: Tensor, fallback: Tensor) -> Tensor:
@@ -118,8 +148,17 @@ class ComparisonAccumulator:
     the absolute errors / CRPS of the model and the baselines; per sensor, the sum and count
     of the standardised residual (y - mean) / train std."""
 
-    def __init__(self, origins: np.ndarray, num_nodes: int, horizon: int, device) -> None:
-        self.origins, self.horizon = np.asarray(origins), horizon
+    def __init__(
+        self,
+        origins: np.ndarray,
+        num_nodes: int,
+        horizon: int,
+        device,
+        spreads: dict[str, Tensor] | None = None,
+    ) -> None:
+        """``spreads``: per baseline, its Gaussian spread per horizon step in train-std units
+        (:class:`BaselineSpread`); without it a baseline is a point forecast (CRPS = MAE)."""
+        self.origins, self.horizon, self.spreads = np.asarray(origins), horizon, spreads
         self.windows = torch.zeros(
             len(self.origins), len(_WINDOW_COLS), dtype=torch.float64, device=device
         )
@@ -145,11 +184,22 @@ class ComparisonAccumulator:
         err = y - mean
         baselines = (last.double()[:, None], train_mean.double())  # same order as BASELINES
         dims = (1, 2, 3)  # sum over horizon, node, feature -> [B]
+        base_crps = []
+        for name, b in zip(BASELINES, baselines, strict=True):
+            if self.spreads is None:
+                base_crps.append(((y - b).abs() * m).sum(dims))
+                continue
+            spread = (
+                self.spreads[name].to(y)[None, :, None, None] * train_std.double()
+            )  # [1, H, n, F]
+            point = b.expand_as(y)
+            base_crps.append((gaussian_crps(point, spread.expand_as(y), y) * m).sum(dims))
         cols = [
             m.sum(dims),
             (err.abs() * m).sum(dims),
             (gaussian_crps(mean, std, y) * m).sum(dims),
             *(((y - b).abs() * m).sum(dims) for b in baselines),
+            *base_crps,
         ]
         rows = np.searchsorted(self.origins, origins.cpu().numpy())
         rows = torch.from_numpy(rows).to(self.windows.device)
@@ -172,21 +222,23 @@ class ComparisonAccumulator:
         }
 
     def result(self, neighbours: np.ndarray) -> dict:
-        """Pooled MAE of each baseline, Diebold-Mariano tests of the model against each (on
-        the per-window MAE and CRPS), and Moran's I of the per-sensor mean residual over the
-        k-nearest-neighbour graph ``neighbours`` [N, k] (itself first)."""
+        """Pooled MAE and CRPS of each baseline, Diebold-Mariano tests of the model against
+        each (on the per-window MAE and CRPS), and Moran's I of the per-sensor mean residual
+        over the k-nearest-neighbour graph ``neighbours`` [N, k] (itself first)."""
         w = self.windows.cpu().numpy()
         col = {name: w[:, i] for i, name in enumerate(_WINDOW_COLS)}
         seen = col["n"] > 0
         n = col["n"][seen]
         model_mae, model_crps = col["model_abs"][seen] / n, col["model_crps"][seen] / n
         out: dict = {}
+        total = max(col["n"].sum(), 1)
         for b in BASELINES:
-            base = col[f"{b}_abs"][seen] / n
             out[b] = {
-                "mae": float(col[f"{b}_abs"].sum() / max(col["n"].sum(), 1)),
-                "dm_mae": diebold_mariano(model_mae - base, self.horizon),
-                "dm_crps": diebold_mariano(model_crps - base, self.horizon),
+                "mae": float(col[f"{b}_abs"].sum() / total),
+                "crps": float(col[f"{b}_crps"].sum() / total),
+                "probabilistic": self.spreads is not None,
+                "dm_mae": diebold_mariano(model_mae - col[f"{b}_abs"][seen] / n, self.horizon),
+                "dm_crps": diebold_mariano(model_crps - col[f"{b}_crps"][seen] / n, self.horizon),
             }
         r = self.nodes.cpu().numpy()
         resid = np.where(r[:, 1] > 0, r[:, 0] / np.maximum(r[:, 1], 1), np.nan)
@@ -316,12 +368,19 @@ def validation_row(val: dict) -> dict:
 
 
 def test_row(test: dict) -> dict:
-    """The flat view of the test metrics (tracking): pooled means, PIT distance, baselines and
-    their Diebold-Mariano tests, Moran's I, and MAE / CRPS per horizon step."""
+    """The flat view of the test metrics (tracking): pooled means (of seen and unseen sensors
+    too, with held-out sensors), PIT distance, baselines and their Diebold-Mariano tests,
+    Moran's I, and MAE / CRPS per horizon step."""
     flat = {f"test_{k}": v for k, v in test["mean"].items()}
     flat["test_pit_uniform_distance"] = test["pit_uniform_distance"]
+    for group in ("seen", "unseen"):  # data.holdout_sensors
+        if group in test:
+            flat.update({f"test_{group}_{k}": v for k, v in test[group]["mean"].items()})
+            if "ratio_to_oracle" in test[group]:
+                flat[f"test_{group}_ratio_to_oracle"] = test[group]["ratio_to_oracle"]
     for name, base in test.get("baselines", {}).items():
         flat[f"test_{name}_mae"] = base["mae"]
+        flat[f"test_{name}_crps"] = base["crps"]
         for loss in ("mae", "crps"):
             if base[f"dm_{loss}"]["testable"]:
                 flat[f"test_dm_{loss}_vs_{name}"] = base[f"dm_{loss}"]["statistic"]

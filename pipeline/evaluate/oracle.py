@@ -133,6 +133,7 @@ def limit(
     origins: np.ndarray,
     windows: dict[str, np.ndarray],
     test: dict,
+    hidden: np.ndarray | None = None,
 ) -> dict | None:
     """The oracle's scores on the test windows of a synthetic store, against the model's test
     metrics ``test`` and per-window losses ``windows`` (origin, count, mae, crps;
@@ -141,7 +142,10 @@ def limit(
     Returns, for the window-only and the full-past oracle: MAE, CRPS and 90 % coverage per
     horizon step and pooled, Moran's I of the oracle's mean standardised residuals; and the
     model's CRPS as a ratio to the window oracle's (per step and pooled) with a
-    Diebold-Mariano test of model against oracle on the per-window CRPS."""
+    Diebold-Mariano test of model against oracle on the per-window CRPS. With ``hidden`` [N]
+    (held-out sensors, data.holdout_sensors) the oracle, like the model, never sees their
+    values before the origin, and each variant also reports the CRPS of the seen and the
+    unseen sensors."""
     raw = store.attrs.get("synthetic")
     if raw is None:
         return None
@@ -160,8 +164,11 @@ def limit(
     y, seen = values[steps], mask[steps]  # [O, H, N]
     train_std = store["std"][:, 0]
     out: dict = {}
+    given = mask.copy()  # what the oracle conditions on
+    if hidden is not None:
+        given[:, hidden] = False
     for name, window in (("window", time_in), ("full_past", None)):
-        mean, std = oracle.forecast(values, mask, origins, horizon, window)
+        mean, std = oracle.forecast(values, given, origins, horizon, window)
         y_ = np.where(seen, y, mean)
         crps = gaussian_crps(*(torch.from_numpy(a) for a in (mean, std, y_))).numpy()
         inside = np.abs(y_ - mean) <= _Z90 * std
@@ -181,6 +188,10 @@ def limit(
             "morans_i": morans_i(resid, store["neighbours"][:]),
             "_per_window": per_window,
         }
+        if hidden is not None:
+            for group, cols in (("seen", ~hidden), ("unseen", hidden)):
+                on = seen[:, :, cols]
+                out[name][f"{group}_crps"] = float((crps[:, :, cols] * on).sum() / on.sum())
     window = out["window"]
     rows = np.searchsorted(np.asarray(origins), windows["origin"])
     oracle_crps = window.pop("_per_window")[rows]

@@ -35,9 +35,18 @@ def summary(metrics: dict, tracking_uri: str | None = None) -> str:
         f"{m['coverage_50']:8.3f} {m['coverage_90']:8.3f}"
     )
     lines.append(f"  PIT distance from uniform: {test['pit_uniform_distance']:.3f}")
+    for group in ("seen", "unseen"):
+        if group in test:  # data.holdout_sensors
+            g = test[group]
+            ratio = f", {g['ratio_to_oracle']:.3f} x the oracle" if "ratio_to_oracle" in g else ""
+            what = "held out of training" if group == "unseen" else "trained on"
+            lines.append(
+                f"  {group} sensors ({g['sensors']}, {what}): MAE {g['mean']['mae']:.4f}, "
+                f"CRPS {g['mean']['crps']:.4f}{ratio}"
+            )
     for name, base in test.get("baselines", {}).items():
         lines.append(
-            f"  vs {name} (MAE {base['mae']:.4f}): Diebold-Mariano on MAE "
+            f"  vs {name} (MAE {base['mae']:.4f}, CRPS {base['crps']:.4f}): Diebold-Mariano on MAE "
             f"{dm_text(base['dm_mae'])}, on CRPS {dm_text(base['dm_crps'])}; negative = model "
             "better"
         )

@@ -18,7 +18,6 @@ import math
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from pipeline.kernels import LOG_CORRELATIONS
 
@@ -28,16 +27,14 @@ def _safe_norm(x: Tensor, dim: int = -1) -> Tensor:
     return (x * x).sum(dim).clamp_min(1e-30).sqrt()
 
 
-def _inverse_softplus(y: float) -> float:
-    return y + math.log(-math.expm1(-y))
-
-
 class CovarianceBias(nn.Module):
     """Learnable per-head covariance c_h(d) and its log as an attention bias.
 
-    Parameters per head: range (km, softplus), nugget tau (sigmoid), and optionally a geometric
-    anisotropy: the offset, in the local (east, north) frame, is rotated by ``angle`` and its
-    minor-axis component divided by ``ratio = exp(log_ratio)`` before taking the norm.
+    Parameters per head: the log of the range (km), the nugget tau (sigmoid), and optionally a
+    geometric anisotropy: the offset, in the local (east, north) frame, is rotated by ``angle``
+    and its minor-axis component divided by ``ratio = exp(log_ratio)`` before taking the norm.
+    Range and ratio are learned in log space, so a step of the optimiser changes them by a
+    factor, the same at 2 km as at 200 km: the initial range is a start, not the answer.
     """
 
     def __init__(
@@ -53,8 +50,8 @@ class CovarianceBias(nn.Module):
         if family != "none" and family not in LOG_CORRELATIONS:
             raise ValueError(f"unknown covariance family {family!r}")
         self.family, self.heads, self.anisotropy = family, heads, anisotropy
-        self.raw_range = nn.Parameter(
-            torch.full((heads,), _inverse_softplus(init_range_km)), requires_grad=learnable
+        self.log_range = nn.Parameter(
+            torch.full((heads,), math.log(init_range_km)), requires_grad=learnable
         )
         self.raw_nugget = nn.Parameter(
             torch.full((heads,), math.log(init_nugget / (1 - init_nugget))),
@@ -68,7 +65,7 @@ class CovarianceBias(nn.Module):
 
     @property
     def range_km(self) -> Tensor:
-        return F.softplus(self.raw_range)
+        return torch.exp(self.log_range)
 
     @property
     def nugget(self) -> Tensor:

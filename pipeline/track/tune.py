@@ -245,8 +245,21 @@ def sweep(cfg: Config) -> dict[str, Any]:
         ray.shutdown()
 
 
+def _ratio_to_oracle(cfg: Config, trial_id: str | None) -> float | None:
+    """The test CRPS of a finished trial as a ratio to the Bayes limit (synthetic stores; see
+    pipeline/evaluate/oracle.py), from its metrics.json; None where there is none."""
+    if trial_id is None:
+        return None
+    done = Path(cfg.train.out_dir) / cfg.name / "trials" / f"{cfg.name}-{trial_id}"
+    path = done / "metrics.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())["test"].get("ratio_to_oracle", {}).get("mean")
+
+
 def _summarise(grid, cfg: Config) -> dict[str, Any]:
-    """Per trial: params, best validation metric, status; best trial per kernel family."""
+    """Per trial: params, best validation metric, status, the test CRPS's ratio to the Bayes
+    limit (synthetic stores); best trial per kernel family."""
     metric, sign = cfg.tune.metric, (1 if cfg.tune.mode == "min" else -1)
     trials = []
     for result in grid:
@@ -259,6 +272,7 @@ def _summarise(grid, cfg: Config) -> dict[str, Any]:
             "evaluations": 0,
             "val_mae": None,
             "val_crps": None,
+            "ratio_to_oracle": _ratio_to_oracle(cfg, (result.metrics or {}).get("trial_id")),
             "trial": result.path.rsplit("/", 1)[-1],
         }
         df = result.metrics_dataframe
@@ -277,14 +291,16 @@ def _summarise(grid, cfg: Config) -> dict[str, Any]:
         by_family.setdefault(t["family"], t)
     best = min(done, key=lambda t: sign * t["metric"]) if done else None
     table = [
-        f"| family | {metric} | val MAE | val CRPS | evaluations | trials |",
-        "|---|---|---|---|---|---|",
+        f"| family | {metric} | val MAE | val CRPS | test CRPS / Bayes limit | evaluations | "
+        "trials |",
+        "|---|---|---|---|---|---|---|",
     ]
     for family, t in sorted(by_family.items(), key=lambda kv: sign * kv[1]["metric"]):
         n = sum(1 for x in trials if x["family"] == family)
+        ratio = "-" if t["ratio_to_oracle"] is None else f"{t['ratio_to_oracle']:.3f}"
         table.append(
             f"| {family} | {t['metric']:.4f} | {t['val_mae']:.4f} | "
-            f"{t['val_crps']:.4f} | {t['evaluations']} | {n} |"
+            f"{t['val_crps']:.4f} | {ratio} | {t['evaluations']} | {n} |"
         )
     failed = [t for t in trials if t["status"] == "error"]
     return {

@@ -33,6 +33,7 @@ from pipeline.data.geometry import positions_km
 from pipeline.data.store import Store, open_store
 from pipeline.data.stream import WindowStream
 from pipeline.evaluate.metrics import (
+    BaselineSpread,
     ComparisonAccumulator,
     MetricAccumulator,
     last_observed,
@@ -104,6 +105,9 @@ def _forward(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return mean.float(), std.float(), mask
 
 
+GROUPS = ("seen", "unseen")  # test metrics by side of data.holdout_sensors
+
+
 def _stream(run: Run, split: str, **kwargs) -> WindowStream:
     """This rank's share of ``split`` (see pipeline/data/stream.py)."""
     cfg, ctx = run.cfg, run.ctx
@@ -119,6 +123,7 @@ def _stream(run: Run, split: str, **kwargs) -> WindowStream:
         world_size=ctx.world_size,
         tile_size=cfg.data.tile_size,
         hops=cfg.model.layers,  # the halo covers the model's receptive field
+        holdout=cfg.data.holdout_sensors,
         **kwargs,
     )
 
@@ -272,10 +277,33 @@ def fit(run: Run, report: Reporter | None = None) -> Fitted:
     return fitted
 
 
-def evaluate(run: Run, split: str, max_batches: int | None = None, compare: bool = False) -> dict:
+def baseline_spreads(run: Run) -> dict[str, torch.Tensor]:
+    """The Gaussian spread per horizon step of each baseline (pipeline/evaluate/metrics.py,
+    BaselineSpread), fitted on ``train.eval_batches`` batches of train windows per rank."""
+    cfg, ctx = run.cfg, run.ctx
+    spread = BaselineSpread(cfg.data.horizon, device=ctx.device)
+    for i, batch in enumerate(_stream(run, "train", shuffle=False)):
+        if i >= cfg.train.eval_batches:
+            break
+        x, x_mask = batch["x"].to(ctx.device), batch["x_mask"].to(ctx.device)
+        mask = batch["y_mask"].to(ctx.device) & batch["target"].to(ctx.device)[None, None, :, None]
+        last = last_observed(x, x_mask, torch.zeros_like(x[0, 0]))  # [B, n, F] normalised
+        spread.update(batch["y"].to(ctx.device), mask, last)
+    engine.all_reduce_sum(spread.state)
+    return spread.result()
+
+
+def evaluate(
+    run: Run,
+    split: str,
+    max_batches: int | None = None,
+    compare: bool = False,
+    spreads: dict[str, torch.Tensor] | None = None,
+) -> dict:
     """Metrics of ``split`` in the data's units, over every rank's share (one pass); with
     ``compare``, also the Diebold-Mariano tests against the baselines and Moran's I of the
-    residuals (pipeline/evaluate/metrics.py)."""
+    residuals (pipeline/evaluate/metrics.py); ``spreads`` make the baselines Gaussian
+    forecasts (:func:`baseline_spreads`)."""
     cfg, ctx, store = run.cfg, run.ctx, run.store
     if split not in run.streams:  # built once per run: tiles, positions, the split's windows
         run.streams[split] = _stream(run, split, shuffle=False)
@@ -283,8 +311,12 @@ def evaluate(run: Run, split: str, max_batches: int | None = None, compare: bool
     mean_s = torch.from_numpy(stream.mean).to(ctx.device)
     std_s = torch.from_numpy(stream.std).to(ctx.device)
     acc = MetricAccumulator(cfg.data.horizon, device=ctx.device)
+    # held-out sensors (data.holdout_sensors): the test split reports each side on its own
+    groups = {}
+    if stream.hidden is not None and split == "test":
+        groups = {g: MetricAccumulator(cfg.data.horizon, device=ctx.device) for g in GROUPS}
     comparison = (
-        ComparisonAccumulator(stream.origins, store.shape[1], cfg.data.horizon, ctx.device)
+        ComparisonAccumulator(stream.origins, store.shape[1], cfg.data.horizon, ctx.device, spreads)
         if compare
         else None
     )
@@ -301,6 +333,10 @@ def evaluate(run: Run, split: str, max_batches: int | None = None, compare: bool
             m, s = mean_s[batch["nodes"]], std_s[batch["nodes"]]  # [n, F]
             mean, std, y = mean * s + m, std * s, batch["y"] * s + m  # the data's units
             acc.update(mean, std, y, mask)
+            if groups:
+                hidden = batch["hidden"][None, None, :, None]  # [1, 1, n, 1]
+                groups["unseen"].update(mean, std, y, mask & hidden)
+                groups["seen"].update(mean, std, y, mask & ~hidden)
             if comparison is not None:
                 last = last_observed(batch["x"].float(), batch["x_mask"], torch.zeros_like(m))
                 comparison.update(
@@ -310,6 +346,10 @@ def evaluate(run: Run, split: str, max_batches: int | None = None, compare: bool
     engine.all_reduce_sum(acc.state)
     engine.all_reduce_sum(loss_sum)
     result = acc.result()
+    for name, group in groups.items():
+        engine.all_reduce_sum(group.state)
+        result[name] = {"sensors": int((stream.hidden == (name == "unseen")).sum())}
+        result[name].update(group.result())
     result["loss"] = float(loss_sum[0] / loss_sum[1].clamp_min(1))
     bad = [k for k, v in {"loss": result["loss"], **result["mean"]}.items() if not math.isfinite(v)]
     if bad:
@@ -329,15 +369,20 @@ def evaluate(run: Run, split: str, max_batches: int | None = None, compare: bool
 def finish(run: Run, fitted: Fitted) -> dict:
     """Test metrics, the exported model, tracking, metrics.json (written last, atomically)."""
     cfg, ctx, state, store = run.cfg, run.ctx, run.state, run.store
-    test = evaluate(run, "test", compare=True)
+    test = evaluate(run, "test", compare=True, spreads=baseline_spreads(run))
     windows = test.pop("windows")
     oracle = None
     if ctx.is_main:  # the exact Bayes limit of a synthetic store (evaluate/oracle.py)
-        origins = run.streams["test"].origins
-        oracle = limit(store, cfg.data.time_in, cfg.data.horizon, origins, windows, test)
+        stream = run.streams["test"]
+        oracle = limit(
+            store, cfg.data.time_in, cfg.data.horizon, stream.origins, windows, test, stream.hidden
+        )
     if oracle is not None and "ratio_to_oracle" in oracle:
         test["ratio_to_oracle"] = oracle.pop("ratio_to_oracle")
         test["dm_vs_oracle"] = oracle.pop("dm_vs_oracle")
+        for group in GROUPS if "unseen" in test else ():
+            ratio = test[group]["mean"]["crps"] / oracle["window"][f"{group}_crps"]
+            test[group]["ratio_to_oracle"] = ratio
     busy = max(fitted.wait_s + fitted.compute_s, 1e-9)
     metrics = {
         "name": cfg.name,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +17,9 @@ class SyntheticSource(Source):
     field_: SyntheticField | None = None
 
     def read(self, g0: int, g1: int, sensors: np.ndarray) -> np.ndarray:
-        return self.field_.values(g0, g1, sensors)[..., None]
+        values = self.field_.values(g0, g1, sensors)  # [t, n]
+        values[~self.field_.observed(g0, g1, sensors)] = np.nan  # outages: unobserved
+        return values[..., None]
 
 
 def open_synthetic(cfg: DataConfig, pmap: PMap) -> SyntheticSource:
@@ -26,9 +27,8 @@ def open_synthetic(cfg: DataConfig, pmap: PMap) -> SyntheticSource:
     fld = SyntheticField(syn)
     n = syn.num_sensors
     time = pd.date_range(pd.Timestamp(syn.start, tz="UTC"), periods=syn.num_steps, freq=syn.freq)
-    width = max(1, math.ceil(math.log10(n)))
     return SyntheticSource(
-        sensor_ids=np.asarray([f"s{i:0{width}d}" for i in range(n)], dtype=object),
+        sensor_ids=fld.sensor_ids(),
         coords=fld.coords(np.arange(n)),
         crs="xy",
         time=time.as_unit("ns").asi8,

@@ -1,0 +1,143 @@
+"""The spatial split (data.holdout_sensors): held-out sensors never reach a training or
+validation batch, as input or as target; at test time they are forecast from their neighbours
+alone and reported on their own.
+
+The store is a real one (wide CSV through Dask) whose held-out sensors report values near
+1e6 while the others report values near 50: a single held-out value in a training batch, or
+their own statistics in its normalisation, would show as a number in the thousands."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from tiny import child_env, overrides
+
+from pipeline.config import ConfigError
+from pipeline.data.preprocess import preprocess
+from pipeline.data.store import open_store
+from pipeline.data.stream import WindowStream, holdout_nodes
+
+from cases import ROOT  # isort: skip
+
+N, T = 40, 240
+HELD = [f"s{i:02d}" for i in (3, 11, 17, 24, 30, 36)]
+POISON = 1e6
+
+
+@pytest.fixture(scope="module")
+def poisoned_store(scheduler, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("holdout")
+    rng = np.random.default_rng(0)
+    ids = [f"s{i:02d}" for i in range(N)]
+    values = rng.normal(50, 5, (T, N))
+    held = np.isin(ids, HELD)
+    values[:, held] += POISON
+    frame = pd.DataFrame(values, columns=ids)
+    frame.insert(0, "time", pd.date_range("2024-01-01", periods=T, freq="1h").astype(str))
+    frame.to_csv(tmp / "data.csv", index=False, float_format="%.3f")
+    lat, lon = 34 + rng.uniform(0, 0.3, N), -118 + rng.uniform(0, 0.3, N)
+    pd.DataFrame({"sensor_id": ids, "latitude": lat, "longitude": lon}).to_csv(
+        tmp / "loc.csv", index=False
+    )
+    from pipeline.config import load_config
+
+    cfg = load_config(
+        None,
+        [
+            f"dask.scheduler={scheduler}",
+            "data.source.kind=wide_csv",
+            f"data.source.path={tmp / 'data.csv'}",
+            f"data.source.locations={tmp / 'loc.csv'}",
+            "data.source.time_column=time",
+            f"data.store={tmp / 'poisoned.zarr'}",
+            "data.neighbours=8",
+            "data.time_chunk=32",
+            "data.node_chunk=16",
+        ],
+    )
+    return preprocess(cfg, progress=False)
+
+
+def _stream(path, split, **kw):
+    return WindowStream(path, split, 6, 3, 4, 8, holdout=HELD, shuffle=split != "test", **kw)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_held_out_sensors_never_reach_a_training_or_validation_batch(poisoned_store, split):
+    stream = _stream(poisoned_store, split, tile_size=16, hops=1)
+    ids = open_store(poisoned_store)["sensor_id"][:]
+    assert sorted(ids[stream.hidden]) == HELD
+    # their normalisation comes from seen neighbours, not from their own history
+    assert np.abs(stream.mean[stream.hidden] - 50).max() < 5
+    batches = len(stream.shard_batches(0, 0, 1))  # one whole epoch
+    seen_nodes = set()
+    for _, batch in zip(range(batches), stream, strict=False):
+        hidden = batch["hidden"]
+        assert torch.equal(hidden, torch.from_numpy(np.isin(ids[batch["nodes"]], HELD)))
+        for key in ("x", "y"):
+            assert not batch[f"{key}_mask"][:, :, hidden].any()
+            assert batch[key].abs().max() < 10, "a held-out value reached the batch"
+        seen_nodes.update(batch["nodes"][hidden].tolist())
+    # they are in the tiles (as positions their neighbours can see), only without values
+    assert len(seen_nodes) == len(HELD)
+
+
+def test_held_out_sensors_are_test_targets_without_history(poisoned_store):
+    stream = _stream(poisoned_store, "test")
+    targets = 0
+    for batch in stream:
+        hidden = batch["hidden"]
+        assert not batch["x_mask"][:, :, hidden].any()
+        assert batch["x"].abs().max() < 10
+        assert batch["y_mask"][:, :, hidden].all()
+        targets += int(batch["y_mask"][:, :, hidden].sum())
+        assert (batch["y"][:, :, hidden].abs() > 1e3).all()  # the poison, as targets only
+    assert targets > 0
+
+
+def test_holdout_fraction_is_a_stable_choice_and_ids_are_checked():
+    ids = np.array([f"sensor-{i}" for i in range(2000)])
+    hidden = holdout_nodes(ids, 0.2, "here")
+    assert 0.17 < hidden.mean() < 0.23
+    order = np.random.default_rng(0).permutation(2000)
+    assert np.array_equal(holdout_nodes(ids[order], 0.2, "here"), hidden[order])
+    with pytest.raises(ConfigError, match="nope"):
+        holdout_nodes(ids, ["sensor-1", "nope"], "here")
+    with pytest.raises(ConfigError, match="at least one"):
+        holdout_nodes(ids[:3], list(ids[:3]), "here")
+
+
+def test_training_with_held_out_sensors_reports_them_apart(poisoned_store, tmp_path):
+    """The real loop (one process, DeepSpeed on CPU): the training loss stays at the scale of
+    the seen sensors, and the test metrics carry the seen and the unseen sensors apart."""
+    args = overrides(
+        poisoned_store,
+        tmp_path,
+        "holdout",
+        8,
+        [
+            "tracking.enabled=false",
+            "train.eval_every=8",
+            "train.checkpoint_every=8",
+            f"data.holdout_sensors=[{', '.join(HELD)}]",
+        ],
+    )
+    out = subprocess.run(
+        [sys.executable, "launch/train.py", *args],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    m = json.loads((tmp_path / "holdout" / "metrics.json").read_text())
+    assert max(loss for _, loss in m["train_loss"]) < 10
+    test = m["test"]
+    assert test["unseen"]["sensors"] == len(HELD) and test["seen"]["sensors"] == N - len(HELD)
+    # the unseen sensors' targets are the poison: forecast from neighbours near 50, they miss
+    assert test["unseen"]["mean"]["mae"] > 1e5 > 100 > test["seen"]["mean"]["mae"]
