@@ -82,11 +82,16 @@ def test_sweep_with_asha_mlflow_and_best_yaml(local_sweep, synthetic_store):
     assert "| family |" in stdout
     trials = json.loads((out / "s1" / "trials.json").read_text())
     assert len(trials) == 4 and all(t["status"] == "ok" for t in trials)
-    assert "test CRPS / Bayes limit |" in stdout
-    # each trial finished its run on the synthetic store: its distance to the Bayes limit
-    assert all(1 < t["ratio_to_oracle"] < 3 for t in trials), trials
     evaluations = [t["evaluations"] for t in trials]
     assert max(evaluations) == 4 and min(evaluations) < 4, evaluations  # ASHA stopped some
+    # a trial that ran to the end was tested on the synthetic store: its distance to the Bayes
+    # limit is in the table; one that ASHA stopped has no test metrics
+    assert "test CRPS / Bayes limit |" in stdout
+    for t in trials:
+        if t["evaluations"] == 4:
+            assert 1 < t["ratio_to_oracle"] < 3, t
+        else:
+            assert t["ratio_to_oracle"] is None, t
     import mlflow
     from mlflow.tracking import MlflowClient
 
