@@ -116,6 +116,12 @@ class SourceConfig(_Section):
     any, holds the ids)."""
     value_columns: list[str] = ["value"]
     """Long formats: the feature columns; xarray: the data variables (F = their number)."""
+    time_format: str | None = None
+    """strftime format of the timestamps (e.g. ``%d/%m/%Y %H:%M``); None: ISO 8601 and what
+    pandas infers, month first where a date is ambiguous (see ``dayfirst``)."""
+    dayfirst: bool = False
+    """Read ambiguous dates such as 01/02/2024 day first (1 February); ignored with
+    ``time_format``."""
     start: str | None = None
     """Timestamp of the first row when rows carry no timestamp (UTC)."""
     freq: str | None = None
@@ -385,8 +391,9 @@ class DaskConfig(_Section):
 class Config(_Section):
     """Root of the configuration."""
 
-    name: str = "small"
-    """Run name (outputs go to ``runs/<name>``)."""
+    name: str = Field("small", pattern=r"^[A-Za-z0-9][A-Za-z0-9._=-]*$", max_length=200)
+    """Run name (outputs go to ``<train.out_dir>/<name>``): letters, digits, ``. _ = -``, not
+    starting with a dot, so that it never names a folder outside ``train.out_dir``."""
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()

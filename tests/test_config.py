@@ -66,3 +66,9 @@ def test_missing_file_and_bad_override():
         load_config("nope.yaml")
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(None, ["model.kernel"])
+
+
+@pytest.mark.parametrize("name", ["../victim", "a/b", ".hidden", "", "x\\y"])
+def test_run_name_cannot_leave_the_output_folder(name):
+    with pytest.raises(ConfigError, match="name"):
+        load_config(None, [f"name={name}"])

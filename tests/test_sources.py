@@ -377,3 +377,50 @@ def test_xarray_bad_input_names_the_variable_or_dimension(scheduler, tmp_path):
         "junk.nc",
         "not a readable",
     )
+
+
+def _dayfirst_rows(fmt="%d/%m/%Y %H:%M", start="2024-01-30"):
+    """60 hourly rows written day first (31/01/2024 ...)."""
+    t = pd.date_range(start, periods=60, freq="1h")
+    return [[s.strftime(fmt), "1", "2", "3", "4"] for s in t], t
+
+
+@pytest.mark.parametrize("how", ["dayfirst", "time_format"])
+def test_day_first_timestamps_read_with_the_format_keys(scheduler, tmp_path, how):
+    rows, t = _dayfirst_rows()
+    ov = write_case(tmp_path, rows)
+    extra = {
+        "dayfirst": ["data.source.dayfirst=true"],
+        "time_format": ["data.source.time_format='%d/%m/%Y %H:%M'"],
+    }[how]
+    store = open_store(run(scheduler, ov + extra))
+    stamps = pd.to_datetime(store["time"][:], utc=True)
+    assert stamps[0] == pd.Timestamp("2024-01-30", tz="UTC") and len(stamps) == 60
+    assert store["mask"][:].all()
+
+
+@pytest.mark.parametrize("start", ["2024-02-01", "2024-02-12"])
+def test_day_first_timestamps_are_never_silently_misread(scheduler, tmp_path, start):
+    """Read month first, 01/02/2024 is 2 January and 02/02/2024 2 February: the rows spread
+    over months (or, from 12/02, meet a 13th month). Either way an error that suggests the
+    keys, never a store of a sparse, wrong axis."""
+    rows, _ = _dayfirst_rows(start=start)
+    expect_error(scheduler, tmp_path, write_case(tmp_path, rows), "dayfirst", "time_format")
+
+
+def test_long_day_first_timestamps_spread_thin_are_refused(scheduler, tmp_path):
+    frame = _long_frame()
+    t = pd.date_range("2024-01-01", periods=48, freq="1h")  # 2 days, hourly
+    frame = pd.DataFrame(
+        [(s, ts.strftime("%d/%m/%Y %H:%M"), 1.0, 2.0) for ts in t for s in IDS],
+        columns=frame.columns,
+    )
+    # 01/01 and 02/01 read month first: 1 January and 2 February, a month apart
+    path = tmp_path / "long.csv"
+    frame.to_csv(path, index=False)
+    ov = [o for o in write_case(tmp_path) if "time_column" not in o and "source.path" not in o]
+    ov += ["data.source.kind=long_csv", f"data.source.path={path}", "data.source.freq=1h"]
+    err = expect_error(scheduler, tmp_path, ov, "fill only", "dayfirst")
+    assert "%" in err  # the example format
+    store = open_store(run(scheduler, ov + ["data.source.dayfirst=true"]))
+    assert store.shape[0] == 48

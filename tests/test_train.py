@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from tiny import child_env, overrides
@@ -163,6 +164,45 @@ def test_resume_after_sigkill_matches_the_uninterrupted_run(reference, synthetic
         assert new_loss[step] == pytest.approx(ref_loss[step], abs=1e-6), step
 
 
+class _Trap:
+    """Pickles as a call of os.system: what a tampered checkpoint would carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_tampered_checkpoint_is_refused_before_any_code_runs(
+    reference, synthetic_store, tmp_path
+):
+    shutil.copytree(reference / "ref", tmp_path / "ref")
+    (tmp_path / "ref" / "metrics.json").unlink()
+    ckpt = tmp_path / "ref" / "checkpoints"
+    tag = ckpt / (ckpt / "latest").read_text().strip()
+    target = tag / "mp_rank_00_model_states.pt"
+    state = torch.load(target, weights_only=True)
+    marker = tmp_path / "code-ran"
+    torch.save({**state, "extra": _Trap(marker)}, target)
+    proc = launch(tiny(synthetic_store, tmp_path, "ref", 16), procs=1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "refused" in out and ("posix.system" in out or "os.system" in out), out[-2000:]
+    assert not marker.exists(), "the pickled code ran"
+
+
+def test_resume_never_moves_earlier_checkpoints_aside(reference, synthetic_store, tmp_path):
+    shutil.copytree(reference / "ref", tmp_path / "ref")
+    before = sorted(p.name for p in (tmp_path / "ref" / "checkpoints").iterdir())
+    args = tiny(synthetic_store, tmp_path, "ref", 4, ["train.resume=never"])
+    out = finish(launch(args, procs=1))
+    assert "resumed" not in out and "moved to" in out
+    kept = list((tmp_path / "ref").glob("checkpoints.replaced-*"))
+    assert len(kept) == 1 and sorted(p.name for p in kept[0].iterdir()) == before
+    assert metrics(tmp_path, "ref")["steps"] == 4
+
+
 def test_resume_with_another_world_size(reference, synthetic_store, tmp_path):
     shutil.copytree(reference / "ref", tmp_path / "ref")
     (tmp_path / "ref" / "metrics.json").unlink()
@@ -188,6 +228,27 @@ def test_a_non_finite_loss_stops_training_with_a_clear_error(synthetic_store, tm
     assert proc.returncode != 0
     assert "step 2: the training loss is not finite" in out and "--verify" in out
     assert not (tmp_path / "nan" / "metrics.json").exists()
+
+
+def test_an_empty_validation_split_is_an_error_not_a_perfect_score(scheduler, tmp_path):
+    """A store whose validation windows hold no observed target (here: blank rows) would
+    score 0.0, which a sweep would rank best: the run stops with a clear error instead."""
+    from cases import run, write_case
+
+    t = pd.date_range("2024-01-01", periods=80, freq="1h")
+    rng = np.random.default_rng(0)
+    rows = [
+        [str(s)]
+        + (["", "", "", ""] if 56 <= i < 64 else [f"{v:.2f}" for v in rng.normal(50, 5, 4)])
+        for i, s in enumerate(t)
+    ]  # train 0-55, validation 56-63 (blank), test 64-79
+    store = run(scheduler, write_case(tmp_path, rows))
+    args = tiny(store, tmp_path, "empty", 4, ["data.time_in=4", "data.horizon=2", "model.knn=3"])
+    proc = launch(args, procs=1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "the val split of" in out and "has no observed target" in out
+    assert "Traceback" not in out, out[-2000:]
 
 
 def test_runs_in_one_process_each_own_their_process_group(synthetic_store, tmp_path):

@@ -1,6 +1,7 @@
 """Checkpoints: DeepSpeed's engine state plus, per rank, the trainer state (step, data
 position, RNG states) saved as plain tensors and containers, so that our files load with
-``torch.load(weights_only=True)``."""
+``torch.load(weights_only=True)``. DeepSpeed's files are checked before DeepSpeed loads them:
+nothing in them but tensors, containers and an allow-list of DeepSpeed's plain classes."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 
 from pipeline.config import ConfigError
-from pipeline.train.engine import Context, barrier
+from pipeline.train.engine import Context, barrier, checkpoint_globals
 
 
 def rng_state() -> dict[str, Any]:
@@ -59,6 +60,28 @@ def save(engine, ckpt_dir: Path, step: int, trainer_state: dict, ctx: Context) -
     engine.save_checkpoint(str(ckpt_dir), tag=tag)
 
 
+def check_pickles(tag_dir: Path) -> None:
+    """Refuse a checkpoint whose files name any global beyond tensors, containers and
+    DeepSpeed's own plain classes (engine.checkpoint_globals): DeepSpeed loads its files with
+    ``torch.load(weights_only=False)``, where such a global could run code. Reads each file's
+    pickle, not its tensors."""
+    allowed = checkpoint_globals()
+    for path in sorted(tag_dir.glob("*.pt")):
+        try:
+            found = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is refused the same way
+            raise ConfigError(
+                f"checkpoint file {path} cannot be read ({type(exc).__name__}); delete "
+                f"{tag_dir} to resume from an earlier checkpoint, or train.resume=never"
+            ) from None
+        if found - allowed:
+            raise ConfigError(
+                f"checkpoint file {path} holds pickled objects beyond tensors "
+                f"({', '.join(sorted(found - allowed))}), which could run code on loading: "
+                "refused. Resume only from checkpoints this pipeline wrote"
+            )
+
+
 def latest_tag(ckpt_dir: Path) -> str | None:
     latest = ckpt_dir / "latest"
     return latest.read_text().strip() if latest.is_file() else None
@@ -78,6 +101,7 @@ def load(engine, ckpt_dir: Path, ctx: Context, zero_stage: int) -> dict | None:
             f"stage {zero_stage}, whose optimizer state is partitioned per process: resume "
             f"with {saved_world} processes, or start a new run (train.resume=never)"
         )
+    check_pickles(ckpt_dir / tag)  # before DeepSpeed's own (unrestricted) torch.load
     engine.load_checkpoint(str(ckpt_dir), tag=tag)
     state = torch.load(own, weights_only=True) if own.is_file() else dict(first)
     if own.is_file() and saved_world == ctx.world_size:

@@ -117,6 +117,18 @@ def build_engine(model: torch.nn.Module, optimizer, schedule, cfg: Config):
     return engine
 
 
+def checkpoint_globals() -> set[str]:
+    """The classes that DeepSpeed's checkpoint files may hold besides tensors and containers
+    (its loss scalers, the ZeRO stage enum, fragment addresses): the allow-list of
+    pipeline/train/checkpoint.py's check that nothing else (no code) is pickled in them."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    classes = (LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address)
+    return {f"{c.__module__}.{c.__qualname__}" for c in classes}
+
+
 def engine_dtype(engine) -> torch.dtype:
     if engine.bfloat16_enabled():
         return torch.bfloat16

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -154,8 +153,12 @@ def setup(cfg: Config, ctx: engine.Context, tracker: Tracker | None = None) -> R
     np.random.seed(cfg.train.seed)
     run_dir = Path(cfg.train.out_dir) / cfg.name
     store = open_store(cfg.data.store)
-    if cfg.train.resume == "never" and ctx.is_main and (run_dir / "checkpoints").exists():
-        shutil.rmtree(run_dir / "checkpoints")
+    old = run_dir / "checkpoints"
+    if cfg.train.resume == "never" and ctx.is_main and old.exists():
+        # kept, not deleted: a run started afresh by mistake loses nothing
+        aside = run_dir / f"checkpoints.replaced-{time.strftime('%Y%m%dT%H%M%S')}"
+        old.rename(aside)
+        print(f"train.resume=never: the earlier checkpoints of {run_dir} moved to {aside}")
     engine.barrier()
     if tracker is not None:
         tracker.start(store)  # fails early on an unreachable tracking server
@@ -345,6 +348,12 @@ def evaluate(
     run.engine.train()
     engine.all_reduce_sum(acc.state)
     engine.all_reduce_sum(loss_sum)
+    if float(acc.state[:, 0].sum()) == 0:  # column "n": observed targets
+        raise ConfigError(
+            f"the {split} split of {store.path} has no observed target in its windows: its "
+            "scores would be empty, not perfect; check the timestamps (data.source.time_format) "
+            "and data.train_fraction / data.val_fraction"
+        )
     result = acc.result()
     for name, group in groups.items():
         engine.all_reduce_sum(group.state)

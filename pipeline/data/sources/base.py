@@ -144,6 +144,9 @@ def load_locations(path: str | None, header: bool, ids: np.ndarray) -> tuple[np.
     return vals[[index[s] for s in ids]], crs
 
 
+MIN_FILLED = 0.5  # rows per step of the regular axis below which the timestamps are suspect
+
+
 def regular_axis(
     stamps: pd.DatetimeIndex, freq: str | None, where: str, first_line: int, unit: str = "line"
 ) -> tuple[np.ndarray, np.ndarray, str]:
@@ -165,7 +168,7 @@ def regular_axis(
             i = int(np.flatnonzero(d < 0)[0]) + 1
             raise SourceError(
                 f"{where}, {unit} {i + first_line}: timestamp {stamps[i]} is earlier than the "
-                f"row before ({stamps[i - 1]}); sort the rows by time"
+                f"row before ({stamps[i - 1]}); sort the rows by time ({TIME_HINT})"
             )
     if freq is None:
         if len(t) < 2:
@@ -185,21 +188,53 @@ def regular_axis(
             f"starting at {stamps[0]}; fix data.source.freq or the timestamp"
         )
     pos = offset // step
-    return t[0] + np.arange(pos[-1] + 1, dtype=np.int64) * step, pos, freq
+    steps = int(pos[-1]) + 1
+    if len(t) < MIN_FILLED * steps:  # a misread date spreads the rows over a long axis
+        raise SourceError(
+            f"{where}: the {len(t)} {unit}s fill only {len(t) / steps:.1%} of the {steps} "
+            f"{freq} steps from {stamps[0]} to {stamps[-1]}: the timestamps look misread "
+            f"({TIME_HINT}) or data.source.freq is wrong; a file that really is mostly gaps "
+            "should be cut into its observed periods"
+        )
+    return t[0] + np.arange(steps, dtype=np.int64) * step, pos, freq
 
 
-def parse_times(values: Sequence[str], where: str, first_line: int) -> pd.DatetimeIndex:
+TIME_HINT = (
+    "if the dates are day first (31/01/2024), set data.source.dayfirst: true or "
+    "data.source.time_format (e.g. '%d/%m/%Y %H:%M')"
+)
+
+
+def to_utc(values, time_format: str | None = None, dayfirst: bool = False) -> pd.DatetimeIndex:
+    """Timestamps (strings) as a UTC DatetimeIndex [ns], by ``data.source.time_format`` or
+    ``dayfirst`` (naive times are taken as UTC)."""
+    parsed = pd.to_datetime(pd.Series(values), utc=True, format=time_format, dayfirst=dayfirst)
+    return pd.DatetimeIndex(parsed).as_unit("ns")
+
+
+def parse_times(
+    values: Sequence[str],
+    where: str,
+    first_line: int,
+    time_format: str | None = None,
+    dayfirst: bool = False,
+) -> pd.DatetimeIndex:
     try:
-        return pd.DatetimeIndex(pd.to_datetime(pd.Series(values), utc=True)).as_unit("ns")
+        return to_utc(values, time_format, dayfirst)
     except (ValueError, TypeError):
         for i, v in enumerate(values):
             try:
-                pd.Timestamp(v)
+                to_utc([v], time_format, dayfirst)
             except (ValueError, TypeError):
+                how = f"in the format {time_format!r}" if time_format else "a timestamp"
                 raise SourceError(
-                    f"{where}, line {i + first_line}: {v!r} is not a timestamp"
+                    f"{where}, line {i + first_line}: {v!r} is not {how}; set "
+                    "data.source.time_format to the file's format"
                 ) from None
-        raise
+        raise SourceError(  # each parses alone, not together: formats differ between rows
+            f"{where}: the timestamps do not read in one format (first: {values[0]!r}); "
+            f"set data.source.time_format ({TIME_HINT})"
+        ) from None
 
 
 def axis_from_start(start: str | None, freq: str | None, rows: int, where: str):

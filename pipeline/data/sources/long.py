@@ -39,6 +39,7 @@ from pipeline.data.sources.base import (
     header_fields,
     located,
     regular_axis,
+    to_utc,
 )
 
 
@@ -62,6 +63,8 @@ class Reader:
     sensor: str
     time: str
     values: tuple[str, ...]
+    time_format: str | None = None
+    dayfirst: bool = False
 
     def unit(self) -> tuple[str, int]:
         """How rows are counted in messages, and the number of the first data row."""
@@ -94,7 +97,7 @@ class Reader:
         timestamp failed to parse."""
         t = self.table(part, [self.sensor, self.time])
         try:
-            stamps = np.unique(_stamps(t[self.time]))
+            stamps = np.unique(_stamps(t[self.time], self.time_format, self.dayfirst))
         except SourceError:
             return t.num_rows, np.zeros(0, object), np.zeros(0, np.int64), True
         ids = pc.unique(self.sensors(t)).to_numpy(zero_copy_only=False)  # first appearance
@@ -125,7 +128,7 @@ class Reader:
                             f"{cell!r} is not a number"
                         )
         t0, step, time_chunk = axis
-        ti = (_stamps(t[self.time]) - t0) // step
+        ti = (_stamps(t[self.time], self.time_format, self.dayfirst) - t0) // step
         ni = pc.index_in(self.sensors(t), value_set=pa.array(ids, pa.string()))
         ni = ni.to_numpy(zero_copy_only=False)
         rows = first_row + np.arange(t.num_rows, dtype=np.int64)
@@ -153,8 +156,11 @@ def _not_number(cell) -> bool:
     return False
 
 
-def _stamps(column: pa.ChunkedArray) -> np.ndarray:
-    """int64 ns UTC of a time column (strings parsed once per distinct value)."""
+def _stamps(
+    column: pa.ChunkedArray, time_format: str | None = None, dayfirst: bool = False
+) -> np.ndarray:
+    """int64 ns UTC of a time column (strings parsed once per distinct value, by
+    data.source.time_format / dayfirst)."""
     if pa.types.is_timestamp(column.type) or pa.types.is_date(column.type):
         # Arrow stores instants as UTC; a naive time is taken as UTC
         tz = getattr(column.type, "tz", None)
@@ -162,7 +168,7 @@ def _stamps(column: pa.ChunkedArray) -> np.ndarray:
     text = column.cast(pa.string())
     uniq = pc.unique(text)
     try:
-        parsed = pd.DatetimeIndex(pd.to_datetime(uniq.to_pandas(), utc=True)).as_unit("ns")
+        parsed = to_utc(uniq.to_pandas(), time_format, dayfirst)
     except (ValueError, TypeError):
         raise SourceError("a cell is not a timestamp") from None
     if parsed.isna().any():
@@ -170,9 +176,9 @@ def _stamps(column: pa.ChunkedArray) -> np.ndarray:
     return parsed.asi8[pc.index_in(text, value_set=uniq).to_numpy(zero_copy_only=False)]
 
 
-def _not_timestamp(value) -> bool:
+def _not_timestamp(value, time_format: str | None, dayfirst: bool) -> bool:
     try:
-        return pd.isna(pd.Timestamp(value))
+        return bool(to_utc([value], time_format, dayfirst).isna().any())
     except (TypeError, ValueError):
         return True
 
@@ -265,7 +271,16 @@ def open_long(cfg: DataConfig, pmap: PMap) -> LongSource:
     missing = [c for c in need if c not in columns]
     if missing:
         raise SourceError(f"{path}: columns {missing} are missing; found {list(columns)}")
-    reader = Reader(path, src.kind, columns, src.sensor_column, time_col, tuple(src.value_columns))
+    reader = Reader(
+        path,
+        src.kind,
+        columns,
+        src.sensor_column,
+        time_col,
+        tuple(src.value_columns),
+        src.time_format,
+        src.dayfirst,
+    )
     unit, first = reader.unit()
     surveys = pmap(reader.survey, parts)
     starts = np.concatenate([[0], np.cumsum([s[0] for s in surveys])]).astype(np.int64)
@@ -274,10 +289,13 @@ def open_long(cfg: DataConfig, pmap: PMap) -> LongSource:
     for part, (_, _, _, failed) in zip(parts, surveys, strict=True):
         if failed:  # name the row: find it in this partition alone
             stamps = reader.table(part, [time_col])[time_col].to_pylist()
-            bad = next(i for i, v in enumerate(stamps) if _not_timestamp(v))
+            bad = next(
+                i for i, v in enumerate(stamps) if _not_timestamp(v, src.time_format, src.dayfirst)
+            )
+            how = f"in the format {src.time_format!r}" if src.time_format else "a timestamp"
             raise SourceError(
                 f"{path}, {unit} {int(starts[part.index]) + bad + first}: {stamps[bad]!r} is "
-                "not a timestamp"
+                f"not {how}; set data.source.time_format to the file's format"
             )
     ids = check_ids(list(dict.fromkeys(s for survey in surveys for s in survey[1])), str(path))
     uniq = np.unique(np.concatenate([s[2] for s in surveys]))

@@ -239,7 +239,7 @@ def open_wide_csv(cfg: DataConfig, pmap: PMap) -> WideCsvSource:
             fh.seek(body)
             first = fh.read(_PREFIX).split(delim, 1)[0]
         stamps = [x.decode(src.encoding, "replace").strip().strip('"') for x in [first, *firsts]]
-        stamps = parse_times(stamps, str(path), 2)
+        stamps = parse_times(stamps, str(path), 2, src.time_format, src.dayfirst)
         time, row_pos, freq = regular_axis(stamps, src.freq, str(path), 2)
     else:
         time, row_pos, freq = axis_from_start(src.start, src.freq, rows, str(path))
