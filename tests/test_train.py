@@ -203,6 +203,29 @@ def test_resume_never_moves_earlier_checkpoints_aside(reference, synthetic_store
     assert metrics(tmp_path, "ref")["steps"] == 4
 
 
+def test_resume_takes_the_newest_complete_checkpoint_and_says_what_it_skipped(
+    reference, synthetic_store, tmp_path
+):
+    """A kill while saving leaves a checkpoint without its completion marker (and DeepSpeed's
+    `latest` may already name it); a truncated file breaks another. Resume passes over both,
+    says why, and continues from the newest complete one."""
+    shutil.copytree(reference / "ref", tmp_path / "ref")
+    (tmp_path / "ref" / "metrics.json").unlink()
+    ckpt = tmp_path / "ref" / "checkpoints"
+    assert (ckpt / "step00000012" / "COMPLETE").is_file()
+    partial = ckpt / "step00000016"
+    shutil.copytree(ckpt / "step00000012", partial)
+    (partial / "COMPLETE").unlink()
+    (ckpt / "latest").write_text("step00000016")
+    broken = ckpt / "step00000012" / "mp_rank_00_model_states.pt"
+    broken.write_bytes(broken.read_bytes()[:100])
+    out = finish(launch(tiny(synthetic_store, tmp_path, "ref", 12), procs=2))
+    assert "skipped checkpoint step00000016: no completion marker" in out
+    assert "skipped checkpoint step00000012: mp_rank_00_model_states.pt has 100 bytes" in out
+    assert "resumed from step 8" in out
+    assert metrics(tmp_path, "ref")["steps"] == 12
+
+
 def test_resume_with_another_world_size(reference, synthetic_store, tmp_path):
     shutil.copytree(reference / "ref", tmp_path / "ref")
     (tmp_path / "ref" / "metrics.json").unlink()

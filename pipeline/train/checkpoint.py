@@ -5,6 +5,7 @@ nothing in them but tensors, containers and an allow-list of DeepSpeed's plain c
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -46,11 +47,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+MARKER = "COMPLETE"  # in a checkpoint's folder: every rank's files are written, with sizes
+
+
 def save(engine, ckpt_dir: Path, step: int, trainer_state: dict, ctx: Context) -> None:
-    """Engine state (DeepSpeed) + this rank's trainer state; ``latest`` moves last."""
+    """Engine state (DeepSpeed) + each rank's trainer state; then, once every rank is done,
+    the checkpoint's completion marker (the only thing resume trusts)."""
     tag = f"step{step:08d}"
-    # trainer state first: DeepSpeed writes `latest` at the end of save_checkpoint, so a
-    # checkpoint that `latest` names is complete on every rank
     (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
     torch.save(
         {**trainer_state, "rng": rng_state(), "world_size": ctx.world_size},
@@ -58,6 +61,43 @@ def save(engine, ckpt_dir: Path, step: int, trainer_state: dict, ctx: Context) -
     )
     barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag)
+    barrier()  # every rank's files are closed
+    if ctx.is_main:
+        sizes = {p.name: p.stat().st_size for p in sorted((ckpt_dir / tag).glob("*.pt"))}
+        tmp = ckpt_dir / tag / f".{MARKER}.tmp"
+        tmp.write_text(json.dumps({"step": step, "world_size": ctx.world_size, "files": sizes}))
+        tmp.replace(ckpt_dir / tag / MARKER)
+    barrier()
+
+
+def _incomplete(tag_dir: Path) -> str | None:
+    """Why the checkpoint in ``tag_dir`` cannot be resumed from, or None if it can."""
+    marker = tag_dir / MARKER
+    if not marker.is_file():
+        return "no completion marker (interrupted while writing)"
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError):
+        return "its completion marker is damaged"
+    for name, size in files.items():
+        path = tag_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} when written"
+    return None
+
+
+def newest_complete(ckpt_dir: Path) -> tuple[str | None, list[str]]:
+    """The newest checkpoint that is complete, and what was skipped on the way and why."""
+    skipped = []
+    tags = sorted((p for p in ckpt_dir.glob("step*") if p.is_dir()), reverse=True)
+    for tag_dir in tags:
+        why = _incomplete(tag_dir)
+        if why is None:
+            return tag_dir.name, skipped
+        skipped.append(f"{tag_dir.name}: {why}")
+    return None, skipped
 
 
 def check_pickles(tag_dir: Path) -> None:
@@ -82,14 +122,14 @@ def check_pickles(tag_dir: Path) -> None:
             )
 
 
-def latest_tag(ckpt_dir: Path) -> str | None:
-    latest = ckpt_dir / "latest"
-    return latest.read_text().strip() if latest.is_file() else None
-
-
 def load(engine, ckpt_dir: Path, ctx: Context, zero_stage: int) -> dict | None:
-    """Restore the latest checkpoint; returns this rank's trainer state (None if none)."""
-    tag = latest_tag(ckpt_dir)
+    """Restore the newest complete checkpoint (DeepSpeed's ``latest`` is not trusted: a kill
+    while saving can leave it naming a partial one); returns this rank's trainer state (None
+    if there is none), with ``skipped``: the newer checkpoints passed over and why."""
+    tag, skipped = newest_complete(ckpt_dir)
+    if ctx.is_main:
+        for line in skipped:
+            print(f"resume: skipped checkpoint {line}")
     if tag is None:
         return None
     own = ckpt_dir / tag / f"trainer_rank{ctx.rank}.pt"
@@ -107,4 +147,5 @@ def load(engine, ckpt_dir: Path, ctx: Context, zero_stage: int) -> dict | None:
     if own.is_file() and saved_world == ctx.world_size:
         set_rng_state(state["rng"])
     state["resharded"] = saved_world != ctx.world_size
+    state["skipped"] = skipped
     return state
