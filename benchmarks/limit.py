@@ -273,6 +273,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None)
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the other regimes' results already in --json"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(
@@ -281,6 +284,10 @@ def main() -> None:
         flush=True,
     )
     t0 = time.perf_counter()
+    kept = []
+    if args.keep and args.json and Path(args.json).exists():
+        previous = json.loads(Path(args.json).read_text())
+        kept = [r for r in previous if r["regime"] not in args.regimes]
     results = []
     with tqdm(total=len(args.regimes) * len(MODELS) * len(args.seeds), desc="fits") as bar:
         for name in args.regimes:
@@ -290,7 +297,9 @@ def main() -> None:
                 )
             )
             if args.json:
-                Path(args.json).write_text(json.dumps(results, indent=1))
+                merged = sorted(kept + results, key=lambda r: r["regime"])
+                Path(args.json).write_text(json.dumps(merged, indent=1))
+    results = sorted(kept + results, key=lambda r: r["regime"])
     print(table(results))
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     if args.plot:

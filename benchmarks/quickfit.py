@@ -20,6 +20,7 @@ from pipeline.data.geometry import positions_km
 from pipeline.data.neighbours import k_nearest
 from pipeline.data.stream import (
     cut_windows,
+    drop_inputs,
     hide_sensors,
     holdout_nodes,
     unseen_statistics,
@@ -47,9 +48,12 @@ class WindowSource:
     def origins(self, start: int, stop: int) -> np.ndarray:
         return window_origins(start, stop, self.time_in, self.horizon)
 
-    def batch(self, origins: np.ndarray, test: bool = False) -> dict[str, torch.Tensor]:
+    def batch(
+        self, origins: np.ndarray, test: bool = False, drop: tuple | None = None
+    ) -> dict[str, torch.Tensor]:
         """Windows at ``origins``; held-out sensors lose their inputs, and their targets too
-        unless ``test`` (as pipeline/data/stream.py does for a store)."""
+        unless ``test``; ``drop`` (share, rng): train.sensor_dropout (as
+        pipeline/data/stream.py does for a store)."""
         lo, hi = int(origins.min()) - self.time_in, int(origins.max()) + self.horizon
         batch = cut_windows(
             self.values[lo:hi],
@@ -62,6 +66,8 @@ class WindowSource:
             self.time_in,
             self.horizon,
         )
+        if drop is not None and drop[0] > 0:
+            drop_inputs(batch, *drop)
         if self.hidden is not None:
             hide_sensors(batch, self.hidden, targets=not test)
         return batch
@@ -150,7 +156,8 @@ def fit_synthetic(cfg: Config, progress: bool = True) -> FitResult:
     bar = tqdm(range(cfg.train.steps), disable=not progress, desc="fit", leave=False)
     for step in bar:
         model.set_qk(step >= cfg.train.kernel_warmup_steps)
-        b = src.batch(np.sort(rng.choice(train_origins, cfg.train.batch_size, replace=False)))
+        origins = np.sort(rng.choice(train_origins, cfg.train.batch_size, replace=False))
+        b = src.batch(origins, drop=(cfg.train.sensor_dropout, rng))
         mean, std = model(b["x"], b["x_mask"], b["calendar"], pos, neighbours)
         loss = loss_fn(mean, std, b["y"], b["y_mask"])
         opt.zero_grad(set_to_none=True)

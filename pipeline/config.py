@@ -278,6 +278,10 @@ class TrainConfig(_Section):
     """Peak learning rate of the network weights."""
     kernel_lr: float = Field(3e-2, gt=0)
     """Peak learning rate of the kernel parameters (range, nugget, anisotropy)."""
+    sensor_dropout: float = Field(0.0, ge=0, lt=1)
+    """Share of the sensors of each training batch whose whole input window is hidden (their
+    targets kept), so that the model learns to forecast a sensor from its neighbours alone:
+    what it must do for held-out sensors (data.holdout_sensors) and long outages."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay (not applied to kernel parameters, biases and norms)."""
     warmup_steps: int = Field(20, ge=0)

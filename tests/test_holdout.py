@@ -141,3 +141,24 @@ def test_training_with_held_out_sensors_reports_them_apart(poisoned_store, tmp_p
     assert test["unseen"]["sensors"] == len(HELD) and test["seen"]["sensors"] == N - len(HELD)
     # the unseen sensors' targets are the poison: forecast from neighbours near 50, they miss
     assert test["unseen"]["mean"]["mae"] > 1e5 > 100 > test["seen"]["mean"]["mae"]
+
+
+def test_sensor_dropout_hides_whole_input_windows_and_keeps_targets(poisoned_store):
+    """train.sensor_dropout: per training batch, a share of the sensors loses its whole input
+    window but keeps its targets (learning to forecast from neighbours); the same batches on
+    a resumed stream; never outside the train split."""
+    kw = dict(tile_size=None, sensor_dropout=0.3)
+    stream = WindowStream(poisoned_store, "train", 6, 3, 4, 8, seed=1, **kw)
+    batches = [b for _, b in zip(range(6), stream, strict=False)]
+    shares = []
+    for b in batches:
+        gone = ~b["x_mask"].any(dim=(0, 1, 3))  # [n] no input at all
+        assert (b["x"][:, :, gone] == 0).all()
+        assert b["y_mask"][:, :, gone].any()  # their targets stay
+        shares.append(float(gone.float().mean()))
+    assert 0.15 < np.mean(shares) < 0.45
+    again = WindowStream(poisoned_store, "train", 6, 3, 4, 8, seed=1, start_step=3, **kw)
+    resumed = next(iter(again))
+    assert torch.equal(resumed["x_mask"], batches[3]["x_mask"])
+    test = WindowStream(poisoned_store, "test", 6, 3, 4, 8, shuffle=False, **kw)
+    assert next(iter(test))["x_mask"].any(dim=(0, 1, 3)).all()

@@ -122,6 +122,15 @@ def hide_sensors(batch: dict, hidden: np.ndarray, targets: bool) -> None:
         batch[f"{key}_mask"][:, :, h] = False
 
 
+def drop_inputs(batch: dict, share: float, rng: np.random.Generator) -> None:
+    """Hide the whole input window of a random ``share`` of the batch's sensors (in place),
+    keeping their targets: training for sensors without history (``train.sensor_dropout``)."""
+    n = batch["x"].shape[2]
+    drop = torch.from_numpy(rng.random(n) < share)  # [n]
+    batch["x"][:, :, drop] = 0.0  # [B, time_in, n, F]
+    batch["x_mask"][:, :, drop] = False
+
+
 def window_origins(start: int, stop: int, time_in: int, horizon: int) -> np.ndarray:
     """Every origin whose whole window lies in time steps [start, stop)."""
     return np.arange(start + time_in, stop - horizon + 1)
@@ -237,6 +246,7 @@ class WindowStream(torch.utils.data.IterableDataset):
         prefetch: int = 2,
         shuffle: bool = True,
         holdout: float | list[str] | None = None,
+        sensor_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         st = store if isinstance(store, Store) else open_store(store)
@@ -265,6 +275,7 @@ class WindowStream(torch.utils.data.IterableDataset):
             )
         self.time = st["time"][:]
         self.mean, self.std = st["mean"][:], st["std"][:]
+        self.sensor_dropout = sensor_dropout if split == "train" else 0.0
         self.hidden = holdout_nodes(st["sensor_id"][:], holdout, f"store {st.path}")
         if self.hidden is not None:  # their statistics would carry their own history
             self.mean, self.std = unseen_statistics(
@@ -313,7 +324,7 @@ class WindowStream(torch.utils.data.IterableDataset):
 
     # -- reading ------------------------------------------------------------------------------
 
-    def _load(self, cache: ChunkCache, tile_i: int, origins: np.ndarray) -> dict:
+    def _load(self, cache: ChunkCache, tile_i: int, origins: np.ndarray, step: int = 0) -> dict:
         tile = self.tiles[tile_i]
         lo, hi = int(origins.min()) - self.time_in, int(origins.max()) + self.horizon
         values, mask = cache.read(lo, hi, tile.nodes)
@@ -328,6 +339,8 @@ class WindowStream(torch.utils.data.IterableDataset):
             self.time_in,
             self.horizon,
         )
+        if self.sensor_dropout > 0:  # a pure function of (seed, step): resumable
+            drop_inputs(batch, self.sensor_dropout, np.random.default_rng([self.seed, 7, step]))
         if self.hidden is not None:
             hidden = self.hidden[tile.nodes]  # [n]
             hide_sensors(batch, hidden, targets=self.split != "test")
@@ -375,8 +388,9 @@ class WindowStream(torch.utils.data.IterableDataset):
         def produce(out: queue.Queue) -> None:
             try:
                 for i, (epoch, tile, origins) in enumerate(plan):
-                    batch = self._load(cache, tile, origins)
-                    batch["epoch"], batch["step"] = epoch, step0 + i * workers
+                    step = step0 + i * workers
+                    batch = self._load(cache, tile, origins, step)
+                    batch["epoch"], batch["step"] = epoch, step
                     if not put(out, batch):
                         return
             except BaseException as exc:  # hand the error to the consumer

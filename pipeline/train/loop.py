@@ -123,6 +123,7 @@ def _stream(run: Run, split: str, **kwargs) -> WindowStream:
         tile_size=cfg.data.tile_size,
         hops=cfg.model.layers,  # the halo covers the model's receptive field
         holdout=cfg.data.holdout_sensors,
+        sensor_dropout=cfg.train.sensor_dropout,
         **kwargs,
     )
 
