@@ -185,6 +185,9 @@ def test_a_tampered_checkpoint_is_refused_before_any_code_runs(
     state = torch.load(target, weights_only=True)
     marker = tmp_path / "code-ran"
     torch.save({**state, "extra": _Trap(marker)}, target)
+    complete = json.loads((tag / "COMPLETE").read_text())  # the tamperer fixes the sizes too
+    complete["files"][target.name] = target.stat().st_size
+    (tag / "COMPLETE").write_text(json.dumps(complete))
     proc = launch(tiny(synthetic_store, tmp_path, "ref", 16), procs=1)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0
