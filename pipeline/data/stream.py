@@ -275,7 +275,8 @@ class WindowStream(torch.utils.data.IterableDataset):
             )
         self.time = st["time"][:]
         self.mean, self.std = st["mean"][:], st["std"][:]
-        self.sensor_dropout = sensor_dropout if split == "train" else 0.0
+        # training batches only: not a one-pass read of the train split (shuffle False)
+        self.sensor_dropout = sensor_dropout if split == "train" and shuffle else 0.0
         self.hidden = holdout_nodes(st["sensor_id"][:], holdout, f"store {st.path}")
         if self.hidden is not None:  # their statistics would carry their own history
             self.mean, self.std = unseen_statistics(
