@@ -143,9 +143,11 @@ def test_checkpoints_load_with_weights_only(reference):
 
 def test_resume_after_sigkill_matches_the_uninterrupted_run(reference, synthetic_store, tmp_path):
     proc = launch(tiny(synthetic_store, tmp_path, "ref", 12))
-    latest = tmp_path / "ref" / "checkpoints" / "latest"
+    # killed once checkpoint 8 is complete (its marker is written after every rank's files;
+    # DeepSpeed's `latest` names it earlier, and a kill in between resumes from step 4)
+    complete = tmp_path / "ref" / "checkpoints" / "step00000008" / "COMPLETE"
     deadline = time.time() + 300
-    while time.time() < deadline and not (latest.exists() and "00000008" in latest.read_text()):
+    while time.time() < deadline and not complete.exists():
         if proc.poll() is not None:
             pytest.fail("the run ended before it could be killed: " + proc.stdout.read()[-2000:])
         time.sleep(0.05)
