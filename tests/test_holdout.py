@@ -7,21 +7,17 @@ The store is a real one (wide CSV through Dask) whose held-out sensors report va
 their own statistics in its normalisation, would show as a number in the thousands."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from tiny import child_env, overrides
+from tiny import overrides, run_train
 
 from pipeline.config import ConfigError
 from pipeline.data.preprocess import preprocess
 from pipeline.data.store import open_store
 from pipeline.data.stream import WindowStream, holdout_nodes
-
-from cases import ROOT  # isort: skip
 
 N, T = 40, 240
 HELD = [f"s{i:02d}" for i in (3, 11, 17, 24, 30, 36)]
@@ -126,14 +122,7 @@ def test_training_with_held_out_sensors_reports_them_apart(poisoned_store, tmp_p
             f"data.holdout_sensors=[{', '.join(HELD)}]",
         ],
     )
-    out = subprocess.run(
-        [sys.executable, "launch/train.py", *args],
-        cwd=ROOT,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    out = run_train(args)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     m = json.loads((tmp_path / "holdout" / "metrics.json").read_text())
     assert max(loss for _, loss in m["train_loss"]) < 10

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny import child_env, free_port, overrides
+from tiny import child_env, free_port, overrides, run_train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,14 +32,7 @@ def train(store, out, name, uri, steps=6, extra=()):
             *extra,
         ],
     )
-    return subprocess.run(
-        [sys.executable, "launch/train.py", *args],
-        cwd=ROOT,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_train(args)
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,11 @@
 
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def overrides(store, out, name, steps, extra=()) -> list[str]:
@@ -45,3 +50,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_train(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """``launch/train.py`` in one process with :func:`child_env`; output captured."""
+    return subprocess.run(
+        [sys.executable, "launch/train.py", *args],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
