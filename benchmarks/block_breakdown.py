@@ -88,6 +88,13 @@ def main() -> None:
         "null: the backend's choice (TUNED_KERNEL_OPTIONS); {}: FlexAttention's defaults",
     )
     parser.add_argument("--profile", action="store_true", help="CUDA: top kernels of each fwd+bwd")
+    parser.add_argument(
+        "--frozen",
+        nargs="+",
+        choices=["none", "nugget", "range", "both"],
+        default=["none"],
+        help="kernel parameters without gradient, each choice a row: what their backward costs",
+    )
     args = parser.parse_args()
     name = args.device
     if name == "auto":
@@ -108,8 +115,12 @@ def main() -> None:
         )
         plan = block_plan(pos, observed, args.block_size, kb)
         for dh in args.head_dims:
-            for family, opts in itertools.product(args.bias, args.kernel_options):
+            for family, opts, frozen in itertools.product(
+                args.bias, args.kernel_options, args.frozen
+            ):
                 kernel = CovarianceBias(family, HEADS, 10.0).to(device)
+                kernel.raw_nugget.requires_grad_(frozen not in ("nugget", "both"))
+                kernel.log_range.requires_grad_(frozen not in ("range", "both"))
                 qkv = [
                     torch.randn(1, HEADS, args.n, dh, device=device, dtype=dtype) for _ in range(3)
                 ]
@@ -135,6 +146,7 @@ def main() -> None:
                     "key_blocks": kb,
                     "bias": family,
                     "kernel_options": opts,
+                    "frozen": frozen,
                     "plan_ms": plan_s * 1e3,
                     "forward_ms": fwd_s * 1e3,
                     "fwd_bwd_ms": both_s * 1e3,
@@ -142,7 +154,7 @@ def main() -> None:
                 }
                 rows.append(row)
                 print(
-                    f"| {dh} | {kb} | {family} {opts or ''} | {row['plan_ms']:.1f} "
+                    f"| {dh} | {kb} | {family} {opts or ''} frozen {frozen} | {row['plan_ms']:.1f} "
                     f"| {row['forward_ms']:.1f} "
                     f"| {row['fwd_bwd_ms']:.1f} | {peak:.2f} |",
                     flush=True,
