@@ -54,6 +54,24 @@ def test_existing_store_needs_overwrite(scheduler, tmp_path):
     open_store(tmp_path / "out.zarr")
 
 
+def test_two_preprocesses_to_one_target_do_not_both_publish(scheduler, tmp_path):
+    """A second preprocess that passed the existence check publishes while the first is still
+    writing: the first is refused at its own publish and leaves the second's store as is."""
+    import shutil
+
+    from pipeline.data.store import atomic_store
+
+    ov = write_case(tmp_path)
+    target = tmp_path / "out.zarr"
+    refused = pytest.raises(StoreError, match="published by another process")
+    with refused, atomic_store(target) as tmp:  # the first: past its check, still writing
+        run(scheduler, ov)  # the second publishes meanwhile
+        published = open_store(target).fingerprint()
+        shutil.copytree(target, tmp, ignore=shutil.ignore_patterns(MARKER))
+    assert open_store(target).fingerprint() == published
+    assert not list(tmp_path.glob(".out.zarr.partial-*"))
+
+
 def test_unfinished_and_other_version_stores_are_refused(scheduler, tmp_path):
     path = run(scheduler, write_case(tmp_path))
     (path / MARKER).unlink()

@@ -2,7 +2,10 @@
 what the trained model forecasts; promotion; a real server over HTTP; a clear error when the
 server is unreachable."""
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -11,9 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny import child_env, free_port, overrides, run_train
-
-ROOT = Path(__file__).resolve().parents[1]
+from tiny import ROOT, child_env, free_port, overrides, run_train
 
 
 def train(store, out, name, uri, steps=6, extra=()):
@@ -152,8 +153,9 @@ def test_promote_moves_champion_only_when_better(tracked):
     assert client.get_model_version_by_alias("sit-test", "champion").version == worse
 
 
-def test_mlflow_server_receives_a_run_over_http(synthetic_store, tmp_path):
-    port = free_port()
+@contextlib.contextmanager
+def mlflow_server(root: Path, port: int):
+    """A real MLflow server on 127.0.0.1:``port`` storing under ``root``; its URL once healthy."""
     mlflow_bin = str(Path(sys.executable).parent / "mlflow")
     server = subprocess.Popen(
         [
@@ -164,14 +166,15 @@ def test_mlflow_server_receives_a_run_over_http(synthetic_store, tmp_path):
             "--port",
             str(port),
             "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
+            f"sqlite:///{root / 'server.db'}",
             "--artifacts-destination",
-            str(tmp_path / "artifacts"),
+            str(root / "artifacts"),
         ],
-        cwd=tmp_path,
+        cwd=root,
         env=child_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its workers go with it
     )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -182,6 +185,14 @@ def test_mlflow_server_receives_a_run_over_http(synthetic_store, tmp_path):
                 break
             except OSError:
                 time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_mlflow_server_receives_a_run_over_http(synthetic_store, tmp_path):
+    with mlflow_server(tmp_path, free_port()) as url:
         proc = train(synthetic_store, tmp_path, "http", url, steps=3)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         from mlflow.tracking import MlflowClient
@@ -191,9 +202,82 @@ def test_mlflow_server_receives_a_run_over_http(synthetic_store, tmp_path):
         runs = client.search_runs([exp.experiment_id])
         assert len(runs) == 1 and "test_mae" in runs[0].data.metrics
         assert client.get_model_version_by_alias("sit-test", "candidate").version == "1"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+
+
+def test_server_outage_neither_stalls_nor_loses_the_run(synthetic_store, tmp_path):
+    """The server goes down once the run is open: training ends normally, keeps its metrics in
+    the run directory, and the same command, once the server is back, continues the MLflow run
+    with every step and registers the model."""
+    from mlflow.tracking import MlflowClient
+
+    port, steps = free_port(), 12
+    args = overrides(
+        synthetic_store,
+        tmp_path,
+        "outage",
+        steps,
+        [
+            "train.eval_every=6",
+            "train.checkpoint_every=6",
+            "train.log_every=1",
+            f"tracking.uri=http://127.0.0.1:{port}",
+            "tracking.experiment=test",
+            "tracking.model_name=sit-outage",
+        ],
+    )
+    run_dir = tmp_path / "outage"
+    with mlflow_server(tmp_path, port):
+        job = subprocess.Popen(
+            [sys.executable, "launch/train.py", *args],
+            cwd=ROOT,
+            env=child_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.time() + 120
+        while not (run_dir / "mlflow_run").exists() and job.poll() is None:
+            assert time.time() < deadline, "the run never opened"
+            time.sleep(0.1)
+    # the server is down from before the first step to the end of training
+    began = time.time()
+    out, err = job.communicate(timeout=400)
+    assert job.returncode == 0, out[-3000:] + err[-3000:]
+    assert time.time() - began < 240  # MLflow's own retries alone took 8 min
+    assert "does not answer" in err and "were not logged" in err, err[-3000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["model_uri"] is None
+    assert (run_dir / "checkpoints" / f"step{steps:08d}").is_dir()
+    unsent = (run_dir / "mlflow_unsent.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in unsent if "train_loss" in line] == list(
+        range(1, steps + 1)
+    )
+    run_id = (run_dir / "mlflow_run").read_text()
+
+    with mlflow_server(tmp_path, port) as url:
+        proc = run_train(args)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert f"continuing run {run_id}" in proc.stdout
+        client = MlflowClient(tracking_uri=url)
+        runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+        assert [r.info.run_id for r in runs] == [run_id]
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and "test_mae" in run.data.metrics
+        history = client.get_metric_history(run_id, "train_loss")
+        assert sorted(m.step for m in history) == list(range(1, steps + 1))
+        assert client.get_model_version_by_alias("sit-outage", "candidate").run_id == run_id
+    assert not (run_dir / "mlflow_unsent.jsonl").exists()
+
+
+def test_crashed_run_is_recorded_as_failed(synthetic_store, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    # a diverging loss stops training with a clear error, after the run is open
+    proc = train(synthetic_store, tmp_path, "crash", uri, steps=20, extra=["train.lr=1e30"])
+    assert proc.returncode == 2 and "not finite" in proc.stderr, proc.stderr[-3000:]
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
 
 
 def test_unreachable_server_is_a_clear_error_before_training(synthetic_store, tmp_path):

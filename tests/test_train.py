@@ -240,6 +240,67 @@ def test_resume_with_another_world_size(reference, synthetic_store, tmp_path):
     assert m["steps"] == 16 and m["world_size"] == 1
 
 
+@pytest.fixture(scope="module")
+def other_store(scheduler, tmp_path_factory):
+    """A store of the same shape as the session's synthetic store, of another field (seed)."""
+    from pipeline.config import load_config
+    from pipeline.data.preprocess import preprocess
+
+    path = tmp_path_factory.mktemp("other") / "syn.zarr"
+    keys = ["data.synthetic.num_sensors=300", "data.synthetic.num_steps=400"]
+    keys += ["data.synthetic.seed=1", "data.time_chunk=32", "data.node_chunk=64"]
+    keys += ["data.time_in=6", "data.horizon=3", "data.neighbours=8"]
+    cfg = load_config(None, [f"dask.scheduler={scheduler}", f"data.store={path}", *keys])
+    return preprocess(cfg, progress=False)
+
+
+def test_resume_refuses_another_model_shape_or_store_naming_the_key(
+    reference, other_store, synthetic_store, tmp_path
+):
+    shutil.copytree(reference / "ref", tmp_path / "ref")
+    (tmp_path / "ref" / "metrics.json").unlink()
+    wider = tiny(synthetic_store, tmp_path, "ref", 16, ["model.d_model=32"])
+    proc = launch(wider, procs=1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "model.d_model: 16 then, 32 now" in out, out[-3000:]
+    assert "Traceback" not in out
+    proc = launch(tiny(other_store, tmp_path, "ref", 16), procs=1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "data.store (content fingerprint)" in out, out[-3000:]
+    assert "Traceback" not in out
+
+
+def test_a_store_replaced_mid_run_stops_it_before_the_next_checkpoint(
+    other_store, synthetic_store, tmp_path
+):
+    from pipeline.config import ConfigError, load_config
+    from pipeline.train.loop import train
+
+    store = tmp_path / "store.zarr"
+    shutil.copytree(synthetic_store, store)
+
+    def replace(step, val):  # another preprocess with data.overwrite=true, after step 4
+        shutil.rmtree(store)
+        shutil.copytree(other_store, store)
+
+    cfg = load_config(None, tiny(store, tmp_path, "mixed", 12))
+    with pytest.raises(ConfigError, match="replaced while this run read it.*at step 4"):
+        train(cfg, report=replace)
+    assert not (tmp_path / "mixed" / "checkpoints" / "step00000004").exists()
+
+
+def test_two_runs_of_one_name_do_not_share_the_run_directory(synthetic_store, tmp_path):
+    from pipeline.train.loop import run_lock
+
+    with run_lock(tmp_path / "busy", hold=True):  # a run of that name is training
+        proc = launch(tiny(synthetic_store, tmp_path, "busy", 4), procs=1)
+        out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and f"is in use by pid {os.getpid()}" in out, out[-3000:]
+    assert "Traceback" not in out
+    assert not (tmp_path / "busy" / "checkpoints").exists()
+    finish(launch(tiny(synthetic_store, tmp_path, "busy", 2), procs=1))  # free once it ends
+
+
 def test_zero_stage_checkpoint_refuses_another_world_size(synthetic_store, tmp_path):
     args = tiny(synthetic_store, tmp_path, "z1", 4, ["train.zero_stage=1"])
     finish(launch(args))

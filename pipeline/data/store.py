@@ -25,6 +25,7 @@ launch/preprocess.py --verify STORE``) checks every checksum.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -122,9 +123,17 @@ class Store:
         return int(start), int(stop)
 
     def fingerprint(self) -> str:
-        """A short hash of the store's metadata and its source hashes (for run tracking)."""
-        meta = json.dumps(self.attrs, sort_keys=True, default=str).encode()
-        return hashlib.sha256(meta).hexdigest()[:16]
+        """A short hash of the content now at ``path``: its manifest of file checksums (which
+        covers the metadata), read again from disk on every call, so a store replaced while a
+        run reads it shows a new fingerprint; older stores without a manifest: the metadata."""
+        try:
+            manifest = _manifest(self.path)
+        except OSError:
+            return "missing"
+        content = manifest if manifest is not None else self.attrs
+        return hashlib.sha256(
+            json.dumps(content, sort_keys=True, default=str).encode()
+        ).hexdigest()[:16]
 
 
 def validate(root: zarr.Group, where: Path) -> None:
@@ -282,10 +291,18 @@ def atomic_store(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
         marker = {"schema_version": SCHEMA_VERSION, "files": files}
         (tmp / MARKER).write_text(json.dumps(marker))
         old = None
-        if target.exists():
+        if overwrite and target.exists():
             old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(target, old)
-        os.rename(tmp, target)
+        try:
+            os.rename(tmp, target)  # fails if another process published ``target`` meanwhile
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            raise StoreError(
+                f"store {target} was published by another process while this one was writing "
+                "it; it was left as that process wrote it (set data.overwrite=true to replace it)"
+            ) from None
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:

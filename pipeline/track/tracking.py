@@ -10,13 +10,24 @@ validation metrics per evaluation; test metrics; figures (learned correlation ag
 empirical variogram of the training data and the truth, PIT histogram, a forecast fan chart,
 loss curves); the model as a pyfunc registered under ``tracking.model_name`` with alias
 ``candidate``.
+
+An outage of the server never stalls or stops training (README, "Reliability"): per-step
+metrics go to MLflow from a background thread (:class:`MetricSender`), HTTP requests retry
+briefly (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` / ``_TIMEOUT`` unless set), and batches the server
+did not take are appended to ``<run dir>/mlflow_unsent.jsonl`` and replayed when it answers
+again, or by the next run that resumes. A resumed run continues its MLflow run (its id is in
+``<run dir>/mlflow_run``); a run that crashed is recorded as FAILED.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
+import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -24,6 +35,7 @@ from typing import Any
 
 import mlflow
 import yaml
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import Config, flatten
@@ -34,6 +46,11 @@ from pipeline.evaluate.metrics import test_row, validation_row
 from pipeline.model.export import Predictor
 
 DEFAULT_URI = "sqlite:///mlruns.db"
+# while training, a request to the server gives up after about a minute, not 8 (MLflow's
+# defaults: 7 retries, backoff factor 2, 120 s timeout); the environment's own values win
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+RETRY_S = 30.0  # while the server is away, try it again this often
+FLUSH_S = 30.0  # at the end of training, wait at most this long for unsent metrics
 PIP_REQUIREMENTS = ["torch", "numpy", "pydantic>=2", "pyyaml", "scipy", "zarr>=3", "mlflow"]
 
 
@@ -99,6 +116,99 @@ class ForecastPyfunc(mlflow.pyfunc.PythonModel):
         return self.predictor.predict(model_input["x"], model_input["origin_time"])
 
 
+class MetricSender:
+    """Sends metric batches of one MLflow run from a daemon thread; :meth:`put` never blocks.
+
+    A batch the server does not take is kept, appended to ``unsent`` (JSON lines, so that a
+    killed process loses nothing), and sent again, in order, every ``RETRY_S`` until the
+    server answers; then ``unsent`` is emptied. The first failure prints one warning, the
+    recovery one line."""
+
+    def __init__(self, client: MlflowClient, run_id: str, unsent: Path, uri: str) -> None:
+        self.client, self.run_id, self.unsent, self.uri = client, run_id, unsent, uri
+        self.pending: list[dict] = []  # batches not yet taken by the server, oldest first
+        if unsent.is_file():  # left by an earlier process of this run
+            self.pending = [json.loads(line) for line in unsent.read_text().splitlines() if line]
+        self.offline_since: int | None = None
+        self.cond = threading.Condition()
+        self.closed = False
+        self.thread = threading.Thread(target=self._run, name="mlflow-sender", daemon=True)
+        self.thread.start()
+
+    def put(self, step: int, metrics: dict[str, float]) -> None:
+        batch = {"step": step, "time_ms": int(time.time() * 1000), "metrics": metrics}
+        with self.cond:
+            self.pending.append(batch)
+            if self.offline_since is not None:
+                self._append_unsent([batch])
+            self.cond.notify()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for every batch to be sent; True when all were."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            self.cond.notify()
+            while self.pending and time.monotonic() < deadline:
+                self.cond.wait(min(1.0, max(deadline - time.monotonic(), 0.0)))
+            return not self.pending
+
+    def close(self) -> None:
+        """Stop sending; what is still pending is left in ``unsent`` for a later run."""
+        with self.cond:
+            if self.pending and self.offline_since is None:  # not written there yet
+                self._append_unsent(self.pending)
+            self.closed = True
+            self.cond.notify()
+
+    def _append_unsent(self, batches: list[dict]) -> None:
+        with open(self.unsent, "a") as f:
+            f.writelines(json.dumps(b) + "\n" for b in batches)
+
+    def _send(self, batch: dict) -> None:
+        metrics = [
+            Metric(key, float(value), batch["time_ms"], batch["step"])
+            for key, value in batch["metrics"].items()
+        ]
+        self.client.log_batch(self.run_id, metrics=metrics, synchronous=True)
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.pending and not self.closed:
+                    self.cond.wait()
+                if self.closed:
+                    return
+                batch = self.pending[0]
+            try:
+                self._send(batch)
+            except Exception as exc:  # noqa: BLE001 - any failure of the server: keep the batch
+                with self.cond:
+                    if self.closed:
+                        return
+                    if self.offline_since is None:
+                        self.offline_since = batch["step"]
+                        self._append_unsent(self.pending)
+                        print(
+                            f"warning: MLflow at {self.uri} did not take the metrics of step "
+                            f"{batch['step']} ({type(exc).__name__}); training goes on, and "
+                            f"they wait in {self.unsent} to be sent when it answers",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                    self.cond.wait(RETRY_S)
+                continue
+            with self.cond:
+                if self.closed:  # close() has left this batch in ``unsent``: a later run sends it
+                    return
+                self.pending.pop(0)
+                if not self.pending:
+                    if self.offline_since is not None:
+                        print(f"MLflow at {self.uri} answers again: metrics sent", flush=True)
+                        self.offline_since = None
+                    self.unsent.unlink(missing_ok=True)
+                    self.cond.notify_all()
+
+
 class Tracker:
     """One MLflow run of a training job (no-op when inactive)."""
 
@@ -113,26 +223,60 @@ class Tracker:
         self.active = active and cfg.tracking.enabled
         self.parent_run_id, self.tags = parent_run_id, tags or {}
         self.run_id: str | None = None
+        self.sender: MetricSender | None = None
         self.train_losses: list[tuple[int, float]] = []
+        self.run_dir = Path(cfg.train.out_dir) / cfg.name
+        self.id_file = self.run_dir / "mlflow_run"
 
-    def start(self, store: Store) -> None:
+    def start(self, store: Store, resuming: bool = False) -> None:
+        """Open the run: the run's own MLflow run again when ``resuming`` (a checkpoint will be
+        loaded) and it exists in this store, else a new one (an earlier one left RUNNING by a
+        crash is marked KILLED)."""
         if not self.active:
             return
-        connect(self.cfg)
-        tags = dict(self.tags)
+        for key, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        uri = connect(self.cfg)
+        client = MlflowClient()
+        previous = self._previous_run(client)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resuming and previous is not None:
+            self.run_id = previous.info.run_id
+            client.update_run(self.run_id, status="RUNNING")
+            print(f"MLflow: continuing run {self.run_id}")
+        else:
+            if previous is not None and previous.info.status == "RUNNING":
+                client.set_terminated(previous.info.run_id, "KILLED")
+            (self.run_dir / "mlflow_unsent.jsonl").unlink(missing_ok=True)
+            self._new_run(client, store)
+            self.id_file.write_text(self.run_id)
+        self.sender = MetricSender(client, self.run_id, self.run_dir / "mlflow_unsent.jsonl", uri)
+
+    def _previous_run(self, client: MlflowClient):
+        if not self.id_file.is_file():
+            return None
+        try:
+            return client.get_run(self.id_file.read_text().strip())
+        except mlflow.exceptions.MlflowException:  # another tracking store: start afresh
+            return None
+
+    def _new_run(self, client: MlflowClient, store: Store) -> None:
+        tags = {
+            **self.tags,
+            "store": str(store.path),
+            "store_fingerprint": store.fingerprint(),
+            "git_commit": _git_commit(),
+        }
         if self.parent_run_id:  # a trial of a sweep: a child of the sweep's run
             tags["mlflow.parentRunId"] = self.parent_run_id
-        run = mlflow.start_run(run_name=self.cfg.name, tags=tags)
+        experiment = client.get_experiment_by_name(self.cfg.tracking.experiment)
+        run = client.create_run(experiment.experiment_id, run_name=self.cfg.name, tags=tags)
         self.run_id = run.info.run_id
-        mlflow.log_params({k: str(v)[:500] for k, v in flatten(self.cfg).items()})
-        mlflow.set_tags(
-            {
-                "store": str(store.path),
-                "store_fingerprint": store.fingerprint(),
-                "git_commit": _git_commit(),
-            }
+        params = [Param(k, str(v)[:500]) for k, v in flatten(self.cfg).items()]
+        client.log_batch(self.run_id, params=params, synchronous=True)
+        client.log_text(
+            self.run_id, yaml.safe_dump(self.cfg.model_dump(), sort_keys=False), "config.yaml"
         )
-        mlflow.log_text(yaml.safe_dump(self.cfg.model_dump(), sort_keys=False), "config.yaml")
 
     def log_step(self, step: int, loss: float, kernels: list[dict], lr: float) -> None:
         if not self.active:
@@ -143,26 +287,57 @@ class Tracker:
             for key in ("range_km", "nugget"):
                 for h, v in enumerate(layer.get(key, [])):
                     metrics[f"{key}_l{layer['layer']}_h{h}"] = v
-        mlflow.log_metrics(metrics, step=step)
+        self.sender.put(step, metrics)
 
     def log_validation(self, step: int, val: dict) -> None:
         if not self.active:
             return
-        mlflow.log_metrics({"val_loss": val["loss"], **validation_row(val)}, step=step)
+        self.sender.put(step, {"val_loss": val["loss"], **validation_row(val)})
 
     def finish(self, metrics: dict, model_dir: Path, store: Store) -> str | None:
         """Log test metrics, figures and the model; register it; end the run.
-        Returns the registered model URI (``models:/NAME@candidate``) or the run's model URI."""
+        Returns the registered model URI (``models:/NAME@candidate``) or the run's model URI;
+        None, with a warning, when the server does not answer (the run stays open)."""
         if not self.active:
             return None
-        mlflow.log_metrics(test_row(metrics["test"]))
-        mlflow.log_dict(metrics, "metrics.json")
-        self._log_figures(metrics, model_dir, store)
-        uri = None
-        if self.cfg.tracking.log_model:
-            uri = self._log_model(model_dir)
-        mlflow.end_run()
+        if not self._answers() or not self.sender.flush(FLUSH_S):
+            self.sender.close()
+            print(
+                f"warning: MLflow at {tracking_uri(self.cfg)} does not answer: test metrics, "
+                f"figures and the model were not logged (they are in {self.run_dir}); run the "
+                "same command again once it answers (train.resume=auto) to log and register "
+                f"them in run {self.run_id}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return None
+        self.sender.close()
+        with mlflow.start_run(run_id=self.run_id):
+            mlflow.log_metrics(test_row(metrics["test"]))
+            mlflow.log_dict(metrics, "metrics.json")
+            self._log_figures(metrics, model_dir, store)
+            uri = None
+            if self.cfg.tracking.log_model:
+                uri = self._log_model(model_dir)
         return uri
+
+    def fail(self, exc: BaseException) -> None:
+        """Record the run as FAILED (KILLED when interrupted), if the server answers."""
+        if not self.active or self.run_id is None:
+            return
+        if self.sender is not None:
+            self.sender.flush(5.0)
+            self.sender.close()
+        status = "FAILED" if isinstance(exc, Exception) else "KILLED"
+        if self._answers():
+            MlflowClient().set_terminated(self.run_id, status)
+
+    def _answers(self) -> bool:
+        try:
+            check_reachable(tracking_uri(self.cfg))
+        except TrackingError:
+            return False
+        return True
 
     def _log_figures(self, metrics: dict, model_dir: Path, store: Store) -> None:
         figures = run_figures(self.cfg, metrics, store, model_dir, self.train_losses)

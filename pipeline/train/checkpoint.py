@@ -122,10 +122,26 @@ def check_pickles(tag_dir: Path) -> None:
             )
 
 
-def load(engine, ckpt_dir: Path, ctx: Context, zero_stage: int) -> dict | None:
+def _check_pins(tag_dir: Path, saved: dict, now: dict) -> None:
+    """Refuse a checkpoint written with another store content or model shape, naming the keys
+    (checkpoints from before pinning carry none and are not checked)."""
+    differ = [k for k in now if k in saved and saved[k] != now[k]]
+    if differ:
+        what = "; ".join(f"{k}: {saved[k]} then, {now[k]} now" for k in differ)
+        if "data.store" in differ:
+            what = what.replace("data.store:", "data.store (content fingerprint):", 1)
+        raise ConfigError(
+            f"checkpoint {tag_dir} was written with other values ({what}): resume with the "
+            "values it was written with, or start afresh with train.resume=never (the old "
+            "checkpoints are moved aside, not deleted)"
+        )
+
+
+def load(engine, ckpt_dir: Path, ctx: Context, zero_stage: int, pins: dict) -> dict | None:
     """Restore the newest complete checkpoint (DeepSpeed's ``latest`` is not trusted: a kill
     while saving can leave it naming a partial one); returns this rank's trainer state (None
-    if there is none), with ``skipped``: the newer checkpoints passed over and why."""
+    if there is none), with ``skipped``: the newer checkpoints passed over and why. ``pins``:
+    the values the checkpoint must have been written with (store fingerprint, model shape)."""
     tag, skipped = newest_complete(ckpt_dir)
     if ctx.is_main:
         for line in skipped:
@@ -141,6 +157,7 @@ def load(engine, ckpt_dir: Path, ctx: Context, zero_stage: int) -> dict | None:
             f"stage {zero_stage}, whose optimizer state is partitioned per process: resume "
             f"with {saved_world} processes, or start a new run (train.resume=never)"
         )
+    _check_pins(ckpt_dir / tag, first.get("pins", {}), pins)
     check_pickles(ckpt_dir / tag)  # before DeepSpeed's own (unrestricted) torch.load
     engine.load_checkpoint(str(ckpt_dir), tag=tag)
     state = torch.load(own, weights_only=True) if own.is_file() else dict(first)

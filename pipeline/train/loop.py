@@ -15,10 +15,14 @@ Host-device synchronisation points of the loop are marked ``# sync``.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
+import os
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,7 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config, ConfigError, flatten
 from pipeline.data.geometry import positions_km
 from pipeline.data.store import Store, open_store
 from pipeline.data.stream import WindowStream
@@ -46,15 +50,30 @@ from pipeline.train import checkpoint, engine
 from pipeline.train.optimizer import optimizer
 
 Reporter = Callable[[int, dict], None]  # (step, validation metrics) -> None (Ray Tune hook)
+# the keys a checkpoint's weights and windows depend on: resuming with another value is refused
+PINNED_KEYS = (
+    "model.d_model",
+    "model.heads",
+    "model.layers",
+    "model.mlp_ratio",
+    "model.kernel",
+    "model.anisotropy",
+    "model.qk_residual",
+    "model.node_embedding",
+    "data.time_in",
+    "data.horizon",
+    "data.holdout_sensors",
+)
 
 
 class Tracker(Protocol):
     """What training asks of a tracker (pipeline/track/tracking.py implements it)."""
 
-    def start(self, store: Store) -> None: ...
+    def start(self, store: Store, resuming: bool) -> None: ...
     def log_step(self, step: int, loss: float, kernels: list[dict], lr: float) -> None: ...
     def log_validation(self, step: int, val: dict) -> None: ...
     def finish(self, metrics: dict, model_dir: Path, store: Store) -> str | None: ...
+    def fail(self, exc: BaseException) -> None: ...
 
 
 @dataclass
@@ -137,10 +156,16 @@ def kernel_params(model: Forecaster) -> list[dict]:
 
 def train(cfg: Config, report: Reporter | None = None, tracker: Tracker | None = None) -> dict:
     """Train ``cfg``; returns the content of metrics.json (on every rank)."""
-    with engine.process_group(cfg.train.device) as ctx:
-        run = setup(cfg, ctx, tracker)
-        fitted = fit(run, report)
-        return finish(run, fitted)
+    run_dir = Path(cfg.train.out_dir) / cfg.name
+    with engine.process_group(cfg.train.device) as ctx, run_lock(run_dir, ctx.is_main):
+        try:
+            run = setup(cfg, ctx, tracker)
+            fitted = fit(run, report)
+            return finish(run, fitted)
+        except BaseException as exc:
+            if tracker is not None:
+                tracker.fail(exc)  # not FINISHED, which MLflow would record at exit
+            raise
 
 
 def setup(cfg: Config, ctx: engine.Context, tracker: Tracker | None = None) -> Run:
@@ -161,8 +186,9 @@ def setup(cfg: Config, ctx: engine.Context, tracker: Tracker | None = None) -> R
         old.rename(aside)
         print(f"train.resume=never: the earlier checkpoints of {run_dir} moved to {aside}")
     engine.barrier()
-    if tracker is not None:
-        tracker.start(store)  # fails early on an unreachable tracking server
+    if tracker is not None:  # fails early on an unreachable tracking server
+        resuming = cfg.train.resume == "auto" and checkpoint.newest_complete(old)[0] is not None
+        tracker.start(store, resuming)
 
     _, frame = positions_km(store["coords"][:], store.attrs["crs"])
     model = Forecaster(
@@ -182,12 +208,15 @@ def setup(cfg: Config, ctx: engine.Context, tracker: Tracker | None = None) -> R
         "bad_evals": 0,
         "history": [],
         "train_loss": [],
+        "pins": pins(cfg, store),
     }
     resumed = None
     if cfg.train.resume == "auto":
-        resumed = checkpoint.load(eng, run_dir / "checkpoints", ctx, cfg.train.zero_stage)
+        resumed = checkpoint.load(
+            eng, run_dir / "checkpoints", ctx, cfg.train.zero_stage, state["pins"]
+        )
     if resumed is not None:
-        state.update({k: resumed[k] for k in state})
+        state.update({k: resumed[k] for k in state if k != "pins"})
         if ctx.is_main:
             print(
                 f"resumed from step {state['step']} ({run_dir / 'checkpoints'})"
@@ -196,6 +225,56 @@ def setup(cfg: Config, ctx: engine.Context, tracker: Tracker | None = None) -> R
     return Run(
         cfg, ctx, store, run_dir, model, eng, engine.engine_dtype(eng), tracker, state, resumed
     )
+
+
+def pins(cfg: Config, store: Store) -> dict[str, str]:
+    """What a checkpoint must agree with to be resumed: the store's content (fingerprint) and
+    the values of ``PINNED_KEYS``."""
+    flat = flatten(cfg)
+    return {"data.store": store.fingerprint(), **{k: json.dumps(flat[k]) for k in PINNED_KEYS}}
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path, hold: bool) -> Iterator[None]:
+    """With ``hold`` (rank 0), an exclusive lock on ``run_dir`` for the block: two runs of one
+    name would interleave their checkpoints."""
+    if not hold:
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / ".lock", "a+")  # noqa: SIM115 - closed below, or on an error
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ConfigError(
+            f"run directory {run_dir} is in use by {holder}: two runs of one name would mix "
+            "their checkpoints; wait for it to end, or give this run another name="
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    handle.flush()
+    try:
+        yield
+    finally:
+        handle.close()  # releases the lock
+
+
+def _check_store(run: Run) -> None:
+    """Stop when the store at ``data.store`` is no longer the one this run started on (replaced
+    by a preprocess with data.overwrite=true): batches would mix two data sets."""
+    now = run.store.fingerprint()
+    changed = torch.tensor([float(now != run.state["pins"]["data.store"])], dtype=torch.float64)
+    if engine.all_reduce_sum(changed.to(run.ctx.device)).item() > 0:  # sync
+        raise ConfigError(
+            f"store {run.store.path} was replaced while this run read it (fingerprint "
+            f"{run.state['pins']['data.store']}, now {now}); the run stops at step "
+            f"{run.state['step']} rather than mix two data sets: start it afresh "
+            "(train.resume=never) on the new store, or restore the old one and resume"
+        )
 
 
 def fit(run: Run, report: Reporter | None = None) -> Fitted:
@@ -258,6 +337,7 @@ def fit(run: Run, report: Reporter | None = None) -> Fitted:
             if run.tracker is not None:
                 run.tracker.log_step(step, step_loss, kernels, run.engine.get_lr()[0])
         if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+            _check_store(run)
             val = evaluate(run, "val", cfg.train.eval_batches)  # sync: all-reduced metrics
             state["history"].append({"step": step, "val_loss": val["loss"], **validation_row(val)})
             if run.tracker is not None:
@@ -275,6 +355,7 @@ def fit(run: Run, report: Reporter | None = None) -> Fitted:
             or step == cfg.train.steps
             or fitted.stopped_early
         ):
+            _check_store(run)  # a checkpoint never records a run that read two data sets
             checkpoint.save(run.engine, run.run_dir / "checkpoints", step, state, ctx)
     bar.close()
     del batches  # stops the prefetch thread (or the loader workers) now, not at exit
