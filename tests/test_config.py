@@ -72,3 +72,49 @@ def test_missing_file_and_bad_override():
 def test_run_name_cannot_leave_the_output_folder(name):
     with pytest.raises(ConfigError, match="name"):
         load_config(None, [f"name={name}"])
+
+
+@pytest.mark.parametrize(
+    "text, where",
+    [
+        ("data:\n\tstore: x\n", ":2:1: found character '\\t'"),  # a tab indent
+        ("train:\n  steps: [1, 2\n", ":3:1: expected ','"),
+        ("model:\n  kernel: matern32\n   heads: 4\n", ":3:"),
+    ],
+)
+def test_yaml_syntax_errors_name_file_line_and_column(tmp_path, text, where):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}{where}"), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_non_utf8_yaml_and_a_directory_are_clear_errors(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("train:\n  steps: 3\nname: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=rf"{path}:3: byte 0xe9 is not UTF-8"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
+
+
+def test_a_yaml_alias_bomb_is_refused_before_it_expands(tmp_path):
+    lines = ["tune:", "  space:", "    a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True):  # 10^9 values once expanded
+        lines.append(f"    {name}: &{name} [{', '.join([f'*{prev}'] * 10)}]")
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match="aliases"):
+        load_config(path)
+    anchors = tmp_path / "anchors.yaml"  # an ordinary use of anchors still loads
+    anchors.write_text("model: &m {kernel: matern52}\ntune:\n  space: {}\n")
+    assert load_config(anchors).model.kernel == "matern52"
+
+
+def test_dates_stay_the_strings_they_are_written_as(tmp_path):
+    path = tmp_path / "start.yaml"
+    path.write_text("data:\n  source:\n    start: 2024-01-01\n    freq: h\n")
+    assert load_config(path).data.source.start == "2024-01-01"
+    assert load_config(None, ["data.source.start=2024-01-01"]).data.source.start == "2024-01-01"

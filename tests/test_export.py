@@ -2,6 +2,7 @@
 whole-network inference with the knn backend."""
 
 import numpy as np
+import pytest
 import torch
 
 from pipeline.config import load_config
@@ -46,3 +47,26 @@ def test_tiled_prediction_equals_whole_network(synthetic_store, tmp_path):
     predictor.model.cfg.layers = 1
     short = predictor.predict(x, origin, tile_size=50)
     assert np.abs(short["mean"] - whole["mean"]).max() > 1e-3
+
+
+def test_origin_time_must_be_nanoseconds_and_the_batch_not_empty(synthetic_store, tmp_path):
+    path, store = _exported(synthetic_store, tmp_path, layers=1)
+    x = store["values"][100:106][None].astype(np.float32)  # [1, 6, 300, 1]
+    origin = store["time"][106:107]  # int64 ns
+    predictor = Predictor(path)
+    ref = predictor.predict(x, origin)["mean"]
+    as_datetime = predictor.predict(x, origin.astype("datetime64[ns]"))["mean"]
+    np.testing.assert_array_equal(as_datetime, ref)
+    with pytest.raises(ValueError, match="not in nanoseconds.*seconds x 1e9"):
+        predictor.predict(x, origin // 10**9)  # seconds: a wrong calendar, silently, before
+    with pytest.raises(ValueError, match="batch 0"):
+        predictor.predict(x[:0], origin[:0])
+    with pytest.raises(ValueError, match="2 times for a batch of 1"):
+        predictor.predict(x, np.concatenate([origin, origin]))
+
+
+def test_pyfunc_input_without_its_keys_is_a_clear_error():
+    from pipeline.track.tracking import ForecastPyfunc
+
+    with pytest.raises(ValueError, match="lacks origin_time"):
+        ForecastPyfunc().predict(None, {"x": np.zeros((1, 6, 3, 1))})

@@ -424,3 +424,95 @@ def test_long_day_first_timestamps_spread_thin_are_refused(scheduler, tmp_path):
     assert "%" in err  # the example format
     store = open_store(run(scheduler, ov + ["data.source.dayfirst=true"]))
     assert store.shape[0] == 48
+
+
+@pytest.mark.parametrize("freq, given", [("YS", True), ("MS", True), ("W", True), ("YS", False)])
+def test_calendar_frequencies_make_a_calendar_axis(scheduler, tmp_path, freq, given):
+    """Years and months vary in length: their axis is the calendar's, given or inferred."""
+    t = pd.date_range("1950-01-01", periods=60, freq=freq)
+    rows = [[str(s), "1", "2", "3", "4"] for s in t]
+    del rows[7]  # a gap: a masked step on the calendar grid
+    extra = [f"data.source.freq={freq}"] if given else []
+    store = open_store(run(scheduler, write_case(tmp_path, rows) + extra))
+    np.testing.assert_array_equal(store["time"][:], t.as_unit("ns").asi8)
+    assert not store["mask"][7].any() and store["mask"][8].all()
+
+
+def test_long_monthly_data_lands_on_its_months(scheduler, tmp_path):
+    t = pd.date_range("2000-01-01", periods=40, freq="MS")
+    frame = pd.DataFrame([(s, ts, float(i)) for i, ts in enumerate(t) for s in IDS])
+    frame.columns = ["sensor_id", "time", "value"]
+    frame.to_csv(tmp_path / "long.csv", index=False)
+    ov = [o for o in write_case(tmp_path) if "time_column" not in o and "source.path" not in o]
+    ov += ["data.source.kind=long_csv", f"data.source.path={tmp_path / 'long.csv'}"]
+    store = open_store(run(scheduler, ov))
+    np.testing.assert_array_equal(store["time"][:], t.as_unit("ns").asi8)
+    np.testing.assert_array_equal(store["values"][:, 0, 0], np.arange(40, dtype=np.float32))
+
+
+def test_start_date_from_yaml_reads_a_file_without_time_column(scheduler, tmp_path):
+    ov = [o for o in write_case(tmp_path) if "time_column" not in o]
+    data = tmp_path / "data.csv"
+    data.write_text("\n".join(line.split(",", 1)[1] for line in data.read_text().splitlines()))
+    (tmp_path / "cfg.yaml").write_text("data:\n  source:\n    start: 2024-01-01\n    freq: h\n")
+    from pipeline.config import load_config
+    from pipeline.data.preprocess import preprocess
+
+    cfg = load_config(tmp_path / "cfg.yaml", [f"dask.scheduler={scheduler}", *ov])
+    store = open_store(preprocess(cfg, progress=False))
+    assert store["time"][0] == pd.Timestamp("2024-01-01", tz="UTC").value
+
+
+def test_a_blank_line_mid_file_is_named(scheduler, tmp_path):
+    ov = write_case(tmp_path)
+    data = tmp_path / "data.csv"
+    lines = data.read_text().splitlines()
+    lines.insert(10, "")
+    data.write_text("\n".join(lines) + "\n")
+    expect_error(scheduler, tmp_path, ov, "data.csv, line 11: a blank line")
+
+
+def test_blank_cells_are_missing_and_padded_cells_read_in_every_csv(scheduler, tmp_path):
+    rows = [[r[0], " 1.5", "2 ", "\t3", "4"] for r in hourly_rows()]
+    rows[7][2] = " "
+    wide = open_store(run(scheduler, write_case(tmp_path, rows)))
+    ids = list(wide["sensor_id"][:])
+    assert wide["values"][0, ids.index("a1"), 0] == 1.5
+    assert not wide["mask"][7, ids.index("b2"), 0] and wide["mask"][:, ids.index("b2")].sum() == 59
+    frame = pd.DataFrame(
+        [(s, r[0], r[1 + j]) for r in rows for j, s in enumerate(IDS)],
+        columns=["sensor_id", "time", "value"],
+    )
+    (tmp_path / "long").mkdir()
+    frame.to_csv(tmp_path / "long" / "long.csv", index=False)
+    ov = [o for o in write_case(tmp_path / "long") if "time_column" not in o]
+    ov = [o for o in ov if "source.path" not in o]
+    ov += ["data.source.kind=long_csv", f"data.source.path={tmp_path / 'long' / 'long.csv'}"]
+    long = open_store(run(scheduler, ov))
+    np.testing.assert_array_equal(long["mask"][:], wide["mask"][:])
+    np.testing.assert_array_equal(long["values"][:], wide["values"][:])
+
+
+def test_an_absurd_value_names_its_sensor_and_time(scheduler, tmp_path):
+    rows = hourly_rows()
+    rows[7][2] = "1e30"
+    expect_error(
+        scheduler, tmp_path, write_case(tmp_path, rows), "'b2'", "2024-01-01T07:00:00", "1e+30"
+    )
+
+
+def test_a_directory_as_the_data_file(scheduler, tmp_path):
+    (tmp_path / "dir").mkdir()
+    ov = [o for o in write_case(tmp_path) if "source.path" not in o]
+    expect_error(
+        scheduler, tmp_path, ov + [f"data.source.path={tmp_path / 'dir'}"], "is a directory"
+    )
+
+
+def test_an_unreachable_scheduler_is_a_clear_error(tmp_path):
+    from tiny import free_port
+
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="did not answer within"):
+        run(f"tcp://127.0.0.1:{free_port()}", write_case(tmp_path))

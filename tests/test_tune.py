@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny import child_env, free_port, overrides
+from tiny import child_env, free_port, listeners, overrides
 
 from pipeline.config import ConfigError, load_config
 
@@ -71,14 +71,32 @@ def test_space_is_validated_before_any_trial():
 
 @pytest.fixture(scope="module")
 def local_sweep(synthetic_store, tmp_path_factory):
+    """A local sweep; what it printed and the addresses its processes listened on."""
     out = tmp_path_factory.mktemp("sweep")
-    proc = run_tune(sweep_args(synthetic_store, out, "s1"))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return out, proc.stdout
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "launch" / "tune.py"), *sweep_args(synthetic_store, out, "s1")],
+        cwd=ROOT,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    seen = listeners(proc, every=0.5)
+    stdout, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-5000:]
+    return out, stdout, seen
+
+
+def test_a_local_sweep_listens_on_loopback_only(local_sweep):
+    """Ray's GCS, raylet and workers, and every trial's process group, on 127.0.0.1 only."""
+    seen = local_sweep[2]
+    assert seen, "no listening socket of the sweep was seen (is `ss -ltnp` working?)"
+    loopback = ("127.0.0.1:", "[::1]:", "[::ffff:127.0.0.1]:")
+    assert all(addr.startswith(loopback) for addr in seen), seen
 
 
 def test_sweep_with_asha_mlflow_and_best_yaml(local_sweep, synthetic_store):
-    out, stdout = local_sweep
+    out, stdout, _ = local_sweep
     assert "| family |" in stdout
     trials = json.loads((out / "s1" / "trials.json").read_text())
     assert len(trials) == 4 and all(t["status"] == "ok" for t in trials)

@@ -1,9 +1,11 @@
 """Tiny training runs for the end-to-end tests: config overrides and the child environment."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,3 +64,24 @@ def run_train(args: list[str], timeout: float = 600) -> subprocess.CompletedProc
         text=True,
         timeout=timeout,
     )
+
+
+def listeners(proc: subprocess.Popen, every: float = 0.2) -> set[str]:
+    """The local addresses (``ip:port``) on which ``proc`` or any process below it listened
+    for TCP while it ran, sampled with ``ss -ltnp`` until it ends."""
+    import psutil
+
+    seen: set[str] = set()
+    while proc.poll() is None:
+        try:
+            tree = {proc.pid} | {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
+        except psutil.NoSuchProcess:
+            break
+        table = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
+        for line in table.splitlines():
+            fields = line.split()
+            pids = {int(p) for p in re.findall(r"pid=(\d+)", line)}
+            if pids & tree:
+                seen.add(fields[3])
+        time.sleep(every)
+    return seen

@@ -26,7 +26,7 @@ import zarr
 from dask.distributed import Client, LocalCluster, as_completed
 from tqdm import tqdm
 
-from pipeline.config import Config, DaskConfig, DataConfig
+from pipeline.config import Config, ConfigError, DaskConfig, DataConfig
 from pipeline.data.geometry import positions_km
 from pipeline.data.neighbours import curve_order, k_nearest
 from pipeline.data.sources import Source, SourceError, open_source
@@ -34,6 +34,8 @@ from pipeline.data.sources.base import sha256
 from pipeline.data.store import SCHEMA_VERSION, atomic_store, create_arrays
 
 TASK_VALUES = 8_000_000  # values per write task (32 MB as float32)
+CONNECT_S = 10  # seconds to reach a configured Dask scheduler
+MAX_ABS = 1e15  # no sensor reads this much: such a value is an error code or a unit mistake
 
 
 @contextlib.contextmanager
@@ -41,7 +43,15 @@ def dask_client(cfg: DaskConfig) -> Iterator[Client]:
     """A client of the configured scheduler, or of a LocalCluster bound to 127.0.0.1."""
     address = cfg.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
     if address:
-        with Client(address) as client:
+        try:
+            client = Client(address, timeout=CONNECT_S)
+        except (OSError, TimeoutError) as exc:
+            raise ConfigError(
+                f"Dask scheduler {address} (dask.scheduler / DASK_SCHEDULER_ADDRESS) did not "
+                f"answer within {CONNECT_S} s ({type(exc).__name__}); start it, fix the address, "
+                "or unset both to run a local cluster"
+            ) from None
+        with client:
             yield client
         return
     with (
@@ -67,9 +77,10 @@ def _write_block(
     sensors: np.ndarray,
     sentinels: tuple[float, ...],
     train_stop: int,
-) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Read, clean and write values[g0:g1, n0:n1]; return train sums (sum, sumsq, count) and
-    the count of observations in the block, per sensor and feature."""
+) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Read, clean and write values[g0:g1, n0:n1]; return train sums (sum, sumsq, count), the
+    count of observations in the block, and the largest |value| with its time step, per sensor
+    and feature."""
     values = np.asarray(source.read(g0, g1, sensors), dtype=np.float32)  # [t, n, F]
     mask = np.isfinite(values)
     if sentinels:
@@ -80,14 +91,17 @@ def _write_block(
     root["values"][g0:g1, n0:n1] = values
     root["mask"][g0:g1, n0:n1] = mask
     rows = max(0, min(g1, train_stop) - g0)
-    train = np.where(mask[:rows], values[:rows], np.float32(0))  # [rows, n, F]
+    train = np.where(mask[:rows], values[:rows], np.float32(0)).astype(np.float64)  # [rows, n, F]
+    size = np.where(mask, np.abs(values), np.float32(0))  # [t, n, F]
     return (
         n0,
         n1,
-        train.sum(0, dtype=np.float64),
-        np.square(train).sum(0, dtype=np.float64),
+        train.sum(0),
+        np.square(train).sum(0),
         mask[:rows].sum(0),
         mask.sum(0),
+        size.max(0),
+        g0 + size.argmax(0),
     )
 
 
@@ -145,6 +159,11 @@ def _write_store(
     order = curve_order(pos, frame, data.curve)  # store index j -> source index order[j]
     split = splits(t, data.train_fraction, data.val_fraction)
     k = min(data.neighbours, n)
+    if k < data.neighbours:
+        print(
+            f"note: data.neighbours = {data.neighbours}, but the network has {n} sensors: each "
+            f"keeps all {n} (itself first)"
+        )
     with atomic_store(target, data.overwrite) as tmp:
         root = create_arrays(tmp, t, n, f, k, data.time_chunk, data.node_chunk)
         blocks = _task_blocks(t, n, f, data.time_chunk, data.node_chunk, source.node_subsets)
@@ -168,6 +187,7 @@ def _write_store(
         ]
         total, total_sq = np.zeros((n, f)), np.zeros((n, f))
         count, seen = np.zeros((n, f)), np.zeros((n, f))
+        largest, largest_at = np.zeros((n, f)), np.zeros((n, f), dtype=np.int64)
         bar = tqdm(
             as_completed(futures),
             total=len(futures),
@@ -176,17 +196,29 @@ def _write_store(
             disable=not progress,
         )
         for future in bar:
-            n0, n1, s, sq, c, obs = future.result()
+            n0, n1, s, sq, c, obs, big, at = future.result()
             total[n0:n1] += s
             total_sq[n0:n1] += sq
             count[n0:n1] += c
             seen[n0:n1] += obs
+            larger = big > largest[n0:n1]
+            largest[n0:n1] = np.where(larger, big, largest[n0:n1])
+            largest_at[n0:n1] = np.where(larger, at, largest_at[n0:n1])
         never = np.flatnonzero((seen == 0).all(axis=1))
         if len(never):
             ids = [source.sensor_ids[order[j]] for j in never[:10]]
             raise SourceError(
                 f"sensors {ids} have no observation at all; drop them from the data and "
                 "the locations file"
+            )
+        if (largest >= MAX_ABS).any():
+            j, c = np.argwhere(largest >= MAX_ABS)[0]
+            when = np.datetime_as_string(np.datetime64(int(source.time[largest_at[j, c]]), "ns"))
+            sensor, feature = source.sensor_ids[order[j]], source.features[c]
+            raise SourceError(
+                f"sensor {sensor!r}, {feature!r} at {when[:19]} UTC: {largest[j, c]:.3g}; "
+                f"values of {MAX_ABS:.0e} or more are taken for error codes or unit mistakes: "
+                "add it to data.source.sentinels, or rescale the data"
             )
         mean, std, fallback = _train_stats(total, total_sq, count)
         nb, nd = k_nearest(pos[order], k)

@@ -52,6 +52,31 @@ def export_model(model: Forecaster, cfg: Config, store: Store, out: Path) -> Pat
     return out
 
 
+MIN_NS = 10**17  # 1973-03-03 in ns; seconds, ms or us since 1970 of any date since are below
+
+
+def origin_ns(origin_time, batch: int) -> np.ndarray:
+    """``origin_time`` [batch] as int64 ns UTC: datetime64 values are converted; integers must
+    be nanoseconds (a clear error for seconds, milliseconds or microseconds)."""
+    t = np.asarray(origin_time).reshape(-1)
+    if np.issubdtype(t.dtype, np.datetime64):
+        t = t.astype("datetime64[ns]").astype(np.int64)
+    elif not np.issubdtype(t.dtype, np.integer):
+        raise ValueError(
+            f"origin_time must be int64 ns since 1970 UTC or datetime64; got dtype {t.dtype}"
+        )
+    if len(t) != batch:
+        raise ValueError(f"origin_time holds {len(t)} times for a batch of {batch} windows")
+    small = np.abs(t) < MIN_NS
+    if small.any():
+        v = int(t[np.flatnonzero(small)[0]])
+        raise ValueError(
+            f"origin_time {v} is not in nanoseconds since 1970 UTC (seconds, ms or us?): "
+            "give int64 ns (seconds x 1e9) or datetime64 values"
+        )
+    return t.astype(np.int64)
+
+
 class Predictor:
     """Forecasts from raw windows with an exported model.
 
@@ -100,11 +125,12 @@ class Predictor:
                 f"x must have shape [batch, {expect[0]}, {expect[1]}, {expect[2]}] "
                 f"(batch, time_in, sensors, features); got {list(x.shape)}"
             )
+        if x.shape[0] == 0:
+            raise ValueError("x holds no window (batch 0): give at least one")
+        origin_time = origin_ns(origin_time, x.shape[0])
         mask = np.isfinite(x)
         norm = np.where(mask, (x - self.mean) / self.std, 0.0).astype(np.float32)
-        cal = torch.from_numpy(
-            calendar_features(np.asarray(origin_time, dtype=np.int64).reshape(-1))
-        ).to(self.device)
+        cal = torch.from_numpy(calendar_features(origin_time)).to(self.device)
         tiles = make_tiles(
             self.neighbours,
             self.neighbours.shape[1],

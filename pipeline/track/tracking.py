@@ -113,6 +113,12 @@ class ForecastPyfunc(mlflow.pyfunc.PythonModel):
         self.predictor = Predictor(context.artifacts["model"])
 
     def predict(self, context, model_input, params=None):
+        missing = [k for k in ("x", "origin_time") if k not in model_input]
+        if missing:
+            raise ValueError(
+                f"model input lacks {', '.join(missing)}: give a dict with 'x' [batch, time_in, "
+                "sensors, features] and 'origin_time' [batch] (int64 ns UTC)"
+            )
         return self.predictor.predict(model_input["x"], model_input["origin_time"])
 
 

@@ -4,6 +4,10 @@ imports deepspeed; it knows nothing of the model).
 - ``process_group``: NCCL on CUDA, gloo on CPU, for the duration of a ``with`` block; works
   under ``deepspeed``, ``torchrun`` and plain ``python`` (one process: RANK/WORLD_SIZE/MASTER_*
   are filled in with a free local port); a group it created is destroyed on the way out.
+  A group on one machine (MASTER_ADDR on loopback) opens no port beyond 127.0.0.1: it meets
+  through a file (torch's TCPStore listens on every interface and takes no bind address,
+  pytorch/pytorch#173909), and gloo / NCCL sockets stay on ``lo``. A multi-node group keeps
+  torch's ``env://`` rendezvous on MASTER_ADDR.
 - ``ds_config``: the DeepSpeed JSON generated from ``Config.train`` (ZeRO stage, precision,
   micro-batch, gradient accumulation and clipping).
 - ``build_engine``: the DeepSpeed engine of a model with the trainer's optimizer and schedule.
@@ -14,9 +18,11 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,10 +43,29 @@ class Context:
         return self.rank == 0
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _local_meeting_file() -> Path | None:
+    """Where the ranks of a one-machine group meet (torch's FileStore), or None to keep the
+    ``env://`` TCP rendezvous: for a multi-node group, or for ranks that a launcher did not
+    start together (they would not agree on the file: it is named by their parent process)."""
+    env = os.environ
+    if env.get("MASTER_ADDR", "127.0.0.1") not in LOOPBACK:
+        return None
+    world = env.get("WORLD_SIZE", "1")
+    local = env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", "1" if "RANK" not in env else None))
+    if local != world:
+        return None
+    if "RANK" not in env:  # a group of one: a file of its own
+        return Path(tempfile.mkdtemp(prefix="sit-meet-")) / "store"
+    return Path(tempfile.gettempdir()) / f"sit-meet-{os.getppid()}-{env.get('MASTER_PORT')}"
 
 
 @contextmanager
@@ -61,12 +86,15 @@ def process_group(device: str = "auto") -> Iterator[Context]:
         raise ConfigError(
             "train.device=cuda but no CUDA device is visible: set train.device=auto or cpu"
         )
-    filled: list[str] = []
+    filled: dict[str, str] = {}
     if "RANK" not in os.environ:  # plain `python launch/train.py`: a group of one
-        one = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
-        one["MASTER_PORT"] = str(_free_port())
-        filled = [k for k in one if k not in os.environ]
-        os.environ.update({k: one[k] for k in filled})
+        filled = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+        filled["MASTER_PORT"] = str(_free_port())
+    meeting = _local_meeting_file()
+    if meeting is not None:
+        filled.update({"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"})
+    filled = {k: v for k, v in filled.items() if k not in os.environ}
+    os.environ.update(filled)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda:
         torch.cuda.set_device(local_rank)
@@ -75,9 +103,17 @@ def process_group(device: str = "auto") -> Iterator[Context]:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
     created = not dist.is_initialized()
+    backend = "nccl" if use_cuda else "gloo"
     try:
-        if created:
-            deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
+        if created and meeting is not None:
+            dist.init_process_group(
+                backend,
+                init_method=f"file://{meeting}",
+                rank=int(os.environ["RANK"]),
+                world_size=int(os.environ["WORLD_SIZE"]),
+            )
+        if created:  # DeepSpeed adopts a group that exists
+            deepspeed.init_distributed(dist_backend=backend, verbose=False)
         yield Context(
             dist.get_rank(),
             local_rank,
@@ -87,6 +123,10 @@ def process_group(device: str = "auto") -> Iterator[Context]:
     finally:
         if created and dist.is_initialized():
             deepspeed.comm.destroy_process_group()
+        if meeting is not None and created and os.environ.get("RANK") == "0":
+            meeting.unlink(missing_ok=True)
+            if meeting.parent.name.startswith("sit-meet-"):  # a group of one's own folder
+                meeting.parent.rmdir()
         for key in filled:
             os.environ.pop(key, None)
 

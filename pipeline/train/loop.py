@@ -34,7 +34,7 @@ from tqdm import tqdm
 from pipeline.config import Config, ConfigError, flatten
 from pipeline.data.geometry import positions_km
 from pipeline.data.store import Store, open_store
-from pipeline.data.stream import WindowStream
+from pipeline.data.stream import WindowStream, window_origins
 from pipeline.evaluate.metrics import (
     BaselineSpread,
     ComparisonAccumulator,
@@ -135,7 +135,7 @@ def _stream(run: Run, split: str, **kwargs) -> WindowStream:
         cfg.data.time_in,
         cfg.data.horizon,
         cfg.train.batch_size,
-        cfg.model.knn,
+        min(cfg.model.knn, run.store["neighbours"].shape[1]),  # check_fits: knn backend fits
         seed=cfg.train.seed,
         rank=ctx.rank,
         world_size=ctx.world_size,
@@ -179,6 +179,7 @@ def setup(cfg: Config, ctx: engine.Context, tracker: Tracker | None = None) -> R
     np.random.seed(cfg.train.seed)
     run_dir = Path(cfg.train.out_dir) / cfg.name
     store = open_store(cfg.data.store)
+    check_fits(cfg, store)
     old = run_dir / "checkpoints"
     if cfg.train.resume == "never" and ctx.is_main and old.exists():
         # kept, not deleted: a run started afresh by mistake loses nothing
@@ -225,6 +226,26 @@ def setup(cfg: Config, ctx: engine.Context, tracker: Tracker | None = None) -> R
     return Run(
         cfg, ctx, store, run_dir, model, eng, engine.engine_dtype(eng), tracker, state, resumed
     )
+
+
+def check_fits(cfg: Config, store: Store) -> None:
+    """The config's constraints on the store, checked before any work: every split holds a
+    window, and the knn backend's ``model.knn`` is within the stored neighbours."""
+    for split in ("train", "val", "test"):
+        start, stop = store.split(split)
+        if len(window_origins(start, stop, cfg.data.time_in, cfg.data.horizon)) == 0:
+            raise ConfigError(
+                f"data.horizon = {cfg.data.horizon} with data.time_in = {cfg.data.time_in}: "
+                f"the {split} split of {store.path} ({stop - start} steps) holds no window; "
+                "shorten them, or give the split more time (data.train_fraction, "
+                "data.val_fraction)"
+            )
+    stored = store["neighbours"].shape[1]
+    if cfg.model.backend == "knn" and cfg.model.knn > stored:
+        raise ConfigError(
+            f"model.knn = {cfg.model.knn} exceeds the {stored} neighbours stored in "
+            f"{store.path} (data.neighbours, at most the number of sensors): lower model.knn"
+        )
 
 
 def pins(cfg: Config, store: Store) -> dict[str, str]:

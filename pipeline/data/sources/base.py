@@ -177,8 +177,19 @@ def regular_axis(
             )
         step = int(pd.Series(np.diff(t)).mode().iloc[0])
         freq = pd.tseries.frequencies.to_offset(pd.Timedelta(step, "ns")).freqstr
-    else:
-        step = int(pd.Timedelta(pd.tseries.frequencies.to_offset(freq)).value)
+        if step >= CALENDAR_NS:  # months and years vary in length: the coarsest calendar
+            fits = [  # step whose grid holds every timestamp, if any does
+                (len(grid), name)
+                for name in CALENDAR_STEPS
+                if (grid := pd.date_range(stamps[0], stamps[-1], freq=name)).isin(stamps).sum()
+                == len(stamps)
+            ]
+            freq = min(fits)[1] if fits else freq
+    grid_step = pd.tseries.frequencies.to_offset(freq)
+    try:
+        step = int(pd.Timedelta(grid_step).value)  # a fixed step (h, D, 15min, 7D)
+    except ValueError:  # a calendar step (MS, QS, YS, W-SUN): its grid is a date range
+        return _calendar_axis(stamps, grid_step, freq, where, first_line, unit)
     offset = t - t[0]
     off_grid = offset % step != 0
     if off_grid.any():
@@ -189,6 +200,31 @@ def regular_axis(
         )
     pos = offset // step
     steps = int(pos[-1]) + 1
+    _check_filled(stamps, steps, freq, where, unit)
+    return t[0] + np.arange(steps, dtype=np.int64) * step, pos, freq
+
+
+CALENDAR_NS = 28 * 86_400 * 10**9  # an inferred step this long may be a calendar one (months)
+CALENDAR_STEPS = ("MS", "ME", "QS", "QE", "YS", "YE")  # tried when inferring such a step
+
+
+def _calendar_axis(stamps, offset, freq: str, where: str, first_line: int, unit: str):
+    """:func:`regular_axis` for calendar steps: the grid from the first timestamp on."""
+    grid = pd.date_range(stamps[0], stamps[-1], freq=offset)
+    pos = grid.get_indexer(stamps)
+    if (pos < 0).any():
+        i = int(np.flatnonzero(pos < 0)[0])
+        raise SourceError(
+            f"{where}, {unit} {i + first_line}: timestamp {stamps[i]} is not on the {freq} grid "
+            f"starting at {stamps[0]}; fix data.source.freq or the timestamp"
+        )
+    _check_filled(stamps, len(grid), freq, where, unit)
+    return grid.as_unit("ns").asi8, pos.astype(np.int64), freq
+
+
+def _check_filled(stamps, steps: int, freq: str, where: str, unit: str) -> None:
+    """A misread date spreads the rows over a long axis: refuse an axis mostly empty."""
+    t = stamps
     if len(t) < MIN_FILLED * steps:  # a misread date spreads the rows over a long axis
         raise SourceError(
             f"{where}: the {len(t)} {unit}s fill only {len(t) / steps:.1%} of the {steps} "
@@ -196,7 +232,6 @@ def regular_axis(
             f"({TIME_HINT}) or data.source.freq is wrong; a file that really is mostly gaps "
             "should be cut into its observed periods"
         )
-    return t[0] + np.arange(steps, dtype=np.int64) * step, pos, freq
 
 
 TIME_HINT = (
@@ -243,7 +278,13 @@ def axis_from_start(start: str | None, freq: str | None, rows: int, where: str):
             f"{where} has no time column: set data.source.start and data.source.freq "
             "(or data.source.time_column if a column holds the timestamps)"
         )
-    time = pd.date_range(pd.Timestamp(start, tz="UTC"), periods=rows, freq=freq).as_unit("ns").asi8
+    try:
+        time = pd.date_range(pd.Timestamp(start, tz="UTC"), periods=rows, freq=freq)
+    except ValueError as exc:
+        raise SourceError(
+            f"{where}: data.source.start {start!r} / data.source.freq {freq!r}: {exc}"
+        ) from None
+    time = time.as_unit("ns").asi8
     return time, np.arange(rows), freq
 
 
@@ -296,6 +337,8 @@ def data_path(path: str | None) -> Path:
     if path is None:
         raise SourceError("data.source.path is not set: name the data file")
     p = Path(path)
+    if p.is_dir():
+        raise SourceError(f"data file {p} is a directory (data.source.path): name a file in it")
     if not p.is_file():
         raise SourceError(f"data file {p} does not exist (data.source.path)")
     return p

@@ -108,7 +108,7 @@ class Reader:
         part: Part,
         first_row: int,
         ids: np.ndarray,
-        axis: tuple[int, int, int],
+        axis: tuple[np.ndarray, int],
         out: Path,
     ) -> str | None:
         """Pivot the partition into one piece per time chunk; returns an error or None."""
@@ -117,6 +117,9 @@ class Reader:
         values = np.empty((t.num_rows, len(self.values)), np.float32)
         for j, col in enumerate(self.values):
             column = t[col]
+            if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+                column = pc.utf8_trim_whitespace(column)  # " 1.5" reads as 1.5, " " as missing
+                column = pc.if_else(pc.equal(column, ""), pa.scalar(None, column.type), column)
             try:
                 values[:, j] = column.cast(pa.float32()).to_numpy(zero_copy_only=False)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
@@ -127,8 +130,8 @@ class Reader:
                             f"{self.path}, {unit} {first_row + i + first}, column {col!r}: "
                             f"{cell!r} is not a number"
                         )
-        t0, step, time_chunk = axis
-        ti = (_stamps(t[self.time], self.time_format, self.dayfirst) - t0) // step
+        time, time_chunk = axis
+        ti = np.searchsorted(time, _stamps(t[self.time], self.time_format, self.dayfirst))
         ni = pc.index_in(self.sensors(t), value_set=pa.array(ids, pa.string()))
         ni = ni.to_numpy(zero_copy_only=False)
         rows = first_row + np.arange(t.num_rows, dtype=np.int64)
@@ -301,11 +304,10 @@ def open_long(cfg: DataConfig, pmap: PMap) -> LongSource:
     uniq = np.unique(np.concatenate([s[2] for s in surveys]))
     axis = pd.DatetimeIndex(uniq.astype("datetime64[ns]")).tz_localize("UTC")
     time, _, freq = regular_axis(axis, src.freq, str(path), first)
-    step = int(time[1] - time[0]) if len(time) > 1 else 1
     spill_dir = Path(cfg.store).parent / f".{Path(cfg.store).name}.long-spill"
     shutil.rmtree(spill_dir, ignore_errors=True)
     try:
-        axis = (int(time[0]), step, cfg.time_chunk)
+        axis = (time, cfg.time_chunk)
         errors = pmap(lambda p: reader.spill(p, int(starts[p.index]), ids, axis, spill_dir), parts)
         errors = [e for e in errors if e is not None]
         if errors:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from pipeline.data.sources.base import (
 
 SCAN_BLOCK = 32 << 20  # bytes per scan task
 _PREFIX = 256  # bytes read after each line start to find its timestamp
+_PADDING = re.compile(rb"^[ \t]+|[ \t]+$", re.MULTILINE)  # spaces and tabs around a cell
 NULLS = ["", "NA", "N/A", "NaN", "nan", "null", "NULL", "#N/A", "-nan", "None"]
 """Cells that mean "missing" (besides data.source.sentinels)."""
 
@@ -112,6 +114,8 @@ class WideCsvSource(Source):
         if self.sensor_cols[0] > 0:  # drop the time column
             lines = [line.split(delim, 1)[1] for line in lines]
         body = b"\n".join(lines).replace(delim, b"\n")  # one cell per line
+        if b" " in body or b"\t" in body:  # blanks around a cell; a blank cell is missing
+            body = _PADDING.sub(b"", body)
         table = pacsv.read_csv(
             io.BytesIO(body),
             read_options=pacsv.ReadOptions(
@@ -233,6 +237,14 @@ def open_wide_csv(cfg: DataConfig, pmap: PMap) -> WideCsvSource:
     rows = len(starts)
     if rows == 0:
         raise SourceError(f"{path} has a header but no data rows")
+    with open(path, "rb") as fh:
+        fh.seek(body)
+        first_line_blank = fh.read(1) in (b"\n", b"\r")
+    blank = [first_line_blank] + [f[:1] in (b"\n", b"\r") for f in firsts]
+    if any(blank):  # a blank line is no time step: refuse it rather than guess
+        raise SourceError(
+            f"{path}, line {blank.index(True) + 2}: a blank line among the data rows; remove it"
+        )
     line_starts = np.append(starts, filesize)
     if src.time_column:
         with open(path, "rb") as fh:
