@@ -7,7 +7,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export RAY_USAGE_STATS_ENABLED ?= 0
 export DO_NOT_TRACK ?= 1
 
-.PHONY: setup test lint bench bench-limit demo clean
+.PHONY: setup test lint bench bench-limit bench-peers demo clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -37,6 +37,12 @@ bench: setup
 
 bench-limit: setup
 	$(BIN)/python benchmarks/limit.py --json docs/limit.json --plot docs/limit.png
+
+# the peers' extra builds torch-scatter and torch-sparse against the installed torch
+# (about 17 min on 2 cores the first time; pip caches the wheels)
+bench-peers: setup
+	$(BIN)/pip install -q --no-build-isolation -c constraints.txt -e ".[peers]"
+	$(BIN)/python benchmarks/peers.py --json docs/peers.json --plot docs/peers.png
 
 demo: setup
 	$(BIN)/python launch/demo.py

@@ -255,6 +255,10 @@ class ModelConfig(_Section):
     """``block`` backend: key blocks each query block attends to (nearest centroids first)."""
     node_embedding: bool = False
     """Learn an embedding per sensor (ties the model to the sensors it was trained on)."""
+    peer: Literal["graph_wavenet", "dcrnn", "agcrn", "stid"] | None = None
+    """A published model from torch-spatiotemporal instead of ours (pipeline/model/peers.py,
+    docs/peers.md; ``pip install --no-build-isolation -e ".[peers]"``): a point forecast,
+    trained with ``train.loss: mae``."""
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelConfig:
@@ -290,8 +294,9 @@ class TrainConfig(_Section):
     """Final learning rate as a fraction of the peak."""
     grad_clip: float = Field(1.0, ge=0)
     """Gradient-norm clipping (0 disables)."""
-    loss: Literal["nll", "crps"] = "crps"
-    """Training loss: Gaussian negative log-likelihood or closed-form Gaussian CRPS."""
+    loss: Literal["nll", "crps", "mae"] = "crps"
+    """Training loss: Gaussian negative log-likelihood or closed-form Gaussian CRPS; ``mae``
+    for the point forecasts of ``model.peer``."""
     kernel_warmup_steps: int = Field(0, ge=0)
     """Steps at the start during which the <q, k> residual is switched off (prior alone)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -404,6 +409,23 @@ class Config(_Section):
     tracking: TrackingConfig = TrackingConfig()
     tune: TuneConfig = TuneConfig()
     dask: DaskConfig = DaskConfig()
+
+    @model_validator(mode="after")
+    def _peer(self) -> Config:
+        peer = self.model.peer
+        if (peer is None) != (self.train.loss != "mae"):
+            raise ValueError(
+                "train.loss=mae goes with model.peer (a point forecast), and a peer with "
+                "train.loss=mae: our model's spread needs nll or crps"
+            )
+        if peer is not None and self.data.tile_size is not None:
+            raise ValueError(f"model.peer={peer} reads the whole network: data.tile_size=null")
+        if peer in ("graph_wavenet", "agcrn", "stid") and self.data.holdout_sensors:
+            raise ValueError(
+                f"model.peer={peer} learns an embedding per sensor and cannot forecast sensors "
+                "it never saw: data.holdout_sensors=null"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------------------------

@@ -348,7 +348,7 @@ def test_constraints_between_config_and_store_are_checked_before_any_work(
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 2 and message in out, out[-3000:]
         assert "Traceback" not in out and not (tmp_path / "bad" / "checkpoints").exists()
-    dense = ["model.backend=dense", "model.knn=16"]
+    dense = ["model.backend=dense", "model.knn=16", "train.eval_batches=null"]  # every batch
     finish(launch(tiny(synthetic_store, tmp_path, "dense", 2, dense), procs=1))
 
 

@@ -39,30 +39,54 @@ def load_run(run_dir: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     return metrics, windows
 
 
-def compare_runs(run_a: str | Path, run_b: str | Path) -> dict:
-    """Pooled MAE and CRPS of both runs over their common test windows, and the
-    Diebold-Mariano tests of A against B (negative statistic: A's loss is lower)."""
-    (ma, wa), (mb, wb) = load_run(run_a), load_run(run_b)
-    store_a, store_b = ma["store"], mb["store"]
-    if store_a["fingerprint"] != store_b["fingerprint"]:
-        raise CompareError(
-            f"{run_a} was tested on store {store_a['path']} and {run_b} on "
-            f"{store_b['path']}, which differ (fingerprints {store_a['fingerprint']} and "
-            f"{store_b['fingerprint']}): compare runs on the same store"
-        )
-    horizon = len(ma["test"]["horizon_steps"])
-    if len(mb["test"]["horizon_steps"]) != horizon:
-        raise CompareError(
-            f"{run_a} forecasts {horizon} steps and {run_b} "
-            f"{len(mb['test']['horizon_steps'])} (data.horizon): compare runs of one horizon"
-        )
-    origins, ia, ib = np.intersect1d(wa["origin"], wb["origin"], return_indices=True)
+RunDirs = str | Path | list[str | Path]
+
+
+def _runs(side: RunDirs) -> list[Path]:
+    return [Path(d) for d in side] if isinstance(side, list) else [Path(side)]
+
+
+def compare_runs(run_a: RunDirs, run_b: RunDirs) -> dict:
+    """Pooled MAE and CRPS of both sides over their common test windows, and the
+    Diebold-Mariano tests of A against B (negative statistic: A's loss is lower). A side is a
+    run directory or several (seeds of one model): its per-window losses are then averaged
+    over its runs, so that the test is over seeds, not of one run against one run."""
+    side_a, side_b = _runs(run_a), _runs(run_b)
+    loaded = [(d, *load_run(d)) for d in side_a + side_b]
+    first, m0, w0 = loaded[0]
+    for d, m, _ in loaded[1:]:
+        if m["store"]["fingerprint"] != m0["store"]["fingerprint"]:
+            raise CompareError(
+                f"{first} was tested on store {m0['store']['path']} and {d} on "
+                f"{m['store']['path']}, which differ (fingerprints "
+                f"{m0['store']['fingerprint']} and {m['store']['fingerprint']}): compare runs "
+                "on the same store"
+            )
+        if len(m["test"]["horizon_steps"]) != len(m0["test"]["horizon_steps"]):
+            raise CompareError(
+                f"{first} forecasts {len(m0['test']['horizon_steps'])} steps and {d} "
+                f"{len(m['test']['horizon_steps'])} (data.horizon): compare runs of one horizon"
+            )
+    horizon = len(m0["test"]["horizon_steps"])
+    origins = w0["origin"]
+    for _, _, w in loaded[1:]:
+        origins = np.intersect1d(origins, w["origin"])
     if len(origins) == 0:
-        raise CompareError(f"{run_a} and {run_b} have no test window in common")
-    out: dict = {"a": str(run_a), "b": str(run_b), "windows": int(len(origins))}
+        raise CompareError(f"{' '.join(map(str, side_a + side_b))} have no test window in common")
+
+    def at_common(w: dict, loss: str) -> np.ndarray:  # [windows], in origin order
+        return w[loss][np.searchsorted(w["origin"], origins)]
+
+    out: dict = {
+        "a": " ".join(map(str, side_a)),
+        "b": " ".join(map(str, side_b)),
+        "runs": [len(side_a), len(side_b)],
+        "windows": int(len(origins)),
+    }
+    weights = at_common(w0, "count")
     for loss in ("mae", "crps"):
-        la, lb = wa[loss][ia], wb[loss][ib]  # [windows], in origin order
-        weights = wa["count"][ia]
+        la = np.mean([at_common(w, loss) for _, _, w in loaded[: len(side_a)]], axis=0)
+        lb = np.mean([at_common(w, loss) for _, _, w in loaded[len(side_a) :]], axis=0)
         out[loss] = {
             "a": float(np.average(la, weights=weights)),
             "b": float(np.average(lb, weights=weights)),
@@ -73,6 +97,9 @@ def compare_runs(run_a: str | Path, run_b: str | Path) -> dict:
 
 def format_comparison(result: dict) -> str:
     lines = [f"A = {result['a']}", f"B = {result['b']}", f"{result['windows']} common test windows"]
+    if result["runs"] != [1, 1]:
+        na, nb = result["runs"]
+        lines.append(f"per-window losses averaged over {na} and {nb} runs")
     lines.append("loss   A         B         Diebold-Mariano (HLN)")
     for loss in ("mae", "crps"):
         r = result[loss]

@@ -25,9 +25,17 @@ Z90 = 1.6448536269514722  # central 90 % interval: |z| <= Z90
 _COLS = ("n", "abs", "sq", "ape_n", "ape", "crps", "in50", "in90")
 
 
+def standardised(mean: Tensor, std: Tensor, y: Tensor) -> Tensor:
+    """(y - mean) / std; for a point forecast (std 0): 0 where y == mean, else +-inf."""
+    err = y - mean
+    point = std <= 0
+    return torch.where(point, err * math.inf, err / torch.where(point, torch.ones_like(std), std))
+
+
 def pit(mean: Tensor, std: Tensor, y: Tensor) -> Tensor:
-    """Probability integral transform Phi((y - mean) / std)."""
-    return 0.5 * (1 + torch.erf((y - mean) / (std * math.sqrt(2))))
+    """Probability integral transform Phi((y - mean) / std) (a step for a point forecast)."""
+    z = torch.nan_to_num(standardised(mean, std, y), nan=0.0)  # 0 * inf: y == mean
+    return 0.5 * (1 + torch.erf(z / math.sqrt(2)))
 
 
 class MetricAccumulator:
@@ -43,7 +51,7 @@ class MetricAccumulator:
         m = mask.double()
         y = torch.where(mask, y, mean)  # masked cells contribute nothing (and no NaN)
         err = y - mean
-        z = err / std
+        z = torch.nan_to_num(standardised(mean, std, y), nan=0.0)
         mape_ok = mask & (y.abs() > MAPE_EPS)
         dims = (0, 2, 3)  # sum over batch, node, feature -> [horizon]
         cols = [

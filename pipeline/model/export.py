@@ -17,16 +17,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from pipeline.config import Config, ModelConfig
 from pipeline.data.geometry import positions_km
 from pipeline.data.store import Store
 from pipeline.data.stream import make_tiles
 from pipeline.data.timefeatures import calendar_features
-from pipeline.model.forecaster import Forecaster
+from pipeline.model.forecaster import build_model
 
 
-def export_model(model: Forecaster, cfg: Config, store: Store, out: Path) -> Path:
+def export_model(model: nn.Module, cfg: Config, store: Store, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     torch.save(state, out / "weights.pt")
@@ -98,7 +99,7 @@ class Predictor:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         pos, frame = positions_km(net["coords"], str(net["crs"]))
-        self.model = Forecaster(
+        self.model = build_model(
             ModelConfig(**meta["model"]),
             meta["time_in"],
             meta["horizon"],
@@ -135,7 +136,7 @@ class Predictor:
             self.neighbours,
             self.neighbours.shape[1],
             tile_size if tile_size is not None else self.tile_size,
-            hops=self.model.cfg.layers,
+            hops=self.model.hops,
         )
         b, n, f = x.shape[0], x.shape[2], x.shape[3]
         mean = np.empty((b, self.meta["horizon"], n, f), dtype=np.float32)

@@ -89,6 +89,11 @@ class Forecaster(nn.Module):
     def kernels(self) -> list[CovarianceBias]:
         return [layer.attn.kernel for layer in self.layers]
 
+    @property
+    def hops(self) -> int:
+        """Neighbour hops of the receptive field (a tile's halo): one per layer."""
+        return self.cfg.layers
+
     def set_qk(self, enabled: bool) -> None:
         """Switch the data-driven <q, k> residual on or off (kernel warm-up)."""
         for layer in self.layers:
@@ -132,6 +137,24 @@ class Forecaster(nn.Module):
         mean = last[:, None] + out[..., 0]
         std = F.softplus(out[..., 1]) + 1e-3
         return mean, std
+
+
+def build_model(
+    cfg: ModelConfig,
+    time_in: int,
+    horizon: int,
+    features: int,
+    num_nodes: int,
+    frame: Tensor | None = None,
+    checkpoint_layers: bool = False,
+) -> nn.Module:
+    """Our :class:`Forecaster`, or the published peer that ``cfg.peer`` names (same interface;
+    pipeline/model/peers.py, imported only then)."""
+    if cfg.peer is not None:
+        from pipeline.model.peers import PeerForecaster
+
+        return PeerForecaster(cfg.peer, time_in, horizon, features, num_nodes)
+    return Forecaster(cfg, time_in, horizon, features, num_nodes, frame, checkpoint_layers)
 
 
 def _last_observed(x: Tensor, mask: Tensor) -> Tensor:

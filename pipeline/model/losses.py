@@ -1,4 +1,5 @@
-"""Training losses of the Gaussian forecast: masked means over observed targets."""
+"""Training losses of the Gaussian forecast (and of point forecasts): masked means over
+observed targets."""
 
 from __future__ import annotations
 
@@ -28,11 +29,18 @@ def gaussian_crps(mean: Tensor, std: Tensor, y: Tensor, mask: Tensor | None = No
     """
     if mask is not None:
         y = torch.where(mask, y, mean.detach())
-    z = (y - mean) / std
+    point = std <= 0  # a point forecast (std 0): its CRPS is the absolute error
+    z = (y - mean) / torch.where(point, torch.ones_like(std), std)
     cdf = 0.5 * (1 + torch.erf(z / math.sqrt(2)))
     pdf = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
     crps = std * (z * (2 * cdf - 1) + 2 * pdf - 1 / math.sqrt(math.pi))
+    crps = torch.where(point, (y - mean).abs(), crps)
     return crps if mask is None else _masked_mean(crps, mask)
 
 
-LOSSES = {"nll": gaussian_nll, "crps": gaussian_crps}
+def mae(mean: Tensor, std: Tensor, y: Tensor, mask: Tensor) -> Tensor:
+    """Mean absolute error over observed targets (point forecasts: ``model.peer``)."""
+    return _masked_mean((torch.where(mask, y, mean.detach()) - mean).abs(), mask)
+
+
+LOSSES = {"nll": gaussian_nll, "crps": gaussian_crps, "mae": mae}

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from pipeline.config import Config, ConfigError, flatten
@@ -44,7 +45,7 @@ from pipeline.evaluate.metrics import (
 )
 from pipeline.evaluate.oracle import limit
 from pipeline.model.export import export_model
-from pipeline.model.forecaster import Forecaster
+from pipeline.model.forecaster import build_model
 from pipeline.model.losses import LOSSES
 from pipeline.train import checkpoint, engine
 from pipeline.train.optimizer import optimizer
@@ -84,7 +85,7 @@ class Run:
     ctx: engine.Context
     store: Store
     run_dir: Path
-    model: Forecaster
+    model: nn.Module  # Forecaster, or a PeerForecaster (model.peer)
     engine: Any
     dtype: torch.dtype
     tracker: Tracker | None
@@ -147,11 +148,12 @@ def _stream(run: Run, split: str, **kwargs) -> WindowStream:
     )
 
 
-def kernel_params(model: Forecaster) -> list[dict]:
+def kernel_params(model: nn.Module) -> list[dict]:
     """Learned kernel parameters per layer; none for kernel ``none`` (nothing is learned)."""
-    if model.cfg.kernel == "none":
+    kernels = model.kernels()  # none for a peer
+    if not kernels or kernels[0].family == "none":
         return []
-    return [{"layer": i, **k.describe()} for i, k in enumerate(model.kernels())]
+    return [{"layer": i, **k.describe()} for i, k in enumerate(kernels)]
 
 
 def train(cfg: Config, report: Reporter | None = None, tracker: Tracker | None = None) -> dict:
@@ -192,7 +194,7 @@ def setup(cfg: Config, ctx: engine.Context, tracker: Tracker | None = None) -> R
         tracker.start(store, resuming)
 
     _, frame = positions_km(store["coords"][:], store.attrs["crs"])
-    model = Forecaster(
+    model = build_model(
         cfg.model,
         cfg.data.time_in,
         cfg.data.horizon,
@@ -389,7 +391,7 @@ def baseline_spreads(run: Run) -> dict[str, torch.Tensor]:
     cfg, ctx = run.cfg, run.ctx
     spread = BaselineSpread(cfg.data.horizon, device=ctx.device)
     for i, batch in enumerate(_stream(run, "train", shuffle=False)):
-        if i >= cfg.train.eval_batches:
+        if cfg.train.eval_batches is not None and i >= cfg.train.eval_batches:
             break
         x, x_mask = batch["x"].to(ctx.device), batch["x_mask"].to(ctx.device)
         mask = batch["y_mask"].to(ctx.device) & batch["target"].to(ctx.device)[None, None, :, None]
@@ -481,7 +483,10 @@ def evaluate(
 def finish(run: Run, fitted: Fitted) -> dict:
     """Test metrics, the exported model, tracking, metrics.json (written last, atomically)."""
     cfg, ctx, state, store = run.cfg, run.ctx, run.state, run.store
-    test = evaluate(run, "test", compare=True, spreads=baseline_spreads(run))
+    spreads = baseline_spreads(run)
+    t0 = time.perf_counter()
+    test = evaluate(run, "test", compare=True, spreads=spreads)
+    test_s = time.perf_counter() - t0
     windows = test.pop("windows")
     oracle = None
     if ctx.is_main:  # the exact Bayes limit of a synthetic store (evaluate/oracle.py)
@@ -507,6 +512,8 @@ def finish(run: Run, fitted: Fitted) -> dict:
         "validation": state["history"],
         "train_loss": state["train_loss"],
         "kernel": kernel_params(run.model),
+        "parameters": sum(p.numel() for p in run.model.parameters()),
+        "point_forecast": cfg.model.peer is not None,  # std 0: CRPS = MAE, no coverage
         "truth": store.attrs.get("truth"),
         "oracle": oracle,
         "store": {"path": str(store.path), "fingerprint": store.fingerprint()},
@@ -514,6 +521,8 @@ def finish(run: Run, fitted: Fitted) -> dict:
             "samples_per_s": fitted.samples / busy,
             "step_s": busy / max(1, state["micro_step"] - (run.resumed or {}).get("micro_step", 0)),
             "data_wait_fraction": fitted.wait_s / busy,
+            # the test pass (forward, metrics, baselines) per window, this rank's share
+            "test_s_per_window": test_s / max(1, len(run.streams["test"].origins)),
         },
     }
     if ctx.is_main:

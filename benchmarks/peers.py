@@ -1,0 +1,214 @@
+"""Side by side with published models on real data (docs/peers.md).
+
+For each data set (``configs/los_loop.yaml``, ``configs/aqi36.yaml``; stores made by
+``launch/preprocess.py`` when missing) and each model, several seeds of the ordinary training
+job (``launch/train.py``, one process, tracking off) with the same budget of optimiser steps
+(``--steps``, the same for every model) and batch: our spatially-informed transformer
+(the config's kernel), ours with kernel ``none``, and the peers of torch-spatiotemporal
+(pipeline/model/peers.py: Graph WaveNet, DCRNN, AGCRN, STID; ``pip install
+--no-build-isolation -e ".[peers]"``). Every model reads the same windows of the same store and
+is scored by the same code: MAE, RMSE, MAPE and CRPS per horizon step (a point forecast's CRPS
+is its MAE), parameters, training time per step and inference time per window. The last value
+and train mean baselines come from the same runs' metrics.
+
+Reported per data set: mean +- sd over seeds at the reporting horizons, and Diebold-Mariano
+tests (HLN) of ours against each other model on the per-window MAE and CRPS of the common test
+windows, each averaged over seeds (pipeline/evaluate/compare.py).
+
+Usage: python benchmarks/peers.py [--datasets los_loop aqi36] [--models ours none stid ...]
+       [--seeds 0 1 2] [--steps 300] [--out runs/peers] [--json FILE] [--plot FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.evaluate.compare import compare_runs, load_run  # noqa: E402
+from pipeline.evaluate.report import dm_text  # noqa: E402
+
+MODELS = {
+    "ours": [],
+    "none": ["model.kernel=none"],
+    "stid": ["model.peer=stid", "train.loss=mae"],
+    "graph_wavenet": ["model.peer=graph_wavenet", "train.loss=mae"],
+    "dcrnn": ["model.peer=dcrnn", "train.loss=mae"],
+    "agcrn": ["model.peer=agcrn", "train.loss=mae"],
+}
+# reporting horizons in steps of each data set: Los-loop (5 min) 15/30/60 min, AQI-36 (1 h) 1/3/6 h
+HORIZONS = {
+    "los_loop": {"15 min": 3, "30 min": 6, "60 min": 12},
+    "aqi36": {"1 h": 1, "3 h": 3, "6 h": 6},
+}
+
+
+def sh(cmd: list[str]) -> str:
+    """Run a job of the pipeline; its last lines on failure."""
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def run_dataset(name: str, models: list[str], seeds: list[int], steps: int, out: Path, bar):
+    config = ROOT / "configs" / f"{name}.yaml"
+    cfg = load_config(config)
+    if not (ROOT / cfg.data.store / "COMPLETE").exists():
+        sh([sys.executable, "launch/preprocess.py", "--config", str(config)])
+    runs: dict[str, list[Path]] = {}
+    for model in models:
+        for seed in seeds:
+            run = f"{name}-{model}-s{seed}"
+            if not (out / run / "metrics.json").exists():
+                sh(
+                    [
+                        sys.executable,
+                        "launch/train.py",
+                        "--config",
+                        str(config),
+                        f"name={run}",
+                        f"train.out_dir={out}",
+                        f"train.steps={steps}",
+                        f"train.seed={seed}",
+                        f"train.eval_every={steps}",
+                        f"train.checkpoint_every={steps}",
+                        "train.resume=never",
+                        "tracking.enabled=false",
+                        *MODELS[model],
+                    ]
+                )
+            runs.setdefault(model, []).append(out / run)
+            bar.update(1)
+    return summarise(name, runs)
+
+
+def summarise(name: str, runs: dict[str, list[Path]]) -> dict:
+    horizons = HORIZONS[name]
+    rows = {}
+    for model, dirs in runs.items():
+        ms = [load_run(d)[0] for d in dirs]
+        test = [m["test"] for m in ms]
+
+        def stat(values):
+            a = np.asarray(values, dtype=float)
+            return [float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0]
+
+        rows[model] = {
+            "mae": {h: stat([t["mae"][s - 1] for t in test]) for h, s in horizons.items()},
+            "crps": {h: stat([t["crps"][s - 1] for t in test]) for h, s in horizons.items()},
+            "mae_all": stat([t["mean"]["mae"] for t in test]),
+            "rmse_all": stat([t["mean"]["rmse"] for t in test]),
+            "mape_all": stat([t["mean"]["mape"] for t in test]),
+            "crps_all": stat([t["mean"]["crps"] for t in test]),
+            "parameters": ms[0]["parameters"],
+            "train_s_per_step": stat([m["timing"]["step_s"] for m in ms]),
+            "infer_ms_per_window": stat([1e3 * m["timing"]["test_s_per_window"] for m in ms]),
+            "seeds": len(ms),
+        }
+    for kind in ("last_value", "train_mean"):  # the same in every run: take the first
+        base = load_run(runs["ours"][0])[0]["test"]["baselines"][kind]
+        rows[kind] = {"mae_all": [base["mae"], 0.0], "crps_all": [base["crps"], 0.0]}
+    tests = {
+        model: compare_runs(runs["ours"], dirs) for model, dirs in runs.items() if model != "ours"
+    }
+    return {"dataset": name, "horizons": horizons, "rows": rows, "dm_ours_vs": tests}
+
+
+def pm(stat: list[float]) -> str:
+    return f"{stat[0]:.3f} +- {stat[1]:.3f}"
+
+
+def table(result: dict) -> str:
+    hs = list(result["horizons"])
+    head = ["model", *(f"MAE {h}" for h in hs), "MAE all", "CRPS all", "params", "s/step"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for model, r in result["rows"].items():
+        cells = [model]
+        cells += [
+            f"{r['mae'][h][0]:.3f} +- {r['mae'][h][1]:.3f}" if "mae" in r else "-" for h in hs
+        ]
+        cells += [pm(r["mae_all"]), pm(r["crps_all"])]
+        cells += [f"{r['parameters']:,}" if "parameters" in r else "-"]
+        cells += [f"{r['train_s_per_step'][0]:.3f}" if "train_s_per_step" in r else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for model, t in result["dm_ours_vs"].items():
+        lines.append(
+            f"ours vs {model}: MAE {dm_text(t['mae']['dm'])}; CRPS {dm_text(t['crps']['dm'])}"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
+    for ax, result in zip(axes[0], results, strict=True):
+        hs = list(result["horizons"])
+        for model, r in result["rows"].items():
+            if "mae" not in r:
+                continue
+            mean = [r["mae"][h][0] for h in hs]
+            sd = [r["mae"][h][1] for h in hs]
+            ax.errorbar(hs, mean, yerr=sd, marker="o", capsize=3, label=model)
+        ax.set_title(result["dataset"])
+        ax.set_xlabel("horizon")
+        ax.set_ylabel("test MAE (mean +- sd over seeds)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--datasets", nargs="+", default=list(HORIZONS), choices=list(HORIZONS))
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=300, help="optimiser steps, every model")
+    parser.add_argument("--out", default="runs/peers")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--plot", default=None)
+    args = parser.parse_args()
+    if "ours" not in args.models:
+        args.models.insert(0, "ours")  # everything is compared with it
+    print(
+        f"# {platform.machine()}, {os.cpu_count()} CPUs; {args.steps} steps per model, seeds "
+        f"{args.seeds}",
+        flush=True,
+    )
+    t0, results = time.perf_counter(), []
+    total = len(args.datasets) * len(args.models) * len(args.seeds)
+    with tqdm(total=total, desc="runs") as bar:
+        for name in args.datasets:
+            results.append(
+                run_dataset(name, args.models, args.seeds, args.steps, ROOT / args.out, bar)
+            )
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=1))
+    for result in results:
+        print(f"\n## {result['dataset']}\n")
+        print(table(result))
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+    if args.plot:
+        plot(results, Path(args.plot))
+
+
+if __name__ == "__main__":
+    main()
