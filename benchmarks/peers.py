@@ -185,6 +185,9 @@ def main() -> None:
     parser.add_argument("--out", default="runs/peers")
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None)
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the other data sets' results already in --json"
+    )
     args = parser.parse_args()
     if "ours" not in args.models:
         args.models.insert(0, "ours")  # everything is compared with it
@@ -193,7 +196,10 @@ def main() -> None:
         f"{args.seeds}",
         flush=True,
     )
-    t0, results = time.perf_counter(), []
+    t0, results, kept = time.perf_counter(), [], []
+    if args.keep and args.json and Path(args.json).exists():
+        previous = json.loads(Path(args.json).read_text())
+        kept = [r for r in previous if r["dataset"] not in args.datasets]
     total = len(args.datasets) * len(args.models) * len(args.seeds)
     with tqdm(total=total, desc="runs") as bar:
         for name in args.datasets:
@@ -201,7 +207,8 @@ def main() -> None:
                 run_dataset(name, args.models, args.seeds, args.steps, ROOT / args.out, bar)
             )
             if args.json:
-                Path(args.json).write_text(json.dumps(results, indent=1))
+                Path(args.json).write_text(json.dumps(kept + results, indent=1))
+    results = kept + results
     for result in results:
         print(f"\n## {result['dataset']}\n")
         print(table(result))
