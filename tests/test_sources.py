@@ -516,3 +516,19 @@ def test_an_unreachable_scheduler_is_a_clear_error(tmp_path):
 
     with pytest.raises(ConfigError, match="did not answer within"):
         run(f"tcp://127.0.0.1:{free_port()}", write_case(tmp_path))
+
+
+def test_a_latin1_cell_without_the_encoding_key_names_its_line(scheduler, tmp_path):
+    ov = write_case(tmp_path)
+    data = tmp_path / "data.csv"
+    lines = data.read_text().splitlines()
+    lines[5] = lines[5].split(",")[0] + ",caf\xe9,1,2,3"
+    data.write_bytes(("\n".join(lines) + "\n").encode("latin-1"))
+    expect_error(scheduler, tmp_path, ov, "data.csv, line 6", "data.source.encoding")
+
+
+def test_fewer_sensors_than_data_neighbours_is_said_not_silent(scheduler, tmp_path, capsys):
+    ov = [o for o in write_case(tmp_path) if "data.neighbours" not in o]
+    store = open_store(run(scheduler, [*ov, "data.neighbours=10"]))
+    assert store["neighbours"].shape == (4, 4)
+    assert "data.neighbours = 10, but the network has 4 sensors" in capsys.readouterr().out
