@@ -313,7 +313,7 @@ def test_a_store_replaced_mid_run_stops_it_before_the_next_checkpoint(
 
 
 def test_two_runs_of_one_name_do_not_share_the_run_directory(synthetic_store, tmp_path):
-    from pipeline.train.loop import run_lock
+    from pipeline.train.guards import run_lock
 
     with run_lock(tmp_path / "busy", hold=True):  # a run of that name is training
         proc = launch(tiny(synthetic_store, tmp_path, "busy", 4), procs=1)

@@ -12,7 +12,7 @@ loss curves); the model as a pyfunc registered under ``tracking.model_name`` wit
 ``candidate``.
 
 An outage of the server never stalls or stops training (README, "Reliability"): per-step
-metrics go to MLflow from a background thread (:class:`MetricSender`), HTTP requests retry
+metrics go to MLflow from a background thread (pipeline/track/sender.py), HTTP requests retry
 briefly (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` / ``_TIMEOUT`` unless set), and batches the server
 did not take are appended to ``<run dir>/mlflow_unsent.jsonl`` and replayed when it answers
 again, or by the next run that resumes. A resumed run continues its MLflow run (its id is in
@@ -21,13 +21,10 @@ again, or by the next run that resumes. A resumed run continues its MLflow run (
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
 import sys
-import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -44,12 +41,12 @@ from pipeline.errors import UserError
 from pipeline.evaluate.diagnostics import close_figures, run_figures, sweep_bars
 from pipeline.evaluate.metrics import test_row, validation_row
 from pipeline.model.export import Predictor
+from pipeline.track.sender import MetricSender
 
 DEFAULT_URI = "sqlite:///mlruns.db"
 # while training, a request to the server gives up after about a minute, not 8 (MLflow's
 # defaults: 7 retries, backoff factor 2, 120 s timeout); the environment's own values win
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
-RETRY_S = 30.0  # while the server is away, try it again this often
 FLUSH_S = 30.0  # at the end of training, wait at most this long for unsent metrics
 PIP_REQUIREMENTS = ["torch", "numpy", "pydantic>=2", "pyyaml", "scipy", "zarr>=3", "mlflow"]
 
@@ -122,99 +119,6 @@ class ForecastPyfunc(mlflow.pyfunc.PythonModel):
         return self.predictor.predict(model_input["x"], model_input["origin_time"])
 
 
-class MetricSender:
-    """Sends metric batches of one MLflow run from a daemon thread; :meth:`put` never blocks.
-
-    A batch the server does not take is kept, appended to ``unsent`` (JSON lines, so that a
-    killed process loses nothing), and sent again, in order, every ``RETRY_S`` until the
-    server answers; then ``unsent`` is emptied. The first failure prints one warning, the
-    recovery one line."""
-
-    def __init__(self, client: MlflowClient, run_id: str, unsent: Path, uri: str) -> None:
-        self.client, self.run_id, self.unsent, self.uri = client, run_id, unsent, uri
-        self.pending: list[dict] = []  # batches not yet taken by the server, oldest first
-        if unsent.is_file():  # left by an earlier process of this run
-            self.pending = [json.loads(line) for line in unsent.read_text().splitlines() if line]
-        self.offline_since: int | None = None
-        self.cond = threading.Condition()
-        self.closed = False
-        self.thread = threading.Thread(target=self._run, name="mlflow-sender", daemon=True)
-        self.thread.start()
-
-    def put(self, step: int, metrics: dict[str, float]) -> None:
-        batch = {"step": step, "time_ms": int(time.time() * 1000), "metrics": metrics}
-        with self.cond:
-            self.pending.append(batch)
-            if self.offline_since is not None:
-                self._append_unsent([batch])
-            self.cond.notify()
-
-    def flush(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for every batch to be sent; True when all were."""
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            self.cond.notify()
-            while self.pending and time.monotonic() < deadline:
-                self.cond.wait(min(1.0, max(deadline - time.monotonic(), 0.0)))
-            return not self.pending
-
-    def close(self) -> None:
-        """Stop sending; what is still pending is left in ``unsent`` for a later run."""
-        with self.cond:
-            if self.pending and self.offline_since is None:  # not written there yet
-                self._append_unsent(self.pending)
-            self.closed = True
-            self.cond.notify()
-
-    def _append_unsent(self, batches: list[dict]) -> None:
-        with open(self.unsent, "a") as f:
-            f.writelines(json.dumps(b) + "\n" for b in batches)
-
-    def _send(self, batch: dict) -> None:
-        metrics = [
-            Metric(key, float(value), batch["time_ms"], batch["step"])
-            for key, value in batch["metrics"].items()
-        ]
-        self.client.log_batch(self.run_id, metrics=metrics, synchronous=True)
-
-    def _run(self) -> None:
-        while True:
-            with self.cond:
-                while not self.pending and not self.closed:
-                    self.cond.wait()
-                if self.closed:
-                    return
-                batch = self.pending[0]
-            try:
-                self._send(batch)
-            except Exception as exc:  # noqa: BLE001 - any failure of the server: keep the batch
-                with self.cond:
-                    if self.closed:
-                        return
-                    if self.offline_since is None:
-                        self.offline_since = batch["step"]
-                        self._append_unsent(self.pending)
-                        print(
-                            f"warning: MLflow at {self.uri} did not take the metrics of step "
-                            f"{batch['step']} ({type(exc).__name__}); training goes on, and "
-                            f"they wait in {self.unsent} to be sent when it answers",
-                            file=sys.stderr,
-                            flush=True,
-                        )
-                    self.cond.wait(RETRY_S)
-                continue
-            with self.cond:
-                if self.closed:  # close() has left this batch in ``unsent``: a later run sends it
-                    return
-                self.pending.pop(0)
-                if not self.pending:
-                    if self.offline_since is not None:
-                        print(f"MLflow at {self.uri} answers again: metrics sent", flush=True)
-                        self.offline_since = None
-                    self.unsent.unlink(missing_ok=True)
-                    self.cond.notify_all()
-
-
 class Tracker:
     """One MLflow run of a training job (no-op when inactive)."""
 
@@ -256,7 +160,16 @@ class Tracker:
             (self.run_dir / "mlflow_unsent.jsonl").unlink(missing_ok=True)
             self._new_run(client, store)
             self.id_file.write_text(self.run_id)
-        self.sender = MetricSender(client, self.run_id, self.run_dir / "mlflow_unsent.jsonl", uri)
+        run_id = self.run_id
+
+        def send(batch: dict) -> None:
+            metrics = [
+                Metric(key, float(value), batch["time_ms"], batch["step"])
+                for key, value in batch["metrics"].items()
+            ]
+            client.log_batch(run_id, metrics=metrics, synchronous=True)
+
+        self.sender = MetricSender(send, self.run_dir / "mlflow_unsent.jsonl", f"MLflow at {uri}")
 
     def _previous_run(self, client: MlflowClient):
         if not self.id_file.is_file():

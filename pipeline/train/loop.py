@@ -15,14 +15,10 @@ Host-device synchronisation points of the loop are marked ``# sync``.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import math
-import os
-import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,10 +28,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.config import Config, ConfigError, flatten
+from pipeline.config import Config, ConfigError
 from pipeline.data.geometry import positions_km
 from pipeline.data.store import Store, open_store
-from pipeline.data.stream import WindowStream, window_origins
+from pipeline.data.stream import WindowStream
 from pipeline.evaluate.metrics import (
     BaselineSpread,
     ComparisonAccumulator,
@@ -48,23 +44,10 @@ from pipeline.model.export import export_model
 from pipeline.model.forecaster import build_model
 from pipeline.model.losses import LOSSES
 from pipeline.train import checkpoint, engine
+from pipeline.train.guards import check_fits, pins, run_lock
 from pipeline.train.optimizer import optimizer
 
 Reporter = Callable[[int, dict], None]  # (step, validation metrics) -> None (Ray Tune hook)
-# the keys a checkpoint's weights and windows depend on: resuming with another value is refused
-PINNED_KEYS = (
-    "model.d_model",
-    "model.heads",
-    "model.layers",
-    "model.mlp_ratio",
-    "model.kernel",
-    "model.anisotropy",
-    "model.qk_residual",
-    "model.node_embedding",
-    "data.time_in",
-    "data.horizon",
-    "data.holdout_sensors",
-)
 
 
 class Tracker(Protocol):
@@ -228,62 +211,6 @@ def setup(cfg: Config, ctx: engine.Context, tracker: Tracker | None = None) -> R
     return Run(
         cfg, ctx, store, run_dir, model, eng, engine.engine_dtype(eng), tracker, state, resumed
     )
-
-
-def check_fits(cfg: Config, store: Store) -> None:
-    """The config's constraints on the store, checked before any work: every split holds a
-    window, and the knn backend's ``model.knn`` is within the stored neighbours."""
-    for split in ("train", "val", "test"):
-        start, stop = store.split(split)
-        if len(window_origins(start, stop, cfg.data.time_in, cfg.data.horizon)) == 0:
-            raise ConfigError(
-                f"data.horizon = {cfg.data.horizon} with data.time_in = {cfg.data.time_in}: "
-                f"the {split} split of {store.path} ({stop - start} steps) holds no window; "
-                "shorten them, or give the split more time (data.train_fraction, "
-                "data.val_fraction)"
-            )
-    stored = store["neighbours"].shape[1]
-    if cfg.model.backend == "knn" and cfg.model.knn > stored:
-        raise ConfigError(
-            f"model.knn = {cfg.model.knn} exceeds the {stored} neighbours stored in "
-            f"{store.path} (data.neighbours, at most the number of sensors): lower model.knn"
-        )
-
-
-def pins(cfg: Config, store: Store) -> dict[str, str]:
-    """What a checkpoint must agree with to be resumed: the store's content (fingerprint) and
-    the values of ``PINNED_KEYS``."""
-    flat = flatten(cfg)
-    return {"data.store": store.fingerprint(), **{k: json.dumps(flat[k]) for k in PINNED_KEYS}}
-
-
-@contextlib.contextmanager
-def run_lock(run_dir: Path, hold: bool) -> Iterator[None]:
-    """With ``hold`` (rank 0), an exclusive lock on ``run_dir`` for the block: two runs of one
-    name would interleave their checkpoints."""
-    if not hold:
-        yield
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(run_dir / ".lock", "a+")  # noqa: SIM115 - closed below, or on an error
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise ConfigError(
-            f"run directory {run_dir} is in use by {holder}: two runs of one name would mix "
-            "their checkpoints; wait for it to end, or give this run another name="
-        ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
-    handle.flush()
-    try:
-        yield
-    finally:
-        handle.close()  # releases the lock
 
 
 def _check_store(run: Run) -> None:
