@@ -72,7 +72,7 @@ def run_dataset(name: str, models: list[str], seeds: list[int], steps: int, out:
     runs: dict[str, list[Path]] = {}
     for model in models:
         for seed in seeds:
-            run = f"{name}-{model}-s{seed}"
+            run = f"{name}-{model}-{steps}-s{seed}"
             if not (out / run / "metrics.json").exists():
                 sh(
                     [
@@ -93,7 +93,7 @@ def run_dataset(name: str, models: list[str], seeds: list[int], steps: int, out:
                 )
             runs.setdefault(model, []).append(out / run)
             bar.update(1)
-    return summarise(name, runs)
+    return {**summarise(name, runs), "steps": steps, "seeds": seeds}
 
 
 def summarise(name: str, runs: dict[str, list[Path]]) -> dict:
@@ -132,6 +132,24 @@ def pm(stat: list[float]) -> str:
     return f"{stat[0]:.3f} +- {stat[1]:.3f}"
 
 
+def verdicts(result: dict) -> dict[str, str]:
+    """Per reporting horizon: ours against the best peer by mean MAE over seeds; a difference
+    within one standard error (of the difference of two means over seeds) is a tie."""
+    rows, out = result["rows"], {}
+    peers = [m for m in rows if m not in ("ours", "none") and "mae" in rows[m]]
+    if not peers:
+        return out
+    for h in result["horizons"]:
+        best = min(peers, key=lambda m: rows[m]["mae"][h][0])
+        (a, sa), (b, sb) = rows["ours"]["mae"][h], rows[best]["mae"][h]
+        n = rows["ours"]["seeds"]
+        se = float(np.sqrt((sa**2 + sb**2) / n))
+        word = "tie" if abs(a - b) <= se else ("ours lower" if a < b else f"{best} lower")
+        gap = f"{(a - b) / b:+.1%}, SE {se:.3f}"
+        out[h] = f"ours {a:.3f} vs best peer {best} {b:.3f} ({gap}): {word}"
+    return out
+
+
 def table(result: dict) -> str:
     hs = list(result["horizons"])
     head = ["model", *(f"MAE {h}" for h in hs), "MAE all", "CRPS all", "params", "s/step"]
@@ -145,6 +163,9 @@ def table(result: dict) -> str:
         cells += [f"{r['parameters']:,}" if "parameters" in r else "-"]
         cells += [f"{r['train_s_per_step'][0]:.3f}" if "train_s_per_step" in r else "-"]
         lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for h, verdict in verdicts(result).items():
+        lines.append(f"{h}: {verdict}")
     lines.append("")
     for model, t in result["dm_ours_vs"].items():
         lines.append(
@@ -168,7 +189,7 @@ def plot(results: list[dict], path: Path) -> None:
             mean = [r["mae"][h][0] for h in hs]
             sd = [r["mae"][h][1] for h in hs]
             ax.errorbar(hs, mean, yerr=sd, marker="o", capsize=3, label=model)
-        ax.set_title(result["dataset"])
+        ax.set_title(f"{result['dataset']}, {result['steps']} steps per model")
         ax.set_xlabel("horizon")
         ax.set_ylabel("test MAE (mean +- sd over seeds)")
         ax.legend(fontsize=8)
@@ -199,7 +220,11 @@ def main() -> None:
     t0, results, kept = time.perf_counter(), [], []
     if args.keep and args.json and Path(args.json).exists():
         previous = json.loads(Path(args.json).read_text())
-        kept = [r for r in previous if r["dataset"] not in args.datasets]
+        kept = [
+            r
+            for r in previous
+            if r["dataset"] not in args.datasets or r["steps"] != args.steps  # another budget
+        ]
     total = len(args.datasets) * len(args.models) * len(args.seeds)
     with tqdm(total=total, desc="runs") as bar:
         for name in args.datasets:
@@ -210,7 +235,7 @@ def main() -> None:
                 Path(args.json).write_text(json.dumps(kept + results, indent=1))
     results = kept + results
     for result in results:
-        print(f"\n## {result['dataset']}\n")
+        print(f"\n## {result['dataset']}, {result['steps']} steps\n")
         print(table(result))
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     if args.plot:
