@@ -43,11 +43,13 @@ from pipeline.evaluate.report import dm_text  # noqa: E402
 MODELS = {
     "ours": [],
     "none": ["model.kernel=none"],
+    "ours_emb": ["model.node_embedding=true"],  # ours with an embedding per sensor, as STID's
     "stid": ["model.peer=stid", "train.loss=mae"],
     "graph_wavenet": ["model.peer=graph_wavenet", "train.loss=mae"],
     "dcrnn": ["model.peer=dcrnn", "train.loss=mae"],
     "agcrn": ["model.peer=agcrn", "train.loss=mae"],
 }
+PEERS = ("stid", "graph_wavenet", "dcrnn", "agcrn")
 # reporting horizons in steps of each data set: Los-loop (5 min) 15/30/60 min, AQI-36 (1 h) 1/3/6 h
 HORIZONS = {
     "los_loop": {"15 min": 3, "30 min": 6, "60 min": 12},
@@ -136,7 +138,7 @@ def verdicts(result: dict) -> dict[str, str]:
     """Per reporting horizon: ours against the best peer by mean MAE over seeds; a difference
     within one standard error (of the difference of two means over seeds) is a tie."""
     rows, out = result["rows"], {}
-    peers = [m for m in rows if m not in ("ours", "none") and "mae" in rows[m]]
+    peers = [m for m in rows if m in PEERS and "mae" in rows[m]]
     if not peers:
         return out
     for h in result["horizons"]:

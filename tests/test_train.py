@@ -352,6 +352,20 @@ def test_constraints_between_config_and_store_are_checked_before_any_work(
     finish(launch(tiny(synthetic_store, tmp_path, "dense", 2, dense), procs=1))
 
 
+def test_a_model_with_sensor_embeddings_trains_and_forecasts(synthetic_store, tmp_path):
+    """model.node_embedding: each sensor's embedding is looked up by its store index, in the
+    training job and in the exported model."""
+    from pipeline.data.store import open_store
+    from pipeline.model.export import Predictor
+
+    args = tiny(synthetic_store, tmp_path, "emb", 2, ["model.node_embedding=true"])
+    finish(launch(args, procs=1))
+    store = open_store(synthetic_store)
+    x = store["values"][100:106][None].astype(np.float32)  # [1, 6, 300, 1]
+    out = Predictor(tmp_path / "emb" / "model").predict(x, store["time"][106:107])
+    assert np.isfinite(out["mean"]).all()
+
+
 def test_zero_stage_checkpoint_refuses_another_world_size(synthetic_store, tmp_path):
     args = tiny(synthetic_store, tmp_path, "z1", 4, ["train.zero_stage=1"])
     finish(launch(args))

@@ -150,6 +150,7 @@ class Predictor:
                     cal,
                     self.pos[nodes].to(self.device),
                     torch.from_numpy(tile.neighbours).to(self.device),
+                    torch.from_numpy(nodes).to(self.device),  # model.node_embedding
                 )
                 mean[:, :, nodes[keep]] = m[:, :, torch.from_numpy(keep)].float().cpu().numpy()
                 std[:, :, nodes[keep]] = s[:, :, torch.from_numpy(keep)].float().cpu().numpy()

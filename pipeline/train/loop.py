@@ -101,7 +101,12 @@ def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
 def _forward(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """mean, std (float32, normalised units) and the loss mask (observed targets only)."""
     mean, std = engine(
-        batch["x"], batch["x_mask"], batch["calendar"], batch["pos"], batch["neighbours"]
+        batch["x"],
+        batch["x_mask"],
+        batch["calendar"],
+        batch["pos"],
+        batch["neighbours"],
+        batch["nodes"],  # the sensors' store indices (model.node_embedding)
     )
     mask = batch["y_mask"] & batch["target"][None, None, :, None]
     return mean.float(), std.float(), mask
