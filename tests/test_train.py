@@ -329,8 +329,8 @@ def test_a_run_on_one_machine_listens_on_loopback_only(synthetic_store, tmp_path
     """No port of a one-machine run (rendezvous, gloo) is open beyond 127.0.0.1 (torch's
     TCPStore alone would listen on every interface: `*:PORT`)."""
     proc = launch(tiny(synthetic_store, tmp_path, "local", 12), procs=procs)
-    seen = listeners(proc)
-    finish(proc)
+    seen, out = listeners(proc)
+    assert proc.returncode == 0, out[-4000:]
     assert seen, "no listening socket of the run was seen (is `ss -ltnp` working?)"
     assert all(addr.startswith(("127.0.0.1:", "[::1]:")) for addr in seen), seen
 

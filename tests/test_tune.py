@@ -78,13 +78,12 @@ def local_sweep(synthetic_store, tmp_path_factory):
         cwd=ROOT,
         env=child_env(),
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
     )
-    seen = listeners(proc, every=0.5)
-    stdout, stderr = proc.communicate(timeout=900)
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-5000:]
-    return out, stdout, seen
+    seen, output = listeners(proc, every=0.5)
+    assert proc.returncode == 0, output[-8000:]
+    return out, output, seen
 
 
 def test_a_local_sweep_listens_on_loopback_only(local_sweep):

@@ -5,6 +5,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -66,11 +67,17 @@ def run_train(args: list[str], timeout: float = 600) -> subprocess.CompletedProc
     )
 
 
-def listeners(proc: subprocess.Popen, every: float = 0.2) -> set[str]:
+def listeners(proc: subprocess.Popen, every: float = 0.2) -> tuple[set[str], str]:
     """The local addresses (``ip:port``) on which ``proc`` or any process below it listened
-    for TCP while it ran, sampled with ``ss -ltnp`` until it ends."""
+    for TCP while it ran, sampled with ``ss -ltnp`` until it ends; and its output (its pipes
+    are drained meanwhile, so that a talkative process never blocks on a full pipe)."""
     import psutil
 
+    chunks: list[str] = []
+    pipes = [p for p in (proc.stdout, proc.stderr) if p is not None]
+    readers = [threading.Thread(target=lambda p=p: chunks.append(p.read())) for p in pipes]
+    for reader in readers:
+        reader.start()
     seen: set[str] = set()
     while proc.poll() is None:
         try:
@@ -84,4 +91,7 @@ def listeners(proc: subprocess.Popen, every: float = 0.2) -> set[str]:
             if pids & tree:
                 seen.add(fields[3])
         time.sleep(every)
-    return seen
+    proc.wait()
+    for reader in readers:
+        reader.join()
+    return seen, "".join(chunks)
