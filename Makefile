@@ -42,7 +42,10 @@ bench-limit: setup
 # (about 17 min on 2 cores the first time; pip caches the wheels)
 bench-peers: setup
 	$(BIN)/pip install -q --no-build-isolation -c constraints.txt -e ".[peers]"
-	$(BIN)/python benchmarks/peers.py --json docs/peers.json --plot docs/peers.png
+	$(BIN)/python benchmarks/peers.py --datasets los_loop --steps 400 --json docs/peers.json \
+		--models ours none ours_no_profile none_no_profile ours_emb stid
+	$(BIN)/python benchmarks/peers.py --datasets aqi36 --steps 400 --json docs/peers.json --keep \
+		--models ours none ours_no_profile none_no_profile stid dcrnn agcrn --plot docs/peers.png
 
 demo: setup
 	$(BIN)/python launch/demo.py

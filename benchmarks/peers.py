@@ -9,7 +9,9 @@ job (``launch/train.py``, one process, tracking off) with the same budget of opt
 --no-build-isolation -e ".[peers]"``). Every model reads the same windows of the same store and
 is scored by the same code: MAE, RMSE, MAPE and CRPS per horizon step (a point forecast's CRPS
 is its MAE), parameters, training time per step and inference time per window. The last value
-and train mean baselines come from the same runs' metrics.
+and train mean baselines come from the same runs' metrics; the historical average (each
+sensor's train-split mean at the target's time of day) is computed here from the store, on
+the same test windows and observed cells.
 
 Reported per data set: mean +- sd over seeds at the reporting horizons, and Diebold-Mariano
 tests (HLN) of ours against each other model on the per-window MAE and CRPS of the common test
@@ -37,17 +39,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.config import load_config  # noqa: E402
+from pipeline.data.store import open_store  # noqa: E402
+from pipeline.data.timefeatures import DAY_NS  # noqa: E402
 from pipeline.evaluate.compare import compare_runs, load_run  # noqa: E402
+from pipeline.evaluate.metrics import diebold_mariano  # noqa: E402
 from pipeline.evaluate.report import dm_text  # noqa: E402
 
+FLAT = "model.daily_profile=false"
 MODELS = {
-    "ours": [],
+    "ours": [],  # the config's model: with each sensor's daily profile
     "none": ["model.kernel=none"],
-    "ours_emb": ["model.node_embedding=true"],  # ours with an embedding per sensor, as STID's
-    "stid": ["model.peer=stid", "train.loss=mae"],
-    "graph_wavenet": ["model.peer=graph_wavenet", "train.loss=mae"],
-    "dcrnn": ["model.peer=dcrnn", "train.loss=mae"],
-    "agcrn": ["model.peer=agcrn", "train.loss=mae"],
+    "ours_no_profile": [FLAT],  # what the profile adds
+    "none_no_profile": ["model.kernel=none", FLAT],
+    "ours_emb": ["model.node_embedding=true", FLAT],  # an embedding per sensor, as STID's
+    "stid": ["model.peer=stid", "train.loss=mae", FLAT],
+    "graph_wavenet": ["model.peer=graph_wavenet", "train.loss=mae", FLAT],
+    "dcrnn": ["model.peer=dcrnn", "train.loss=mae", FLAT],
+    "agcrn": ["model.peer=agcrn", "train.loss=mae", FLAT],
 }
 PEERS = ("stid", "graph_wavenet", "dcrnn", "agcrn")
 # reporting horizons in steps of each data set: Los-loop (5 min) 15/30/60 min, AQI-36 (1 h) 1/3/6 h
@@ -98,6 +106,34 @@ def run_dataset(name: str, models: list[str], seeds: list[int], steps: int, out:
     return {**summarise(name, runs), "steps": steps, "seeds": seeds}
 
 
+def historical_average(store_path: Path, origins: np.ndarray, horizon: int) -> dict:
+    """Each sensor's train-split mean at the time of day of each target (its train mean where
+    that slot was never observed), scored on the test windows at ``origins`` (targets
+    origin .. origin + horizon - 1, observed cells only): per horizon step MAE [horizon] and
+    per window MAE [windows] with its observed cells."""
+    st = open_store(store_path)
+    values, mask, time = st["values"][:], st["mask"][:], st["time"][:]  # [T, N, F], [T]
+    step = int(time[1] - time[0])
+    slot = (time % DAY_NS) // step  # [T] time-of-day slot
+    slots = max(DAY_NS // step, 1)
+    start, stop = st.split("train")
+    total = np.zeros((slots, *values.shape[1:]))  # [slot, N, F]
+    count = np.zeros_like(total)
+    seen = mask[start:stop]
+    np.add.at(total, slot[start:stop], np.where(seen, values[start:stop], 0.0))
+    np.add.at(count, slot[start:stop], seen)
+    profile = np.where(count > 0, total / np.maximum(count, 1), st["mean"][:][None])
+    targets = origins[:, None] + np.arange(horizon)  # [O, horizon] time indices
+    y, m = np.nan_to_num(values[targets]), mask[targets]  # [O, horizon, N, F]
+    err = np.abs(y - profile[slot[targets]]) * m
+    return {
+        "per_step": err.sum((0, 2, 3)) / m.sum((0, 2, 3)).clip(min=1),
+        "per_window": err.sum((1, 2, 3)) / m.sum((1, 2, 3)).clip(min=1),
+        "count": m.sum((1, 2, 3)),
+        "mae_all": float(err.sum() / max(m.sum(), 1)),
+    }
+
+
 def summarise(name: str, runs: dict[str, list[Path]]) -> dict:
     horizons = HORIZONS[name]
     rows = {}
@@ -126,6 +162,23 @@ def summarise(name: str, runs: dict[str, list[Path]]) -> dict:
         rows[kind] = {"mae_all": [base["mae"], 0.0], "crps_all": [base["crps"], 0.0]}
     tests = {
         model: compare_runs(runs["ours"], dirs) for model, dirs in runs.items() if model != "ours"
+    }
+    ours = [load_run(d) for d in runs["ours"]]
+    metrics, windows = ours[0]
+    horizon = len(metrics["test"]["horizon_steps"])
+    ha = historical_average(ROOT / metrics["store"]["path"], windows["origin"], horizon)
+    mae = {h: [float(ha["per_step"][s - 1]), 0.0] for h, s in horizons.items()}
+    rows["historical_average"] = {
+        "mae": mae,
+        "crps": mae,
+        "mae_all": [ha["mae_all"], 0.0],
+        "crps_all": [ha["mae_all"], 0.0],
+    }
+    ours_mae = np.mean([w["mae"] for _, w in ours], axis=0)  # same origins in every run
+    ours_crps = np.mean([w["crps"] for _, w in ours], axis=0)
+    tests["historical_average"] = {
+        loss: {"dm": diebold_mariano(o - ha["per_window"], horizon)}
+        for loss, o in (("mae", ours_mae), ("crps", ours_crps))
     }
     return {"dataset": name, "horizons": horizons, "rows": rows, "dm_ours_vs": tests}
 

@@ -253,6 +253,14 @@ class ModelConfig(_Section):
     """``block`` backend: sensors per block (a multiple of 16; on CUDA a multiple of 128)."""
     key_blocks: int = Field(8, ge=1)
     """``block`` backend: key blocks each query block attends to (nearest centroids first)."""
+    calendar: bool = True
+    """Give the model the time of day and day of week of each window. Turn it off for data
+    without daily or weekly cycles (the synthetic fields): there the clock only identifies
+    the training period, which the model then memorises (docs/limit.md)."""
+    daily_profile: bool = False
+    """Give the model each sensor's train mean at the time of day of every forecast step (its
+    daily profile, pipeline/data/profile.py): the daily cycle of each sensor without a
+    parameter per sensor. Needs a time step that divides a day (docs/peers.md)."""
     node_embedding: bool = False
     """Learn an embedding per sensor (ties the model to the sensors it was trained on)."""
     peer: Literal["graph_wavenet", "dcrnn", "agcrn", "stid"] | None = None
@@ -266,6 +274,8 @@ class ModelConfig(_Section):
             raise ValueError(f"d_model={self.d_model} must be divisible by heads={self.heads}")
         if self.block_size % 16:
             raise ValueError(f"block_size={self.block_size} must be a multiple of 16")
+        if self.peer is not None and self.daily_profile:
+            raise ValueError(f"the peer {self.peer} does not read model.daily_profile: set false")
         return self
 
 

@@ -1,7 +1,10 @@
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
+from pipeline.config import ConfigError
+from pipeline.data.profile import daily_profile, step_ns
 from pipeline.data.store import open_store
 from pipeline.data.stream import WindowStream, make_tiles
 
@@ -70,6 +73,37 @@ def test_windows_are_normalised_store_values(synthetic_store):
     np.testing.assert_allclose(batch["y"][0].numpy(), norm[6:], rtol=1e-5, atol=1e-5)
     train_stop = store.split("train")[1]
     assert batch["origins"].max() + 3 <= train_stop  # windows stay inside the split
+
+
+def test_daily_profile_is_the_train_mean_by_time_of_day(synthetic_store):
+    """model.daily_profile: each sensor's train mean per 5-minute slot of the day (pandas'
+    groupby on the store's train split), read a chunk of sensors at a time; each batch carries
+    the level of every target's time of day."""
+    store = open_store(synthetic_store)
+    levels = daily_profile(store)
+    assert levels.shape == (288, 300, 1)
+    np.testing.assert_array_equal(daily_profile(store, chunk=7), levels)
+    start, stop = store.split("train")
+    time = pd.to_datetime(store["time"][start:stop])
+    for j in (0, 123, 299):
+        series = pd.Series(store["values"][start:stop, j, 0], index=time)
+        series = series[store["mask"][start:stop, j, 0]]
+        want = series.groupby(series.index.hour * 12 + series.index.minute // 5).mean()
+        got = levels[want.index.to_numpy(), j, 0] * store["std"][j, 0] + store["mean"][j, 0]
+        np.testing.assert_allclose(got, want.to_numpy(), rtol=1e-4, atol=1e-4)
+    batch = next(iter(stream(synthetic_store, daily_profile=True, tile_size=100)))
+    nodes, origins = batch["nodes"].numpy(), batch["origins"].numpy()
+    for b, o in enumerate(origins):
+        at = pd.to_datetime(store["time"][o : o + 3])  # the 3 targets of the window
+        want = levels[at.hour * 12 + at.minute // 5][:, nodes]  # [horizon, n, F]
+        np.testing.assert_array_equal(batch["profile"][b].numpy(), want)
+
+
+def test_daily_profile_needs_a_step_that_divides_a_day():
+    assert step_ns("5min", "here") == 300 * 10**9
+    for freq in ("7h", "MS", "W", "2D"):
+        with pytest.raises(ConfigError, match="divides a day"):
+            step_ns(freq, "store x")
 
 
 @pytest.mark.parametrize("hops", [1, 2, 3])

@@ -16,6 +16,7 @@ from tiny import overrides, run_train
 
 from pipeline.config import ConfigError
 from pipeline.data.preprocess import preprocess
+from pipeline.data.profile import daily_profile
 from pipeline.data.store import open_store
 from pipeline.data.stream import WindowStream, holdout_nodes
 
@@ -80,6 +81,21 @@ def test_held_out_sensors_never_reach_a_training_or_validation_batch(poisoned_st
         seen_nodes.update(batch["nodes"][hidden].tolist())
     # they are in the tiles (as positions their neighbours can see), only without values
     assert len(seen_nodes) == len(HELD)
+
+
+def test_held_out_sensors_daily_profile_comes_from_their_neighbours(poisoned_store):
+    """model.daily_profile: a held-out sensor's profile is its seen neighbours' average, not
+    its own train history (which the model must never see)."""
+    store = open_store(poisoned_store)
+    stream = _stream(poisoned_store, "train", daily_profile=True)
+    levels, _ = stream.profile
+    own = daily_profile(store)
+    nb = store["neighbours"][:]
+    for j in np.flatnonzero(stream.hidden):
+        seen = [i for i in nb[j, 1:] if not stream.hidden[i]]
+        np.testing.assert_allclose(levels[:, j], own[:, seen].mean(1), rtol=1e-5, atol=1e-6)
+        assert not np.allclose(levels[:, j], own[:, j], atol=1e-3)
+    np.testing.assert_array_equal(levels[:, ~stream.hidden], own[:, ~stream.hidden])
 
 
 def test_held_out_sensors_are_test_targets_without_history(poisoned_store):

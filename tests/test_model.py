@@ -67,6 +67,34 @@ def test_missing_inputs_do_not_leak():
     torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("calendar", [True, False])
+def test_calendar_switch(calendar):
+    """model.calendar=false: the forecast ignores the clock and the model has no calendar
+    weights; true: it reads it."""
+    cfg = load_config(None, ["model.d_model=16", f"model.calendar={str(calendar).lower()}"])
+    model = Forecaster(cfg.model, time_in=6, horizon=3, features=2)
+    x, mask, cal, pos, nb, _ = _inputs()
+    a = model(x, mask, cal, pos, nb)[0]
+    b = model(x, mask, -cal, pos, nb)[0]
+    assert torch.equal(a, b) is not calendar
+    assert any(k.startswith("calendar.") for k in model.state_dict()) is calendar
+
+
+def test_daily_profile_input():
+    """model.daily_profile: the forecast reads the profile levels [B, horizon, N, F], and a
+    model that needs them refuses to run without."""
+    cfg = load_config(None, ["model.d_model=16", "model.daily_profile=true"])
+    model = Forecaster(cfg.model, time_in=6, horizon=3, features=2)
+    x, mask, cal, pos, nb, _ = _inputs()
+    levels = torch.randn(2, 3, 30, 2)
+    a = model(x, mask, cal, pos, nb, None, levels)[0]
+    assert not torch.equal(a, model(x, mask, cal, pos, nb, None, levels + 1)[0])
+    with pytest.raises(ValueError, match="needs the profile"):
+        model(x, mask, cal, pos, nb)
+    with pytest.raises(ValueError, match="does not read model.daily_profile"):
+        load_config(None, ["model.daily_profile=true", "model.peer=stid"])
+
+
 def test_crps_matches_scoringrules_and_nll_matches_scipy():
     rng = np.random.default_rng(0)
     mu, sigma, y = rng.normal(size=200), rng.uniform(0.1, 3, 200), rng.normal(size=200) * 2

@@ -366,6 +366,22 @@ def test_a_model_with_sensor_embeddings_trains_and_forecasts(synthetic_store, tm
     assert np.isfinite(out["mean"]).all()
 
 
+def test_a_model_with_daily_profiles_trains_and_forecasts(synthetic_store, tmp_path):
+    """model.daily_profile in the training job and the exported model: the forecast at one
+    input window depends on the time of day it is made for."""
+    from pipeline.data.store import open_store
+    from pipeline.model.export import Predictor
+
+    args = tiny(synthetic_store, tmp_path, "profile", 2, ["model.daily_profile=true"])
+    finish(launch(args, procs=1))
+    store = open_store(synthetic_store)
+    x = store["values"][100:106][None].astype(np.float32)  # [1, 6, 300, 1]
+    predictor = Predictor(tmp_path / "profile" / "model")
+    morning = predictor.predict(x, store["time"][106:107])["mean"]
+    evening = predictor.predict(x, store["time"][106:107] + 12 * 3600 * 10**9)["mean"]
+    assert np.isfinite(morning).all() and not np.allclose(morning, evening)
+
+
 def test_zero_stage_checkpoint_refuses_another_world_size(synthetic_store, tmp_path):
     args = tiny(synthetic_store, tmp_path, "z1", 4, ["train.zero_stage=1"])
     finish(launch(args))
@@ -403,6 +419,43 @@ def test_an_empty_validation_split_is_an_error_not_a_perfect_score(scheduler, tm
     assert proc.returncode != 0
     assert "the val split of" in out and "has no observed target" in out
     assert "Traceback" not in out, out[-2000:]
+
+
+def test_several_features_are_scored_each_on_its_own_and_pooled(scheduler, tmp_path):
+    """Two features in different units (speed 60 +- 5, flow 1000 +- 500): metrics.json and the
+    summary give each its own metrics, whose observed cells add up to the pooled ones."""
+    from cases import IDS, run, write_case
+
+    t = pd.date_range("2024-01-01", periods=120, freq="1h")
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(
+        [(s, ts, rng.normal(60, 5), rng.normal(1000, 500)) for ts in t for s in IDS],
+        columns=["sensor_id", "time", "speed", "flow"],
+    ).drop(index=[7, 30, 31])  # a few missing observations
+    frame.to_csv(tmp_path / "long.csv", index=False)
+    case = [o for o in write_case(tmp_path) if "time_column" not in o and "source.path" not in o]
+    store = run(
+        scheduler,
+        case
+        + [
+            "data.source.kind=long_csv",
+            f"data.source.path={tmp_path / 'long.csv'}",
+            "data.source.value_columns=[speed, flow]",
+        ],
+    )
+    args = tiny(store, tmp_path, "two", 4, ["data.time_in=4", "data.horizon=2", "model.knn=3"])
+    proc = launch(args, procs=1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    test = json.loads((tmp_path / "two" / "metrics.json").read_text())["test"]
+    speed, flow = test["per_feature"]["speed"], test["per_feature"]["flow"]
+    assert speed["count"] + flow["count"] == test["count"] and speed["count"] > 0
+    assert speed["mean"]["mae"] < 20 < 200 < flow["mean"]["mae"]  # each in its own units
+    pooled = (speed["mean"]["mae"] * speed["count"] + flow["mean"]["mae"] * flow["count"]) / (
+        test["count"]
+    )
+    assert pooled == pytest.approx(test["mean"]["mae"], rel=1e-9)
+    assert "feature speed: MAE" in out and "feature flow: MAE" in out
 
 
 def test_runs_in_one_process_each_own_their_process_group(synthetic_store, tmp_path):

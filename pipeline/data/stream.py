@@ -37,6 +37,8 @@ import torch
 
 from pipeline.config import ConfigError
 from pipeline.data.geometry import positions_km
+from pipeline.data.profile import daily_profile as daily_profile_of
+from pipeline.data.profile import slots, step_ns
 from pipeline.data.store import Store, open_store
 from pipeline.data.timefeatures import calendar_features
 
@@ -51,22 +53,30 @@ def cut_windows(
     std: np.ndarray,
     time_in: int,
     horizon: int,
+    profile: tuple[np.ndarray, int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Windows at ``origins`` from a span of rows starting at time step ``lo``.
 
-    values/mask [span, n, F] (rows lo..), time [T] (whole axis), mean/std [n, F].
+    values/mask [span, n, F] (rows lo..), time [T] (whole axis), mean/std [n, F];
+    ``profile``: the daily profile [slot, n, F] and its step in ns (pipeline/data/profile.py),
+    given to the model at each forecast step's time of day (``profile`` [B, horizon, n, F]).
     """
     norm = np.where(mask, (values - mean) / std, 0.0).astype(np.float32)
     rel = origins - lo
     x_idx = rel[:, None] + np.arange(-time_in, 0)  # [B, time_in]
     y_idx = rel[:, None] + np.arange(horizon)  # [B, horizon]
-    return {
+    batch = {
         "x": torch.from_numpy(norm[x_idx]),  # [B, time_in, n, F]
         "x_mask": torch.from_numpy(mask[x_idx]),
         "y": torch.from_numpy(norm[y_idx]),  # [B, horizon, n, F]
         "y_mask": torch.from_numpy(mask[y_idx]),
         "calendar": torch.from_numpy(calendar_features(time[origins])),  # [B, 4]
     }
+    if profile is not None:
+        levels, step = profile
+        at = slots(time[origins[:, None] + np.arange(horizon)], step)  # [B, horizon]
+        batch["profile"] = torch.from_numpy(levels[at])  # [B, horizon, n, F]
+    return batch
 
 
 def holdout_nodes(sensor_ids: np.ndarray, spec: float | list[str] | None, where: str):
@@ -95,21 +105,26 @@ def holdout_nodes(sensor_ids: np.ndarray, spec: float | list[str] | None, where:
     return hidden
 
 
+def from_neighbours(a: np.ndarray, neighbours: np.ndarray, hidden: np.ndarray) -> np.ndarray:
+    """``a`` [N, ...] with each held-out sensor's row replaced by the average over its seen
+    stored neighbours (``neighbours`` [N, k], itself first; -1 none), or over every seen
+    sensor where none of its neighbours is seen."""
+    a = a.copy()
+    nb = neighbours[hidden][:, 1:]  # [h, k - 1]
+    seen = (nb >= 0) & ~hidden[nb.clip(min=0)]
+    weights = seen.reshape(*seen.shape, *([1] * (a.ndim - 1))).astype(np.float64)
+    count = weights.sum(1)  # [h, 1, ...]
+    local = (a[nb.clip(min=0)] * weights).sum(1) / count.clip(min=1)  # [h, ...]
+    a[hidden] = np.where(count > 0, local, a[~hidden].mean(0))
+    return a
+
+
 def unseen_statistics(
     mean: np.ndarray, std: np.ndarray, neighbours: np.ndarray, hidden: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """mean, std [N, F] with each held-out sensor's replaced by the average over its seen
-    stored neighbours (``neighbours`` [N, k], itself first; -1 none), or over every seen
-    sensor where none of its neighbours is seen."""
-    mean, std = mean.copy(), std.copy()
-    nb = neighbours[hidden][:, 1:]  # [h, k - 1]
-    seen = (nb >= 0) & ~hidden[nb.clip(min=0)]
-    weights = seen[..., None].astype(np.float64)  # [h, k - 1, 1]
-    count = weights.sum(1)  # [h, 1]
-    for a in (mean, std):
-        local = (a[nb.clip(min=0)] * weights).sum(1) / count.clip(min=1)  # [h, F]
-        a[hidden] = np.where(count > 0, local, a[~hidden].mean(0))
-    return mean, std
+    """mean, std [N, F] with the held-out sensors' taken from their seen neighbours
+    (:func:`from_neighbours`): their own would carry their history."""
+    return from_neighbours(mean, neighbours, hidden), from_neighbours(std, neighbours, hidden)
 
 
 def hide_sensors(batch: dict, hidden: np.ndarray, targets: bool) -> None:
@@ -247,7 +262,10 @@ class WindowStream(torch.utils.data.IterableDataset):
         shuffle: bool = True,
         holdout: float | list[str] | None = None,
         sensor_dropout: float = 0.0,
+        daily_profile: bool = False,
     ) -> None:
+        """``daily_profile``: batches carry each target's daily-profile level (``profile``,
+        pipeline/data/profile.py; model.daily_profile)."""
         super().__init__()
         st = store if isinstance(store, Store) else open_store(store)
         self.store, self.path, self.split, self.batch_size = st, st.path, split, batch_size
@@ -282,6 +300,15 @@ class WindowStream(torch.utils.data.IterableDataset):
             self.mean, self.std = unseen_statistics(
                 self.mean, self.std, st["neighbours"][:], self.hidden
             )
+        self.profile = None
+        if daily_profile:  # [slot, N, F]; held-out sensors' from their neighbours, as above
+            step = step_ns(st.attrs["freq"], f"store {st.path}")
+            levels = daily_profile_of(st)
+            if self.hidden is not None:
+                levels = from_neighbours(
+                    levels.transpose(1, 0, 2), st["neighbours"][:], self.hidden
+                ).transpose(1, 0, 2)  # via [N, slot, F]
+            self.profile = (np.ascontiguousarray(levels), step)
         self.tiles = make_tiles(st["neighbours"][:], k, tile_size, hops)
         pos, _ = positions_km(st["coords"][:], st.attrs["crs"])
         self.pos = pos.astype(np.float32)
@@ -339,6 +366,7 @@ class WindowStream(torch.utils.data.IterableDataset):
             self.std[tile.nodes],
             self.time_in,
             self.horizon,
+            None if self.profile is None else (self.profile[0][:, tile.nodes], self.profile[1]),
         )
         if self.sensor_dropout > 0:  # a pure function of (seed, step): resumable
             drop_inputs(batch, self.sensor_dropout, np.random.default_rng([self.seed, 7, step]))

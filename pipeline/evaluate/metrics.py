@@ -10,6 +10,7 @@ The accumulators hold sums in float64 tensors, so ranks merge by an all-reduce s
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import scipy.sparse
@@ -377,8 +378,8 @@ def validation_row(val: dict) -> dict:
 
 def test_row(test: dict) -> dict:
     """The flat view of the test metrics (tracking): pooled means (of seen and unseen sensors
-    too, with held-out sensors), PIT distance, baselines and their Diebold-Mariano tests,
-    Moran's I, and MAE / CRPS per horizon step."""
+    too, with held-out sensors; of each feature, with several), PIT distance, baselines and
+    their Diebold-Mariano tests, Moran's I, and MAE / CRPS per horizon step."""
     flat = {f"test_{k}": v for k, v in test["mean"].items()}
     flat["test_pit_uniform_distance"] = test["pit_uniform_distance"]
     for group in ("seen", "unseen"):  # data.holdout_sensors
@@ -386,6 +387,10 @@ def test_row(test: dict) -> dict:
             flat.update({f"test_{group}_{k}": v for k, v in test[group]["mean"].items()})
             if "ratio_to_oracle" in test[group]:
                 flat[f"test_{group}_ratio_to_oracle"] = test[group]["ratio_to_oracle"]
+    for name, f in test.get("per_feature", {}).items():  # MLflow keys: letters, _-. / only
+        key = re.sub(r"[^\w\-. /]", "_", name)
+        if f["count"]:
+            flat.update({f"test_feature_{key}_{k}": v for k, v in f["mean"].items()})
     for name, base in test.get("baselines", {}).items():
         flat[f"test_{name}_mae"] = base["mae"]
         flat[f"test_{name}_crps"] = base["crps"]

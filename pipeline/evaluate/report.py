@@ -44,6 +44,15 @@ def summary(metrics: dict, tracking_uri: str | None = None) -> str:
                 f"  {group} sensors ({g['sensors']}, {what}): MAE {g['mean']['mae']:.4f}, "
                 f"CRPS {g['mean']['crps']:.4f}{ratio}"
             )
+    for name, f in test.get("per_feature", {}).items():  # several features: each apart
+        if f["count"] == 0:
+            lines.append(f"  feature {name}: no observed target in the test split")
+            continue
+        fm = f["mean"]
+        lines.append(
+            f"  feature {name}: MAE {fm['mae']:.4f}, RMSE {fm['rmse']:.4f}, CRPS "
+            f"{fm['crps']:.4f}, cover90 {fm['coverage_90']:.3f} ({f['count']} targets)"
+        )
     for name, base in test.get("baselines", {}).items():
         lines.append(
             f"  vs {name} (MAE {base['mae']:.4f}, CRPS {base['crps']:.4f}): Diebold-Mariano on MAE "

@@ -21,6 +21,7 @@ from torch import nn
 
 from pipeline.config import Config, ModelConfig
 from pipeline.data.geometry import positions_km
+from pipeline.data.profile import daily_profile, slots, step_ns
 from pipeline.data.store import Store
 from pipeline.data.stream import make_tiles
 from pipeline.data.timefeatures import calendar_features
@@ -41,6 +42,7 @@ def export_model(model: nn.Module, cfg: Config, store: Store, out: Path) -> Path
         "tile_size": cfg.data.tile_size,
     }
     (out / "model.json").write_text(json.dumps(meta, indent=2))
+    extra = {"profile": daily_profile(store)} if cfg.model.daily_profile else {}
     np.savez(
         out / "network.npz",
         sensor_id=np.array([str(s) for s in store["sensor_id"][:]]),
@@ -49,6 +51,7 @@ def export_model(model: nn.Module, cfg: Config, store: Store, out: Path) -> Path
         neighbours=store["neighbours"][:, : cfg.model.knn],
         mean=store["mean"][:],
         std=store["std"][:],
+        **extra,  # [slot, N, F] normalised (model.daily_profile)
     )
     return out
 
@@ -112,6 +115,9 @@ class Predictor:
         self.model.to(self.device)
         self.pos = torch.tensor(pos, dtype=torch.float32)
         self.neighbours = net["neighbours"].astype(np.int64)
+        self.profile = None  # model.daily_profile: levels [slot, N, F] and the step in ns
+        if "profile" in net.files:
+            self.profile = (net["profile"], step_ns(meta["freq"], str(path)))
 
     def predict(
         self, x: np.ndarray, origin_time: np.ndarray, tile_size: int | None = None
@@ -132,6 +138,11 @@ class Predictor:
         mask = np.isfinite(x)
         norm = np.where(mask, (x - self.mean) / self.std, 0.0).astype(np.float32)
         cal = torch.from_numpy(calendar_features(origin_time)).to(self.device)
+        levels = None
+        if self.profile is not None:  # each target's level at its time of day
+            profile, step = self.profile
+            when = origin_time[:, None] + np.arange(self.meta["horizon"]) * step  # [B, horizon]
+            levels = profile[slots(when, step)]  # [B, horizon, N, F]
         tiles = make_tiles(
             self.neighbours,
             self.neighbours.shape[1],
@@ -141,6 +152,7 @@ class Predictor:
         b, n, f = x.shape[0], x.shape[2], x.shape[3]
         mean = np.empty((b, self.meta["horizon"], n, f), dtype=np.float32)
         std = np.empty_like(mean)
+        dev = self.device
         with torch.no_grad():
             for tile in tiles:
                 nodes, keep = tile.nodes, tile.target
@@ -151,6 +163,7 @@ class Predictor:
                     self.pos[nodes].to(self.device),
                     torch.from_numpy(tile.neighbours).to(self.device),
                     torch.from_numpy(nodes).to(self.device),  # model.node_embedding
+                    None if levels is None else torch.from_numpy(levels[:, :, nodes]).to(dev),
                 )
                 mean[:, :, nodes[keep]] = m[:, :, torch.from_numpy(keep)].float().cpu().numpy()
                 std[:, :, nodes[keep]] = s[:, :, torch.from_numpy(keep)].float().cpu().numpy()

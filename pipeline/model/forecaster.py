@@ -71,8 +71,9 @@ class Forecaster(nn.Module):
         ``checkpoint_layers``: activation checkpointing of each layer while training."""
         super().__init__()
         self.cfg, self.time_in, self.horizon, self.features = cfg, time_in, horizon, features
-        self.embed = nn.Linear(2 * time_in * features, cfg.d_model)
-        self.calendar = nn.Linear(CALENDAR_FEATURES, cfg.d_model)
+        inputs = 2 * time_in * features + (horizon * features if cfg.daily_profile else 0)
+        self.embed = nn.Linear(inputs, cfg.d_model)
+        self.calendar = nn.Linear(CALENDAR_FEATURES, cfg.d_model) if cfg.calendar else None
         self.node_embedding = None
         if cfg.node_embedding:
             if num_nodes is None:
@@ -107,10 +108,12 @@ class Forecaster(nn.Module):
         pos: Tensor,
         neighbours: Tensor | None = None,
         node_index: Tensor | None = None,
+        profile: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """x, mask [B, T_in, N, F] (x normalised, any value where mask is False);
         calendar [B, 4]; pos [N, 3] km (curve order for the block backend); neighbours [N, k]
-        (knn backend; -1 outside a tile); node_index [N] (node embedding).
+        (knn backend; -1 outside a tile); node_index [N] (node embedding); profile
+        [B, horizon, N, F] (model.daily_profile: each target's daily-profile level, normalised).
 
         Returns mean and std, each [B, horizon, N, F].
         """
@@ -118,7 +121,14 @@ class Forecaster(nn.Module):
         x = torch.where(mask, x, torch.zeros_like(x))
         tokens = torch.cat([x, mask.to(x.dtype)], dim=-1)  # [B, T, N, 2F]
         tokens = tokens.permute(0, 2, 1, 3).reshape(b, n, t * 2 * f)  # [B, N, T * 2F]
-        h = self.embed(tokens) + self.calendar(calendar)[:, None, :]  # [B, N, D]
+        if self.cfg.daily_profile:
+            if profile is None:
+                raise ValueError("a model with model.daily_profile needs the profile input")
+            levels = profile.to(x.dtype).permute(0, 2, 1, 3).reshape(b, n, -1)  # [B, N, H * F]
+            tokens = torch.cat([tokens, levels], dim=-1)
+        h = self.embed(tokens)  # [B, N, D]
+        if self.calendar is not None:
+            h = h + self.calendar(calendar)[:, None, :]
         if self.node_embedding is not None:
             if node_index is None:
                 raise ValueError("a model with node embeddings needs node_index")
@@ -153,7 +163,7 @@ def build_model(
     if cfg.peer is not None:
         from pipeline.model.peers import PeerForecaster
 
-        return PeerForecaster(cfg.peer, time_in, horizon, features, num_nodes)
+        return PeerForecaster(cfg.peer, time_in, horizon, features, num_nodes, cfg.calendar)
     return Forecaster(cfg, time_in, horizon, features, num_nodes, frame, checkpoint_layers)
 
 

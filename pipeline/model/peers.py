@@ -65,11 +65,19 @@ class PeerForecaster(nn.Module):
     """A tsl model behind :class:`pipeline.model.forecaster.Forecaster`'s interface."""
 
     def __init__(
-        self, peer: str, time_in: int, horizon: int, features: int, num_nodes: int
+        self,
+        peer: str,
+        time_in: int,
+        horizon: int,
+        features: int,
+        num_nodes: int,
+        calendar: bool = True,
     ) -> None:
+        """``calendar``: model.calendar (False: every window gets the same calendar input)."""
         super().__init__()
         models = _tsl()
         self.peer, self.horizon, self.features = peer, horizon, features
+        self.use_calendar = calendar
         size = 2 * features  # values and their mask
         if peer == "graph_wavenet":
             self.net = models.GraphWaveNetModel(size, features, horizon, 4, n_nodes=num_nodes)
@@ -100,11 +108,14 @@ class PeerForecaster(nn.Module):
         pos: Tensor,
         neighbours: Tensor | None = None,
         node_index: Tensor | None = None,
+        profile: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """As Forecaster.forward; std is 0 (a point forecast)."""
+        """As Forecaster.forward (``profile`` unused); std is 0 (a point forecast)."""
         b, t, n, f = x.shape
         x = torch.where(mask, x, torch.zeros_like(x))
         inputs = torch.cat([x, mask.to(x.dtype)], dim=-1)  # [B, T, N, 2F]
+        if not self.use_calendar:
+            calendar = torch.zeros_like(calendar)
         exog = calendar.to(x.dtype)[:, None, :].expand(b, t, calendar.shape[-1])  # [B, T, 4]
         if self.peer in ("graph_wavenet", "dcrnn"):
             if neighbours is None:

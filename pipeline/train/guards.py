@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.config import Config, ConfigError, flatten
+from pipeline.data.profile import step_ns
 from pipeline.data.store import Store
 from pipeline.data.stream import window_origins
 
@@ -25,6 +26,8 @@ PINNED_KEYS = (
     "model.kernel",
     "model.anisotropy",
     "model.qk_residual",
+    "model.calendar",
+    "model.daily_profile",
     "model.node_embedding",
     "model.peer",
     "data.time_in",
@@ -35,7 +38,10 @@ PINNED_KEYS = (
 
 def check_fits(cfg: Config, store: Store) -> None:
     """The config's constraints on the store, checked before any work: every split holds a
-    window, and the knn backend's ``model.knn`` is within the stored neighbours."""
+    window, the knn backend's ``model.knn`` is within the stored neighbours, and a daily
+    profile has a time step that divides a day."""
+    if cfg.model.daily_profile:
+        step_ns(store.attrs["freq"], f"store {store.path}")
     for split in ("train", "val", "test"):
         start, stop = store.split(split)
         if len(window_origins(start, stop, cfg.data.time_in, cfg.data.horizon)) == 0:

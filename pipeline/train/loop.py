@@ -92,7 +92,7 @@ def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     for key, value in batch.items():
         if isinstance(value, torch.Tensor):
             value = value.to(device, non_blocking=True)
-            if key in ("x", "calendar") and value.is_floating_point():
+            if key in ("x", "calendar", "profile") and value.is_floating_point():
                 value = value.to(dtype)
         out[key] = value
     return out
@@ -107,6 +107,7 @@ def _forward(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
         batch["pos"],
         batch["neighbours"],
         batch["nodes"],  # the sensors' store indices (model.node_embedding)
+        batch.get("profile"),  # model.daily_profile
     )
     mask = batch["y_mask"] & batch["target"][None, None, :, None]
     return mean.float(), std.float(), mask
@@ -132,6 +133,7 @@ def _stream(run: Run, split: str, **kwargs) -> WindowStream:
         hops=cfg.model.layers,  # the halo covers the model's receptive field
         holdout=cfg.data.holdout_sensors,
         sensor_dropout=cfg.train.sensor_dropout,
+        daily_profile=cfg.model.daily_profile,
         **kwargs,
     )
 
@@ -355,6 +357,11 @@ def evaluate(
     groups = {}
     if stream.hidden is not None and split == "test":
         groups = {g: MetricAccumulator(cfg.data.horizon, device=ctx.device) for g in GROUPS}
+    # pooled metrics mix the features' units: with several, each is reported on its own too
+    features = store.attrs["features"]
+    per_feature = {}
+    if len(features) > 1:
+        per_feature = {f: MetricAccumulator(cfg.data.horizon, device=ctx.device) for f in features}
     comparison = (
         ComparisonAccumulator(stream.origins, store.shape[1], cfg.data.horizon, ctx.device, spreads)
         if compare
@@ -373,6 +380,9 @@ def evaluate(
             m, s = mean_s[batch["nodes"]], std_s[batch["nodes"]]  # [n, F]
             mean, std, y = mean * s + m, std * s, batch["y"] * s + m  # the data's units
             acc.update(mean, std, y, mask)
+            for j, feature in enumerate(per_feature.values()):
+                pick = slice(j, j + 1)  # [B, horizon, n, 1]
+                feature.update(mean[..., pick], std[..., pick], y[..., pick], mask[..., pick])
             if groups:
                 hidden = batch["hidden"][None, None, :, None]  # [1, 1, n, 1]
                 groups["unseen"].update(mean, std, y, mask & hidden)
@@ -396,6 +406,11 @@ def evaluate(
         engine.all_reduce_sum(group.state)
         result[name] = {"sensors": int((stream.hidden == (name == "unseen")).sum())}
         result[name].update(group.result())
+    if per_feature:
+        result["per_feature"] = {}
+    for name, feature in per_feature.items():
+        engine.all_reduce_sum(feature.state)
+        result["per_feature"][name] = feature.result()
     result["loss"] = float(loss_sum[0] / loss_sum[1].clamp_min(1))
     bad = [k for k, v in {"loss": result["loss"], **result["mean"]}.items() if not math.isfinite(v)]
     if bad:
