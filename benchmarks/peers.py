@@ -238,12 +238,19 @@ def plot(results: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
     for ax, result in zip(axes[0], results, strict=True):
         hs = list(result["horizons"])
+        top = 0.0
         for model, r in result["rows"].items():
             if "mae" not in r:
                 continue
             mean = [r["mae"][h][0] for h in hs]
             sd = [r["mae"][h][1] for h in hs]
-            ax.errorbar(hs, mean, yerr=sd, marker="o", capsize=3, label=model)
+            baseline = model == "historical_average"
+            ax.errorbar(
+                hs, mean, yerr=sd, marker="o", capsize=3, label=model, ls="--" if baseline else "-"
+            )
+            top = top if baseline else max(top, max(mean))
+        bottom, upper = ax.get_ylim()
+        ax.set_ylim(bottom, min(upper, top * 1.15))  # a far-off baseline leaves the frame
         ax.set_title(f"{result['dataset']}, {result['steps']} steps per model")
         ax.set_xlabel("horizon")
         ax.set_ylabel("test MAE (mean +- sd over seeds)")

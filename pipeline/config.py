@@ -192,6 +192,9 @@ class DataConfig(_Section):
     """Leading fraction of time steps used for training."""
     val_fraction: float = Field(0.1, gt=0, lt=1)
     """Next fraction used for validation; the rest is the test split."""
+    target: list[str] | None = None
+    """The features to forecast, by name (the store's ``features``); None: every feature. The
+    others are inputs only."""
     holdout_sensors: float | list[str] | None = None
     """Sensors held out of training entirely, for forecasting at new locations: a fraction
     (chosen by a hash of each sensor id, the same in every run) or a list of sensor ids. They

@@ -456,6 +456,25 @@ def test_several_features_are_scored_each_on_its_own_and_pooled(scheduler, tmp_p
     )
     assert pooled == pytest.approx(test["mean"]["mae"], rel=1e-9)
     assert "feature speed: MAE" in out and "feature flow: MAE" in out
+    # data.target: speed is an input only; flow is forecast and scored, on the same cells
+    args = tiny(store, tmp_path, "flow", 4, ["data.time_in=4", "data.horizon=2", "model.knn=3"])
+    proc = launch([*args, "data.target=[flow]"], procs=1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    only = json.loads((tmp_path / "flow" / "metrics.json").read_text())["test"]
+    assert "per_feature" not in only and only["count"] == flow["count"]
+    assert only["mean"]["mae"] > 200 and only["baselines"]["last_value"]["mae"] > 200
+    from pipeline.model.export import Predictor
+
+    x = np.full((1, 4, len(IDS), 2), 50.0, dtype=np.float32)
+    when = np.array([pd.Timestamp("2024-01-05").value])
+    got = Predictor(tmp_path / "flow" / "model").predict(x, when)
+    assert got["mean"].shape == (1, 2, len(IDS), 1)
+    args = tiny(store, tmp_path, "bad", 4, ["data.time_in=4", "data.horizon=2", "model.knn=3"])
+    proc = launch([*args, "data.target=[speed, pressure]"], procs=1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "data.target" in out and "['speed', 'flow']" in out
+    assert "Traceback" not in out, out[-2000:]
 
 
 def test_runs_in_one_process_each_own_their_process_group(synthetic_store, tmp_path):

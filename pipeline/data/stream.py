@@ -54,29 +54,46 @@ def cut_windows(
     time_in: int,
     horizon: int,
     profile: tuple[np.ndarray, int] | None = None,
+    targets: np.ndarray | None = None,
 ) -> dict[str, torch.Tensor]:
     """Windows at ``origins`` from a span of rows starting at time step ``lo``.
 
     values/mask [span, n, F] (rows lo..), time [T] (whole axis), mean/std [n, F];
     ``profile``: the daily profile [slot, n, F] and its step in ns (pipeline/data/profile.py),
-    given to the model at each forecast step's time of day (``profile`` [B, horizon, n, F]).
+    given to the model at each forecast step's time of day (``profile`` [B, horizon, n, F_t]);
+    ``targets``: the forecast features (data.target; all when None): y, y_mask [.., F_t].
     """
     norm = np.where(mask, (values - mean) / std, 0.0).astype(np.float32)
     rel = origins - lo
     x_idx = rel[:, None] + np.arange(-time_in, 0)  # [B, time_in]
     y_idx = rel[:, None] + np.arange(horizon)  # [B, horizon]
+    t = slice(None) if targets is None else targets
     batch = {
         "x": torch.from_numpy(norm[x_idx]),  # [B, time_in, n, F]
         "x_mask": torch.from_numpy(mask[x_idx]),
-        "y": torch.from_numpy(norm[y_idx]),  # [B, horizon, n, F]
-        "y_mask": torch.from_numpy(mask[y_idx]),
+        "y": torch.from_numpy(norm[y_idx][..., t]),  # [B, horizon, n, F_t]
+        "y_mask": torch.from_numpy(mask[y_idx][..., t]),
         "calendar": torch.from_numpy(calendar_features(time[origins])),  # [B, 4]
     }
     if profile is not None:
         levels, step = profile
         at = slots(time[origins[:, None] + np.arange(horizon)], step)  # [B, horizon]
-        batch["profile"] = torch.from_numpy(levels[at])  # [B, horizon, n, F]
+        batch["profile"] = torch.from_numpy(levels[at][..., t])  # [B, horizon, n, F_t]
     return batch
+
+
+def target_features(features: list[str], target: list[str] | None, where: str) -> np.ndarray:
+    """The indices of the ``data.target`` features among the store's ``features`` (every
+    feature when None)."""
+    if target is None:
+        return np.arange(len(features))
+    unknown = [t for t in target if t not in features]
+    if unknown or not target or len(set(target)) < len(target):
+        raise ConfigError(
+            f"data.target = {target}: {where} has the features {features}; name each target "
+            "once, from these"
+        )
+    return np.array([features.index(t) for t in target])
 
 
 def holdout_nodes(sensor_ids: np.ndarray, spec: float | list[str] | None, where: str):
@@ -263,9 +280,10 @@ class WindowStream(torch.utils.data.IterableDataset):
         holdout: float | list[str] | None = None,
         sensor_dropout: float = 0.0,
         daily_profile: bool = False,
+        target: list[str] | None = None,
     ) -> None:
         """``daily_profile``: batches carry each target's daily-profile level (``profile``,
-        pipeline/data/profile.py; model.daily_profile)."""
+        pipeline/data/profile.py; model.daily_profile); ``target``: data.target."""
         super().__init__()
         st = store if isinstance(store, Store) else open_store(store)
         self.store, self.path, self.split, self.batch_size = st, st.path, split, batch_size
@@ -300,6 +318,7 @@ class WindowStream(torch.utils.data.IterableDataset):
             self.mean, self.std = unseen_statistics(
                 self.mean, self.std, st["neighbours"][:], self.hidden
             )
+        self.targets = target_features(st.attrs["features"], target, f"store {st.path}")
         self.profile = None
         if daily_profile:  # [slot, N, F]; held-out sensors' from their neighbours, as above
             step = step_ns(st.attrs["freq"], f"store {st.path}")
@@ -367,6 +386,7 @@ class WindowStream(torch.utils.data.IterableDataset):
             self.time_in,
             self.horizon,
             None if self.profile is None else (self.profile[0][:, tile.nodes], self.profile[1]),
+            self.targets,
         )
         if self.sensor_dropout > 0:  # a pure function of (seed, step): resumable
             drop_inputs(batch, self.sensor_dropout, np.random.default_rng([self.seed, 7, step]))

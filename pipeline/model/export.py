@@ -36,7 +36,8 @@ def export_model(model: nn.Module, cfg: Config, store: Store, out: Path) -> Path
         "model": cfg.model.model_dump(),
         "time_in": cfg.data.time_in,
         "horizon": cfg.data.horizon,
-        "features": store.attrs["features"],
+        "features": store.attrs["features"],  # inputs
+        "targets": cfg.data.target or store.attrs["features"],  # forecast (data.target)
         "units": store.attrs.get("units", ""),
         "freq": store.attrs["freq"],
         "tile_size": cfg.data.tile_size,
@@ -96,7 +97,8 @@ class Predictor:
         meta = json.loads((path / "model.json").read_text())
         net = np.load(path / "network.npz")
         self.meta, self.sensor_id = meta, net["sensor_id"]
-        self.mean, self.std = net["mean"], net["std"]
+        self.mean, self.std = net["mean"], net["std"]  # [N, F] of the input features
+        self.targets = [meta["features"].index(t) for t in meta.get("targets", meta["features"])]
         self.tile_size = tile_size if tile_size is not None else meta.get("tile_size")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -109,6 +111,7 @@ class Predictor:
             len(meta["features"]),
             len(self.sensor_id),
             frame=torch.tensor(frame, dtype=torch.float32),
+            targets=self.targets,
         )
         self.model.load_state_dict(torch.load(path / "weights.pt", weights_only=True))
         self.model.eval()
@@ -124,7 +127,8 @@ class Predictor:
     ) -> dict[str, np.ndarray]:
         """x [B, time_in, N, F] in the data's units (NaN = missing), sensors in the order of
         ``sensor_id``; origin_time [B] int64 ns UTC of the first forecast step; ``tile_size``
-        overrides the predictor's. Returns mean and std [B, horizon, N, F] in the data's units."""
+        overrides the predictor's. Returns mean and std [B, horizon, N, F_t] in the data's units
+        (F_t: the forecast features, ``meta["targets"]``)."""
         x = np.asarray(x, dtype=np.float32)
         expect = (self.meta["time_in"], len(self.sensor_id), len(self.meta["features"]))
         if x.ndim != 4 or x.shape[1:] != expect:
@@ -142,15 +146,15 @@ class Predictor:
         if self.profile is not None:  # each target's level at its time of day
             profile, step = self.profile
             when = origin_time[:, None] + np.arange(self.meta["horizon"]) * step  # [B, horizon]
-            levels = profile[slots(when, step)]  # [B, horizon, N, F]
+            levels = profile[slots(when, step)][..., self.targets]  # [B, horizon, N, F_t]
         tiles = make_tiles(
             self.neighbours,
             self.neighbours.shape[1],
             tile_size if tile_size is not None else self.tile_size,
             hops=self.model.hops,
         )
-        b, n, f = x.shape[0], x.shape[2], x.shape[3]
-        mean = np.empty((b, self.meta["horizon"], n, f), dtype=np.float32)
+        b, n, f = x.shape[0], x.shape[2], len(self.targets)
+        mean = np.empty((b, self.meta["horizon"], n, f), dtype=np.float32)  # [B, H, N, F_t]
         std = np.empty_like(mean)
         dev = self.device
         with torch.no_grad():
@@ -167,4 +171,5 @@ class Predictor:
                 )
                 mean[:, :, nodes[keep]] = m[:, :, torch.from_numpy(keep)].float().cpu().numpy()
                 std[:, :, nodes[keep]] = s[:, :, torch.from_numpy(keep)].float().cpu().numpy()
-        return {"mean": mean * self.std + self.mean, "std": std * self.std}
+        shift, scale = self.mean[:, self.targets], self.std[:, self.targets]
+        return {"mean": mean * scale + shift, "std": std * scale}

@@ -54,7 +54,8 @@ class Layer(nn.Module):
 
 
 class Forecaster(nn.Module):
-    """Window [batch, time_in, node, feature] -> Gaussian forecast [batch, horizon, node, F]."""
+    """Window [batch, time_in, node, feature] -> Gaussian forecast [batch, horizon, node, F_t]
+    of the target features (data.target; all by default)."""
 
     def __init__(
         self,
@@ -65,13 +66,17 @@ class Forecaster(nn.Module):
         num_nodes: int | None = None,
         frame: Tensor | None = None,
         checkpoint_layers: bool = False,
+        targets: list[int] | None = None,
     ) -> None:
         """``frame``: the network's local (east, north, up) frame [3, 3] (rows; see
         positions_km), used by anisotropic kernels and kept in the state dict.
-        ``checkpoint_layers``: activation checkpointing of each layer while training."""
+        ``checkpoint_layers``: activation checkpointing of each layer while training.
+        ``targets``: the input features it forecasts (indices; None: all)."""
         super().__init__()
-        self.cfg, self.time_in, self.horizon, self.features = cfg, time_in, horizon, features
-        inputs = 2 * time_in * features + (horizon * features if cfg.daily_profile else 0)
+        self.cfg, self.time_in, self.horizon = cfg, time_in, horizon
+        self.targets = list(range(features)) if targets is None else [int(t) for t in targets]
+        self.features = f_out = len(self.targets)
+        inputs = 2 * time_in * features + (horizon * f_out if cfg.daily_profile else 0)
         self.embed = nn.Linear(inputs, cfg.d_model)
         self.calendar = nn.Linear(CALENDAR_FEATURES, cfg.d_model) if cfg.calendar else None
         self.node_embedding = None
@@ -81,7 +86,7 @@ class Forecaster(nn.Module):
             self.node_embedding = nn.Embedding(num_nodes, cfg.d_model)
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(cfg.d_model)
-        self.head = nn.Linear(cfg.d_model, 2 * horizon * features)
+        self.head = nn.Linear(cfg.d_model, 2 * horizon * f_out)
         self.checkpoint_layers = checkpoint_layers
         if frame is not None:
             for kernel in self.kernels():
@@ -141,9 +146,9 @@ class Forecaster(nn.Module):
                 h = checkpoint(layer, h, pos, observed, neighbours, use_reentrant=False)
             else:
                 h = layer(h, pos, observed, neighbours)
-        out = self.head(self.norm(h)).view(b, n, self.horizon, f, 2)  # [B, N, H, F, 2]
-        out = out.permute(0, 2, 1, 3, 4)  # [B, H, N, F, 2]
-        last = _last_observed(x, mask)  # [B, N, F]
+        out = self.head(self.norm(h)).view(b, n, self.horizon, self.features, 2)  # [B,N,H,F_t,2]
+        out = out.permute(0, 2, 1, 3, 4)  # [B, H, N, F_t, 2]
+        last = _last_observed(x, mask)[..., self.targets]  # [B, N, F_t]
         mean = last[:, None] + out[..., 0]
         std = F.softplus(out[..., 1]) + 1e-3
         return mean, std
@@ -157,14 +162,17 @@ def build_model(
     num_nodes: int,
     frame: Tensor | None = None,
     checkpoint_layers: bool = False,
+    targets: list[int] | None = None,
 ) -> nn.Module:
     """Our :class:`Forecaster`, or the published peer that ``cfg.peer`` names (same interface;
-    pipeline/model/peers.py, imported only then)."""
+    pipeline/model/peers.py, imported only then). ``targets``: the forecast features."""
     if cfg.peer is not None:
         from pipeline.model.peers import PeerForecaster
 
+        if targets is not None and len(targets) != features:
+            raise ValueError(f"the peer {cfg.peer} forecasts every feature: leave data.target")
         return PeerForecaster(cfg.peer, time_in, horizon, features, num_nodes, cfg.calendar)
-    return Forecaster(cfg, time_in, horizon, features, num_nodes, frame, checkpoint_layers)
+    return Forecaster(cfg, time_in, horizon, features, num_nodes, frame, checkpoint_layers, targets)
 
 
 def _last_observed(x: Tensor, mask: Tensor) -> Tensor:

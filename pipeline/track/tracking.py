@@ -104,7 +104,7 @@ class ForecastPyfunc(mlflow.pyfunc.PythonModel):
     """The registered model. Input: a dict with ``x`` [batch, time_in, sensors, features]
     (data units, NaN = missing, sensors in the order of the model's ``network.npz``) and
     ``origin_time`` [batch] (int64 ns UTC of the first forecast step). Output: a dict with
-    ``mean`` and ``std`` [batch, horizon, sensors, features] in data units."""
+    ``mean`` and ``std`` [batch, horizon, sensors, forecast features] in data units."""
 
     def load_context(self, context) -> None:
         self.predictor = Predictor(context.artifacts["model"])

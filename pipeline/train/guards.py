@@ -15,7 +15,7 @@ from pathlib import Path
 from pipeline.config import Config, ConfigError, flatten
 from pipeline.data.profile import step_ns
 from pipeline.data.store import Store
-from pipeline.data.stream import window_origins
+from pipeline.data.stream import target_features, window_origins
 
 # the keys a checkpoint's weights and windows depend on: resuming with another value is refused
 PINNED_KEYS = (
@@ -33,6 +33,7 @@ PINNED_KEYS = (
     "data.time_in",
     "data.horizon",
     "data.holdout_sensors",
+    "data.target",
 )
 
 
@@ -42,6 +43,12 @@ def check_fits(cfg: Config, store: Store) -> None:
     profile has a time step that divides a day."""
     if cfg.model.daily_profile:
         step_ns(store.attrs["freq"], f"store {store.path}")
+    targets = target_features(store.attrs["features"], cfg.data.target, f"store {store.path}")
+    if cfg.model.peer is not None and len(targets) < store.shape[2]:
+        raise ConfigError(
+            f"the peer {cfg.model.peer} forecasts every feature of {store.path}: leave "
+            "data.target unset"
+        )
     for split in ("train", "val", "test"):
         start, stop = store.split(split)
         if len(window_origins(start, stop, cfg.data.time_in, cfg.data.horizon)) == 0:

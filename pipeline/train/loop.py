@@ -31,7 +31,7 @@ from tqdm import tqdm
 from pipeline.config import Config, ConfigError
 from pipeline.data.geometry import positions_km
 from pipeline.data.store import Store, open_store
-from pipeline.data.stream import WindowStream
+from pipeline.data.stream import WindowStream, target_features
 from pipeline.evaluate.metrics import (
     BaselineSpread,
     ComparisonAccumulator,
@@ -134,6 +134,7 @@ def _stream(run: Run, split: str, **kwargs) -> WindowStream:
         holdout=cfg.data.holdout_sensors,
         sensor_dropout=cfg.train.sensor_dropout,
         daily_profile=cfg.model.daily_profile,
+        target=cfg.data.target,
         **kwargs,
     )
 
@@ -192,6 +193,7 @@ def setup(cfg: Config, ctx: engine.Context, tracker: Tracker | None = None) -> R
         store.shape[1],
         frame=torch.tensor(frame, dtype=torch.float32),
         checkpoint_layers=cfg.train.activation_checkpointing,
+        targets=target_features(store.attrs["features"], cfg.data.target, str(store.path)),
     ).to(ctx.device)
     eng = engine.build_engine(model, *optimizer(model, cfg), cfg)
     state = {
@@ -324,12 +326,15 @@ def baseline_spreads(run: Run) -> dict[str, torch.Tensor]:
     BaselineSpread), fitted on ``train.eval_batches`` batches of train windows per rank."""
     cfg, ctx = run.cfg, run.ctx
     spread = BaselineSpread(cfg.data.horizon, device=ctx.device)
-    for i, batch in enumerate(_stream(run, "train", shuffle=False)):
+    stream = _stream(run, "train", shuffle=False)
+    targets = torch.from_numpy(stream.targets).to(ctx.device)  # data.target
+    for i, batch in enumerate(stream):
         if cfg.train.eval_batches is not None and i >= cfg.train.eval_batches:
             break
         x, x_mask = batch["x"].to(ctx.device), batch["x_mask"].to(ctx.device)
         mask = batch["y_mask"].to(ctx.device) & batch["target"].to(ctx.device)[None, None, :, None]
         last = last_observed(x, x_mask, torch.zeros_like(x[0, 0]))  # [B, n, F] normalised
+        last = last[..., targets]  # [B, n, F_t]
         spread.update(batch["y"].to(ctx.device), mask, last)
     engine.all_reduce_sum(spread.state)
     return spread.result()
@@ -350,15 +355,16 @@ def evaluate(
     if split not in run.streams:  # built once per run: tiles, positions, the split's windows
         run.streams[split] = _stream(run, split, shuffle=False)
     stream = run.streams[split]
-    mean_s = torch.from_numpy(stream.mean).to(ctx.device)
-    std_s = torch.from_numpy(stream.std).to(ctx.device)
+    targets = torch.from_numpy(stream.targets).to(ctx.device)  # data.target
+    mean_s = torch.from_numpy(stream.mean).to(ctx.device)[:, targets]  # [N, F_t]
+    std_s = torch.from_numpy(stream.std).to(ctx.device)[:, targets]
     acc = MetricAccumulator(cfg.data.horizon, device=ctx.device)
     # held-out sensors (data.holdout_sensors): the test split reports each side on its own
     groups = {}
     if stream.hidden is not None and split == "test":
         groups = {g: MetricAccumulator(cfg.data.horizon, device=ctx.device) for g in GROUPS}
     # pooled metrics mix the features' units: with several, each is reported on its own too
-    features = store.attrs["features"]
+    features = [store.attrs["features"][i] for i in stream.targets]
     per_feature = {}
     if len(features) > 1:
         per_feature = {f: MetricAccumulator(cfg.data.horizon, device=ctx.device) for f in features}
@@ -388,7 +394,8 @@ def evaluate(
                 groups["unseen"].update(mean, std, y, mask & hidden)
                 groups["seen"].update(mean, std, y, mask & ~hidden)
             if comparison is not None:
-                last = last_observed(batch["x"].float(), batch["x_mask"], torch.zeros_like(m))
+                x, x_mask = batch["x"][..., targets].float(), batch["x_mask"][..., targets]
+                last = last_observed(x, x_mask, torch.zeros_like(m))  # [B, n, F_t]
                 comparison.update(
                     batch["origins"], batch["nodes"], mean, std, y, mask, last * s + m, m, s
                 )
