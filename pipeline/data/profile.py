@@ -8,11 +8,13 @@ normalised units ((profile - mean) / std, 0 = the sensor's train mean), [slot, N
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pandas as pd
 
 from pipeline.config import ConfigError
-from pipeline.data.store import Store
+from pipeline.data.store import Store, open_store
 from pipeline.data.timefeatures import DAY_NS
 
 
@@ -35,10 +37,28 @@ def slots(time_ns: np.ndarray, step: int) -> np.ndarray:
     return (np.asarray(time_ns, dtype=np.int64) % DAY_NS) // step
 
 
+def levels_at(
+    profile: np.ndarray, step: int, when: np.ndarray, nodes: np.ndarray, features: np.ndarray
+) -> np.ndarray:
+    """The levels of ``profile`` [slot, N, F] at the times ``when`` [B, horizon] (ns) for the
+    sensors ``nodes`` [n] and the features ``features`` [F_t]: [B, horizon, n, F_t] (only
+    these elements are read)."""
+    at = slots(when, step)[..., None]  # [B, horizon, 1]
+    return profile[at, np.asarray(nodes)[None, None, :]][..., features]  # [B, horizon, n, F_t]
+
+
 def daily_profile(store: Store, chunk: int | None = None) -> np.ndarray:
-    """Each sensor's train mean per time-of-day slot, normalised, float32 [slot, N, F]; a slot
-    never observed in the train split is 0 (the sensor's train mean). ``chunk``: sensors per
-    read (default the store's node chunk)."""
+    """Each sensor's train mean per time-of-day slot, normalised, float32 [slot, N, F],
+    read-only; a slot never observed in the train split is 0 (the sensor's train mean).
+    ``chunk``: sensors per read (default the store's node chunk). A run's streams (train, val,
+    test) and its export share one pass over the train split: the result is kept per store
+    content."""
+    return _profile(str(store.path), store.fingerprint(), chunk)
+
+
+@functools.lru_cache(maxsize=2)
+def _profile(path: str, fingerprint: str, chunk: int | None) -> np.ndarray:
+    store = open_store(path)
     step = step_ns(store.attrs["freq"], f"store {store.path}")
     start, stop = store.split("train")
     slot = slots(store["time"][start:stop], step)  # [T_train]
@@ -57,4 +77,5 @@ def daily_profile(store: Store, chunk: int | None = None) -> np.ndarray:
         level = total / np.maximum(count, 1)
         norm = (level - mean[n0:n1]) / std[n0:n1]
         out[:, n0:n1] = np.where(count > 0, norm, 0.0)
+    out.flags.writeable = False
     return out

@@ -38,7 +38,7 @@ import torch
 from pipeline.config import ConfigError
 from pipeline.data.geometry import positions_km
 from pipeline.data.profile import daily_profile as daily_profile_of
-from pipeline.data.profile import slots, step_ns
+from pipeline.data.profile import levels_at, step_ns
 from pipeline.data.store import Store, open_store
 from pipeline.data.timefeatures import calendar_features
 
@@ -53,14 +53,11 @@ def cut_windows(
     std: np.ndarray,
     time_in: int,
     horizon: int,
-    profile: tuple[np.ndarray, int] | None = None,
     targets: np.ndarray | None = None,
 ) -> dict[str, torch.Tensor]:
     """Windows at ``origins`` from a span of rows starting at time step ``lo``.
 
     values/mask [span, n, F] (rows lo..), time [T] (whole axis), mean/std [n, F];
-    ``profile``: the daily profile [slot, n, F] and its step in ns (pipeline/data/profile.py),
-    given to the model at each forecast step's time of day (``profile`` [B, horizon, n, F_t]);
     ``targets``: the forecast features (data.target; all when None): y, y_mask [.., F_t].
     """
     norm = np.where(mask, (values - mean) / std, 0.0).astype(np.float32)
@@ -68,18 +65,13 @@ def cut_windows(
     x_idx = rel[:, None] + np.arange(-time_in, 0)  # [B, time_in]
     y_idx = rel[:, None] + np.arange(horizon)  # [B, horizon]
     t = slice(None) if targets is None else targets
-    batch = {
+    return {
         "x": torch.from_numpy(norm[x_idx]),  # [B, time_in, n, F]
         "x_mask": torch.from_numpy(mask[x_idx]),
         "y": torch.from_numpy(norm[y_idx][..., t]),  # [B, horizon, n, F_t]
         "y_mask": torch.from_numpy(mask[y_idx][..., t]),
         "calendar": torch.from_numpy(calendar_features(time[origins])),  # [B, 4]
     }
-    if profile is not None:
-        levels, step = profile
-        at = slots(time[origins[:, None] + np.arange(horizon)], step)  # [B, horizon]
-        batch["profile"] = torch.from_numpy(levels[at][..., t])  # [B, horizon, n, F_t]
-    return batch
 
 
 def target_features(features: list[str], target: list[str] | None, where: str) -> np.ndarray:
@@ -385,9 +377,13 @@ class WindowStream(torch.utils.data.IterableDataset):
             self.std[tile.nodes],
             self.time_in,
             self.horizon,
-            None if self.profile is None else (self.profile[0][:, tile.nodes], self.profile[1]),
             self.targets,
         )
+        if self.profile is not None:  # each target's level at its time of day
+            levels, step = self.profile
+            when = self.time[origins[:, None] + np.arange(self.horizon)]  # [B, horizon]
+            at = levels_at(levels, step, when, tile.nodes, self.targets)  # [B, horizon, n, F_t]
+            batch["profile"] = torch.from_numpy(at)
         if self.sensor_dropout > 0:  # a pure function of (seed, step): resumable
             drop_inputs(batch, self.sensor_dropout, np.random.default_rng([self.seed, 7, step]))
         if self.hidden is not None:

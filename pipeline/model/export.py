@@ -21,7 +21,7 @@ from torch import nn
 
 from pipeline.config import Config, ModelConfig
 from pipeline.data.geometry import positions_km
-from pipeline.data.profile import daily_profile, slots, step_ns
+from pipeline.data.profile import daily_profile, levels_at, step_ns
 from pipeline.data.store import Store
 from pipeline.data.stream import make_tiles
 from pipeline.data.timefeatures import calendar_features
@@ -142,11 +142,9 @@ class Predictor:
         mask = np.isfinite(x)
         norm = np.where(mask, (x - self.mean) / self.std, 0.0).astype(np.float32)
         cal = torch.from_numpy(calendar_features(origin_time)).to(self.device)
-        levels = None
         if self.profile is not None:  # each target's level at its time of day
             profile, step = self.profile
             when = origin_time[:, None] + np.arange(self.meta["horizon"]) * step  # [B, horizon]
-            levels = profile[slots(when, step)][..., self.targets]  # [B, horizon, N, F_t]
         tiles = make_tiles(
             self.neighbours,
             self.neighbours.shape[1],
@@ -156,10 +154,13 @@ class Predictor:
         b, n, f = x.shape[0], x.shape[2], len(self.targets)
         mean = np.empty((b, self.meta["horizon"], n, f), dtype=np.float32)  # [B, H, N, F_t]
         std = np.empty_like(mean)
-        dev = self.device
         with torch.no_grad():
             for tile in tiles:
                 nodes, keep = tile.nodes, tile.target
+                levels = None  # model.daily_profile: [B, H, n, F_t]
+                if self.profile is not None:
+                    at = levels_at(profile, step, when, nodes, self.targets)
+                    levels = torch.from_numpy(at).to(self.device)
                 m, s = self.model(
                     torch.from_numpy(norm[:, :, nodes]).to(self.device),  # [B, T, n, F]
                     torch.from_numpy(mask[:, :, nodes]).to(self.device),
@@ -167,7 +168,7 @@ class Predictor:
                     self.pos[nodes].to(self.device),
                     torch.from_numpy(tile.neighbours).to(self.device),
                     torch.from_numpy(nodes).to(self.device),  # model.node_embedding
-                    None if levels is None else torch.from_numpy(levels[:, :, nodes]).to(dev),
+                    levels,
                 )
                 mean[:, :, nodes[keep]] = m[:, :, torch.from_numpy(keep)].float().cpu().numpy()
                 std[:, :, nodes[keep]] = s[:, :, torch.from_numpy(keep)].float().cpu().numpy()
