@@ -17,15 +17,9 @@ from tqdm import tqdm
 
 from pipeline.config import Config
 from pipeline.data.geometry import positions_km
+from pipeline.data.holdout import drop_inputs, hide_sensors, holdout_nodes, unseen_statistics
 from pipeline.data.neighbours import k_nearest
-from pipeline.data.stream import (
-    cut_windows,
-    drop_inputs,
-    hide_sensors,
-    holdout_nodes,
-    unseen_statistics,
-    window_origins,
-)
+from pipeline.data.stream import cut_windows, window_origins
 from pipeline.data.synthetic import SyntheticField
 from pipeline.model.forecaster import Forecaster
 from pipeline.model.losses import LOSSES

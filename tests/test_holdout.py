@@ -15,10 +15,11 @@ import torch
 from tiny import overrides, run_train
 
 from pipeline.config import ConfigError
+from pipeline.data.holdout import holdout_nodes
 from pipeline.data.preprocess import preprocess
 from pipeline.data.profile import daily_profile
 from pipeline.data.store import open_store
-from pipeline.data.stream import WindowStream, holdout_nodes
+from pipeline.data.stream import WindowStream
 
 N, T = 40, 240
 HELD = [f"s{i:02d}" for i in (3, 11, 17, 24, 30, 36)]

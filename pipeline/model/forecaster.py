@@ -118,9 +118,9 @@ class Forecaster(nn.Module):
         """x, mask [B, T_in, N, F] (x normalised, any value where mask is False);
         calendar [B, 4]; pos [N, 3] km (curve order for the block backend); neighbours [N, k]
         (knn backend; -1 outside a tile); node_index [N] (node embedding); profile
-        [B, horizon, N, F] (model.daily_profile: each target's daily-profile level, normalised).
+        [B, horizon, N, F_t] (model.daily_profile: each target's daily-profile level, normalised).
 
-        Returns mean and std, each [B, horizon, N, F].
+        Returns mean and std, each [B, horizon, N, F_t] (F_t: the target features).
         """
         b, t, n, f = x.shape
         x = torch.where(mask, x, torch.zeros_like(x))
@@ -165,12 +165,11 @@ def build_model(
     targets: list[int] | None = None,
 ) -> nn.Module:
     """Our :class:`Forecaster`, or the published peer that ``cfg.peer`` names (same interface;
-    pipeline/model/peers.py, imported only then). ``targets``: the forecast features."""
+    pipeline/model/peers.py, imported only then; a peer forecasts every feature, which
+    pipeline/train/guards.py checks). ``targets``: the forecast features of ours."""
     if cfg.peer is not None:
         from pipeline.model.peers import PeerForecaster
 
-        if targets is not None and len(targets) != features:
-            raise ValueError(f"the peer {cfg.peer} forecasts every feature: leave data.target")
         return PeerForecaster(cfg.peer, time_in, horizon, features, num_nodes, cfg.calendar)
     return Forecaster(cfg, time_in, horizon, features, num_nodes, frame, checkpoint_layers, targets)
 

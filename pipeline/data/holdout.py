@@ -1,0 +1,80 @@
+"""The spatial split and its training aid: which sensors are held out of training
+(``data.holdout_sensors``), their normalisation and daily profile taken from seen neighbours,
+their values removed from batches, and ``train.sensor_dropout`` (whole input windows hidden so
+that the model learns to forecast a sensor from its neighbours)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+from pipeline.config import ConfigError
+
+
+def holdout_nodes(sensor_ids: np.ndarray, spec: float | list[str] | None, where: str):
+    """The held-out sensors of ``data.holdout_sensors`` as a mask over ``sensor_ids`` [N]
+    (None when nothing is held out): a fraction picks the sensors whose id hashes below it (the
+    same sensors in every run, whatever the order), a list names them."""
+    if spec is None:
+        return None
+    ids = [str(s) for s in sensor_ids]
+    if isinstance(spec, float):
+        digest = [hashlib.blake2b(s.encode(), digest_size=8).digest() for s in ids]
+        hidden = np.array([int.from_bytes(d, "big") / 2.0**64 < spec for d in digest])
+    else:
+        unknown = sorted(set(spec) - set(ids))
+        if unknown:
+            raise ConfigError(
+                f"data.holdout_sensors names {len(unknown)} sensor(s) not in {where}: "
+                f"{', '.join(unknown[:5])}; use ids of its sensor_id array"
+            )
+        hidden = np.isin(ids, list(spec))
+    if hidden.all() or not hidden.any():
+        raise ConfigError(
+            f"data.holdout_sensors = {spec} holds out {int(hidden.sum())} of the {len(ids)} "
+            f"sensors of {where}: keep at least one sensor on each side"
+        )
+    return hidden
+
+
+def from_neighbours(a: np.ndarray, neighbours: np.ndarray, hidden: np.ndarray) -> np.ndarray:
+    """``a`` [N, ...] with each held-out sensor's row replaced by the average over its seen
+    stored neighbours (``neighbours`` [N, k], itself first; -1 none), or over every seen
+    sensor where none of its neighbours is seen."""
+    a = a.copy()
+    nb = neighbours[hidden][:, 1:]  # [h, k - 1]
+    seen = (nb >= 0) & ~hidden[nb.clip(min=0)]
+    weights = seen.reshape(*seen.shape, *([1] * (a.ndim - 1))).astype(np.float64)
+    count = weights.sum(1)  # [h, 1, ...]
+    local = (a[nb.clip(min=0)] * weights).sum(1) / count.clip(min=1)  # [h, ...]
+    a[hidden] = np.where(count > 0, local, a[~hidden].mean(0))
+    return a
+
+
+def unseen_statistics(
+    mean: np.ndarray, std: np.ndarray, neighbours: np.ndarray, hidden: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """mean, std [N, F] with the held-out sensors' taken from their seen neighbours
+    (:func:`from_neighbours`): their own would carry their history."""
+    return from_neighbours(mean, neighbours, hidden), from_neighbours(std, neighbours, hidden)
+
+
+def hide_sensors(batch: dict, hidden: np.ndarray, targets: bool) -> None:
+    """Remove the values of the ``hidden`` [n] sensors from a batch of :func:`cut_windows`
+    (in place): their inputs always, their targets too when ``targets``."""
+    h = torch.from_numpy(np.asarray(hidden, dtype=bool))
+    keys = ("x", "y") if targets else ("x",)
+    for key in keys:
+        batch[key][:, :, h] = 0.0  # [B, time, n, F]
+        batch[f"{key}_mask"][:, :, h] = False
+
+
+def drop_inputs(batch: dict, share: float, rng: np.random.Generator) -> None:
+    """Hide the whole input window of a random ``share`` of the batch's sensors (in place),
+    keeping their targets: training for sensors without history (``train.sensor_dropout``)."""
+    n = batch["x"].shape[2]
+    drop = torch.from_numpy(rng.random(n) < share)  # [n]
+    batch["x"][:, :, drop] = 0.0  # [B, time_in, n, F]
+    batch["x_mask"][:, :, drop] = False
