@@ -16,6 +16,8 @@
 # 6. the attention scaling table for N = 16,384 ... 262,144;
 # 7. benchmarks/block_breakdown.py at N = 1,048,576: plan, forward, forward + backward, with the
 #    backend's tuned FlexAttention settings against FlexAttention's defaults.
+# Not in that flow, each as `bash benchmarks/gpu_check.sh run-stage NAME` after `install`:
+# peers_extra (the peers' extra built without network) and peers_gpu (docs/peers.md).
 # Every stage has its share of a deadline ($BUDGET_S seconds in all, default 560) and logs to
 # its own file; a failing stage does not stop the next. summary.txt lists each stage's status.
 set -uo pipefail
@@ -76,6 +78,62 @@ install() {
 
 PY=$WORK/venv/bin/python
 [ -x "$PY" ] || PY=$SYS_PY
+# the peers extra (docs/peers.md) without network: tsl, torch-geometric and what they import as
+# wheels in $WHEELS/peers; torch-scatter and torch-sparse from their sources, built CPU-only
+# against the machine's torch, at -O1 (their kernels are not called: on CUDA tensors tsl's
+# Graph WaveNet, DCRNN and AGCRN take torch's own paths, edge_index message passing and
+# scatter-add), all extensions at once (setuptools' -j; ninja's one build file per package
+# does not allow it). With network and no $WHEELS/peers: pip, as `make bench-peers` does.
+peers_extra() {
+  local dir=${WHEELS:-$REPO/.whl}/peers pip="$PY -m pip"
+  if [ ! -d "$dir" ]; then
+    grep -v '^torch==' constraints.txt > "$WORK/constraints.txt"
+    $pip install -q --no-build-isolation -c "$WORK/constraints.txt" -e ".[peers]" || return 1
+    return 0
+  fi
+  $pip install -q --no-index --find-links "$dir" setuptools wheel einops xxhash fsspec jinja2 \
+    psutil requests || return 1
+  $pip install -q --no-index --no-deps "$dir"/torch_spatiotemporal-*.whl \
+    "$dir"/torch_geometric-*.whl || return 1
+  local pids=() pkg
+  for pkg in torch_scatter torch_sparse; do
+    (
+      cd "$WORK" && rm -rf "$pkg"-*/ && tar xzf "$dir/$pkg"-*.tar.gz && cd "$pkg"-*/ &&
+        sed -i "s/'-O3'/'-O1'/" setup.py &&
+        FORCE_ONLY_CPU=1 "$PY" - "$(nproc)" > build.log 2>&1 <<'PYEOF' &&
+import runpy, sys
+import torch.utils.cpp_extension as ext
+ext.is_ninja_available = lambda: False
+sys.argv = ["setup.py", "-q", "build_ext", "-j", sys.argv[1], "bdist_wheel", "-d", "dist"]
+runpy.run_path("setup.py", run_name="__main__")
+PYEOF
+        $pip install -q --no-deps --no-index dist/*.whl >> build.log 2>&1
+    ) &
+    pids+=($!)
+  done
+  local rc=0 pid
+  for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
+  [ $rc -eq 0 ] || { tail -n 30 "$WORK"/torch_s*/build.log; return 1; }
+  "$PY" -c "import torch_scatter, torch_sparse, tsl.nn.models; print('peers extra ok')"
+}
+
+# benchmarks/peers.py's runs that need a GPU (Graph WaveNet, DCRNN and AGCRN take 3-13 s per
+# step on a 2-core CPU), with ours and the cheap models beside them on the same card: the GPU
+# rows of docs/peers.md. Stores are carried or made here; $PEER_JOBS runs at once, for at most
+# $PEERS_S seconds. The runs' metrics and per-window errors go to $OUT/peers.tgz, for
+# `make bench-peers` to summarise with the CPU runs (unpacked into runs/peers/).
+peers_gpu() {
+  local end=$(( $(date +%s) + ${PEERS_S:-400} )) rc=0
+  local common=(--train-only --steps 400 --jobs "${PEER_JOBS:-8}" --out "$WORK/peers")
+  OMP_NUM_THREADS=2 timeout --kill-after=10 $(( end - $(date +%s) )) "$PY" benchmarks/peers.py \
+    "${common[@]}" --datasets los_loop unseen noisy --models ours graph_wavenet dcrnn agcrn ||
+    rc=1
+  OMP_NUM_THREADS=2 timeout --kill-after=10 $(( end - $(date +%s) )) "$PY" benchmarks/peers.py \
+    "${common[@]}" --datasets aqi36 noisy unseen --models none stid graph_wavenet || rc=1
+  (cd "$WORK/peers" && tar czf "$OUT/peers.tgz" */metrics.json */test_windows.npz) || rc=1
+  return $rc
+}
+
 export PATH=$WORK/venv/bin:$PATH
 LARGE=(
   "data.store=$WORK/large.zarr" "data.overwrite=true" "data.synthetic.num_steps=300"

@@ -328,6 +328,10 @@ class TrainConfig(_Section):
     """Steps between validations."""
     eval_batches: int | None = Field(None, ge=1)
     """Cap on validation batches per rank (None: the whole validation split)."""
+    oracle: bool = True
+    """Score the test split against the exact Bayes limit of a synthetic store
+    (evaluate/oracle.py): minutes of CPU at a few hundred sensors, the same for every model of
+    a store. benchmarks/peers.py turns it off; benchmarks/limit.py is where it is compared."""
     patience: int | None = Field(None, ge=1)
     """Early stopping: validations without improvement before stopping (None: never)."""
     checkpoint_every: int = Field(100, ge=1)

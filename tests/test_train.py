@@ -354,12 +354,14 @@ def test_constraints_between_config_and_store_are_checked_before_any_work(
 
 def test_a_model_with_sensor_embeddings_trains_and_forecasts(synthetic_store, tmp_path):
     """model.node_embedding: each sensor's embedding is looked up by its store index, in the
-    training job and in the exported model."""
+    training job and in the exported model. (With train.oracle=false: no Bayes limit.)"""
     from pipeline.data.store import open_store
     from pipeline.model.export import Predictor
 
-    args = tiny(synthetic_store, tmp_path, "emb", 2, ["model.node_embedding=true"])
-    finish(launch(args, procs=1))
+    overrides = ["model.node_embedding=true", "train.oracle=false"]
+    finish(launch(tiny(synthetic_store, tmp_path, "emb", 2, overrides), procs=1))
+    m = metrics(tmp_path, "emb")
+    assert m["oracle"] is None and "ratio_to_oracle" not in m["test"]
     store = open_store(synthetic_store)
     x = store["values"][100:106][None].astype(np.float32)  # [1, 6, 300, 1]
     out = Predictor(tmp_path / "emb" / "model").predict(x, store["time"][106:107])

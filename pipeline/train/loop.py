@@ -443,7 +443,7 @@ def finish(run: Run, fitted: Fitted) -> dict:
     test_s = time.perf_counter() - t0
     windows = test.pop("windows")
     oracle = None
-    if ctx.is_main:  # the exact Bayes limit of a synthetic store (evaluate/oracle.py)
+    if ctx.is_main and cfg.train.oracle:  # a synthetic store's Bayes limit (evaluate/oracle.py)
         stream = run.streams["test"]
         oracle = limit(
             store, cfg.data.time_in, cfg.data.horizon, stream.origins, windows, test, stream.hidden
