@@ -43,9 +43,10 @@ bench-limit: setup
 bench-peers: setup
 	$(BIN)/pip install -q --no-build-isolation -c constraints.txt -e ".[peers]"
 	$(BIN)/python benchmarks/peers.py --datasets los_loop --steps 400 --json docs/peers.json \
+		--family-sweep \
 		--models ours none ours_no_profile none_no_profile ours_emb stid graph_wavenet dcrnn agcrn
 	$(BIN)/python benchmarks/peers.py --datasets aqi36 --steps 400 --json docs/peers.json --keep \
-		--models ours none ours_no_profile none_no_profile stid graph_wavenet dcrnn agcrn
+		--family-sweep --models ours none ours_no_profile none_no_profile stid graph_wavenet dcrnn agcrn
 	$(BIN)/python benchmarks/peers.py --datasets noisy unseen --steps 400 --json docs/peers.json \
 		--keep --models ours none stid graph_wavenet dcrnn agcrn --plot docs/peers.png
 

@@ -1,10 +1,12 @@
-"""Side by side with published models on real data (docs/peers.md).
+"""Side by side with published models (docs/peers.md).
 
-For each data set (``configs/los_loop.yaml``, ``configs/aqi36.yaml``; stores made by
-``launch/preprocess.py`` when missing) and each model, several seeds of the ordinary training
-job (``launch/train.py``, one process, tracking off) with the same budget of optimiser steps
-(``--steps``, the same for every model) and batch: our spatially-informed transformer
-(the config's kernel), ours with kernel ``none``, and the peers of torch-spatiotemporal
+For each data set (``configs/los_loop.yaml``, ``configs/aqi36.yaml``, the synthetic regimes
+``configs/regimes/noisy.yaml`` and ``unseen.yaml``; stores made by ``launch/preprocess.py``
+when missing) and each model, several seeds of the ordinary training job (``launch/train.py``,
+one process, tracking off) with the same budget of optimiser steps (``--steps``, the same for
+every model) and batch: our spatially-informed transformer (the config's kernel, and with
+``--family-sweep`` the best family of a one-seed sweep), ours with kernel ``none``, and the
+peers of torch-spatiotemporal
 (pipeline/model/peers.py: Graph WaveNet, DCRNN, AGCRN, STID; ``pip install
 --no-build-isolation -e ".[peers]"``). Every model reads the same windows of the same store and
 is scored by the same code: MAE, RMSE, MAPE and CRPS per horizon step (a point forecast's CRPS
@@ -17,8 +19,13 @@ Reported per data set: mean +- sd over seeds at the reporting horizons, and Dieb
 tests (HLN) of ours against each other model on the per-window MAE and CRPS of the common test
 windows, each averaged over seeds (pipeline/evaluate/compare.py).
 
+A peer that the pipeline refuses on a data set (an embedding per sensor, with held-out
+sensors) is reported as "cannot". ``--train-only`` trains and stops (a GPU machine), for a
+later summary of the same run directories elsewhere.
+
 Usage: python benchmarks/peers.py [--datasets los_loop aqi36] [--models ours none stid ...]
-       [--seeds 0 1 2] [--steps 300] [--out runs/peers] [--jobs 1] [--json FILE] [--plot FILE]
+       [--seeds 0 1 2] [--steps 300] [--out runs/peers] [--jobs 1] [--family-sweep]
+       [--train-only] [--json FILE] [--keep] [--plot FILE]
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from pipeline.data.timefeatures import DAY_NS  # noqa: E402
 from pipeline.evaluate.compare import compare_runs, load_run  # noqa: E402
 from pipeline.evaluate.metrics import diebold_mariano  # noqa: E402
 from pipeline.evaluate.report import dm_text  # noqa: E402
+from pipeline.kernels import FAMILIES  # noqa: E402
 
 FLAT = "model.daily_profile=false"
 MODELS = {
@@ -57,6 +65,8 @@ MODELS = {
     "graph_wavenet": ["model.peer=graph_wavenet", "train.loss=mae", FLAT],
     "dcrnn": ["model.peer=dcrnn", "train.loss=mae", FLAT],
     "agcrn": ["model.peer=agcrn", "train.loss=mae", FLAT],
+    # ours with another covariance family (--family-sweep)
+    **{f"kernel_{family}": [f"model.kernel={family}"] for family in FAMILIES},
 }
 PEERS = ("stid", "graph_wavenet", "dcrnn", "agcrn")
 CONFIGS = {
@@ -127,6 +137,27 @@ def plan(name: str, models: list[str], seeds: list[int], steps: int, out: Path):
                 ]
             )
     return runs, todo, cannot
+
+
+def family_sweep(name: str, seed: int, steps: int, out: Path, jobs: int) -> dict:
+    """A short sweep of our kernel family on one data set: one seed of ours with every family
+    of pipeline/kernels.py (the config's is ``ours``), scored by the final validation MAE; the
+    best, and each one's validation and test MAE."""
+    own = load_config(ROOT / CONFIGS[name]).model.kernel
+    models = ["ours", *(f"kernel_{f}" for f in FAMILIES if f != own)]
+    runs, todo, _ = plan(name, models, [seed], steps, out)
+    train_all(todo, jobs)
+    scores = {}
+    for model, (run,) in runs.items():
+        metrics = load_run(run)[0]
+        family = own if model == "ours" else model.removeprefix("kernel_")
+        scores[family] = {
+            "model": model,
+            "val_mae": metrics["validation"][-1]["val_mae"],
+            "test_mae": metrics["test"]["mean"]["mae"],
+        }
+    best = min(scores, key=lambda f: scores[f]["val_mae"])
+    return {"seed": seed, "scores": scores, "best": best, "best_model": scores[best]["model"]}
 
 
 def train_all(todo: list[list[str]], jobs: int) -> None:
@@ -280,6 +311,16 @@ def table(result: dict) -> str:
     for h, verdict in verdicts(result).items():
         lines.append(f"{h}: {verdict}")
     lines.append("")
+    sweep = result.get("family_sweep")
+    if sweep:
+        scores = ", ".join(
+            f"{f} {v['val_mae']:.3f} ({v['test_mae']:.3f})" for f, v in sweep["scores"].items()
+        )
+        lines.append(
+            f"family sweep, seed {sweep['seed']}, validation MAE (test): {scores}; "
+            f"best: {sweep['best']}"
+        )
+        lines.append("")
     for model, t in result["dm_ours_vs"].items():
         lines.append(
             f"ours vs {model}: MAE {dm_text(t['mae']['dm'])}; CRPS {dm_text(t['crps']['dm'])}"
@@ -348,6 +389,12 @@ def main() -> None:
         action="store_true",
         help="train the runs, no summary (runs made on another machine, summarised later)",
     )
+    parser.add_argument(
+        "--family-sweep",
+        action="store_true",
+        help="first one seed of ours with every kernel family; the best by validation MAE, "
+        "if not the config's, then joins the models with every seed",
+    )
     args = parser.parse_args()
     if "ours" not in args.models and not args.train_only:
         args.models.insert(0, "ours")  # everything is compared with it
@@ -358,7 +405,14 @@ def main() -> None:
     )
     t0 = time.perf_counter()
     out = ROOT / args.out
-    plans = {name: plan(name, args.models, args.seeds, args.steps, out) for name in args.datasets}
+    sweeps, plans = {}, {}
+    for name in args.datasets:
+        models = list(args.models)
+        if args.family_sweep:
+            sweeps[name] = family_sweep(name, args.seeds[0], args.steps, out, args.jobs)
+            if sweeps[name]["best_model"] not in models:
+                models.append(sweeps[name]["best_model"])
+        plans[name] = plan(name, models, args.seeds, args.steps, out)
     for name, (_, _, cannot) in plans.items():
         for model, why in cannot.items():
             print(f"{name}: {model} cannot run: {why}")
@@ -367,7 +421,13 @@ def main() -> None:
         print(f"\ntrained in {time.perf_counter() - t0:.0f} s")
         return
     results = [
-        {**summarise(name, runs), "cannot": cannot, "steps": args.steps, "seeds": args.seeds}
+        {
+            **summarise(name, runs),
+            "cannot": cannot,
+            "family_sweep": sweeps.get(name),
+            "steps": args.steps,
+            "seeds": args.seeds,
+        }
         for name, (runs, _, cannot) in plans.items()
     ]
     if args.keep and args.json and Path(args.json).exists():

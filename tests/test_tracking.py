@@ -286,3 +286,29 @@ def test_unreachable_server_is_a_clear_error_before_training(synthetic_store, tm
     assert proc.returncode == 2
     assert "unreachable" in proc.stderr and f"127.0.0.1:{port}" in proc.stderr
     assert not (tmp_path / "nope" / "checkpoints").exists()
+
+
+def test_a_validation_is_in_mlflow_before_it_is_reported(synthetic_store, tmp_path):
+    """A sweep's scheduler may stop a trial as soon as it hears of a validation, and the
+    trial's process may end before a background send: log_validation returns once the
+    validation is in MLflow, not only queued (the loop reports to Tune after it)."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config import load_config
+    from pipeline.data.store import open_store
+    from pipeline.track.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    cfg = load_config(
+        None, [f"tracking.uri={uri}", "tracking.experiment=val", f"train.out_dir={tmp_path}"]
+    )
+    tracker = Tracker(cfg)
+    tracker.start(open_store(synthetic_store))
+    try:
+        for step in (3, 6):
+            tracker.log_validation(step, {"loss": 0.5 / step, "mean": {"mae": 1.0 / step}})
+            assert tracker.sender.pending == []
+        history = MlflowClient(uri).get_metric_history(tracker.run_id, "val_loss")
+        assert [(m.step, m.value) for m in history] == [(3, 0.5 / 3), (6, 0.5 / 6)]
+    finally:
+        tracker.sender.close()

@@ -43,6 +43,11 @@ class MetricSender:
                 self._append_unsent([batch])
             self.cond.notify()
 
+    @property
+    def online(self) -> bool:
+        """False from a failed send until the server takes the batches again."""
+        return self.offline_since is None
+
     def flush(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for every batch to be sent; True when all were."""
         deadline = time.monotonic() + timeout

@@ -48,6 +48,7 @@ DEFAULT_URI = "sqlite:///mlruns.db"
 # defaults: 7 retries, backoff factor 2, 120 s timeout); the environment's own values win
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 FLUSH_S = 30.0  # at the end of training, wait at most this long for unsent metrics
+VALIDATION_FLUSH_S = 15.0  # after a validation, while the server answers (log_validation)
 PIP_REQUIREMENTS = ["torch", "numpy", "pydantic>=2", "pyyaml", "scipy", "zarr>=3", "mlflow"]
 
 
@@ -212,6 +213,11 @@ class Tracker:
         if not self.active:
             return
         self.sender.put(step, {"val_loss": val["loss"], **validation_row(val)})
+        # in MLflow before the validation is reported to a sweep, whose scheduler may stop the
+        # trial at once (its process can end before a background send); no wait while the
+        # server is away: the batch is then in the unsent file
+        if self.sender.online:
+            self.sender.flush(VALIDATION_FLUSH_S)
 
     def finish(self, metrics: dict, model_dir: Path, store: Store) -> str | None:
         """Log test metrics, figures and the model; register it; end the run.
