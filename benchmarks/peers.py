@@ -335,7 +335,7 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = [*MODELS, "historical_average"]
-    colour = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(names)}  # one per model
+    colour = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(names)}  # one per model
     cols = min(len(results), 2)
     rows = -(-len(results) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4 * rows), squeeze=False)
