@@ -84,6 +84,14 @@ PY=$WORK/venv/bin/python
 # Graph WaveNet, DCRNN and AGCRN take torch's own paths, edge_index message passing and
 # scatter-add), all extensions at once (setuptools' -j; ninja's one build file per package
 # does not allow it). With network and no $WHEELS/peers: pip, as `make bench-peers` does.
+# $WHEELS/peers (git-ignored, like .whl/) is filled on a machine with network, for the GPU
+# machine's Python (3.12 on the lent ones):
+#   pip download -d .whl/peers --no-deps --no-binary :all: --no-build-isolation \
+#     torch-scatter==2.1.2 torch-sparse==0.6.18
+#   pip download -d .whl/peers --no-deps --python-version 3.12 --only-binary :all: \
+#     torch-spatiotemporal==0.9.5 torch-geometric==2.8.1
+#   pip download -d .whl/peers --python-version 3.12 --only-binary :all: \
+#     --platform manylinux2014_x86_64 setuptools wheel einops xxhash fsspec jinja2 psutil requests
 peers_extra() {
   local dir=${WHEELS:-$REPO/.whl}/peers pip="$PY -m pip"
   if [ ! -d "$dir" ]; then
