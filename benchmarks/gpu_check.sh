@@ -91,7 +91,8 @@ PY=$WORK/venv/bin/python
 #   pip download -d .whl/peers --no-deps --python-version 3.12 --only-binary :all: \
 #     torch-spatiotemporal==0.9.5 torch-geometric==2.8.1
 #   pip download -d .whl/peers --python-version 3.12 --only-binary :all: \
-#     --platform manylinux2014_x86_64 setuptools wheel einops xxhash fsspec jinja2 psutil requests
+#     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+#     --platform manylinux_2_28_x86_64 setuptools wheel einops xxhash fsspec jinja2 psutil requests
 peers_extra() {
   local dir=${WHEELS:-$REPO/.whl}/peers pip="$PY -m pip"
   if [ ! -d "$dir" ]; then
