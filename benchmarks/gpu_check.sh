@@ -134,10 +134,11 @@ PYEOF
 peers_gpu() {
   local end=$(( $(date +%s) + ${PEERS_S:-400} )) rc=0
   local common=(--train-only --steps 400 --jobs "${PEER_JOBS:-8}" --out "$WORK/peers")
-  OMP_NUM_THREADS=2 timeout --kill-after=10 $(( end - $(date +%s) )) "$PY" benchmarks/peers.py \
+  left() { local s=$(( end - $(date +%s) )); echo $(( s > 1 ? s : 1 )); }  # 0 would mean no limit
+  OMP_NUM_THREADS=2 timeout --kill-after=10 "$(left)" "$PY" benchmarks/peers.py \
     "${common[@]}" --datasets los_loop unseen noisy --models ours graph_wavenet dcrnn agcrn ||
     rc=1
-  OMP_NUM_THREADS=2 timeout --kill-after=10 $(( end - $(date +%s) )) "$PY" benchmarks/peers.py \
+  OMP_NUM_THREADS=2 timeout --kill-after=10 "$(left)" "$PY" benchmarks/peers.py \
     "${common[@]}" --datasets aqi36 noisy unseen --models none stid graph_wavenet || rc=1
   (cd "$WORK/peers" && tar czf "$OUT/peers.tgz" */metrics.json */test_windows.npz) || rc=1
   return $rc

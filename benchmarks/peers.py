@@ -292,6 +292,7 @@ def table(result: dict) -> str:
         "CRPS all",
         "params",
         "s/step",
+        "infer ms/window",
         "device",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -303,6 +304,7 @@ def table(result: dict) -> str:
         cells += [pm(r["mae_all"]), pm(r["crps_all"])]
         cells += [f"{r['parameters']:,}" if "parameters" in r else "-"]
         cells += [f"{r['train_s_per_step'][0]:.3f}" if "train_s_per_step" in r else "-"]
+        cells += [f"{r['infer_ms_per_window'][0]:.2f}" if "infer_ms_per_window" in r else "-"]
         cells += [r.get("device", "-")]
         lines.append("| " + " | ".join(cells) + " |")
     for model, why in result.get("cannot", {}).items():
