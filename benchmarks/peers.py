@@ -38,20 +38,19 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.peers_report import plot, summarise, table  # noqa: E402
 from pipeline.config import ConfigError, load_config  # noqa: E402
 from pipeline.data.store import open_store  # noqa: E402
-from pipeline.data.timefeatures import DAY_NS  # noqa: E402
-from pipeline.evaluate.compare import compare_runs, load_run  # noqa: E402
-from pipeline.evaluate.metrics import diebold_mariano  # noqa: E402
-from pipeline.evaluate.report import dm_text  # noqa: E402
+from pipeline.data.stream import WindowStream  # noqa: E402
+from pipeline.evaluate.compare import load_run  # noqa: E402
 from pipeline.kernels import FAMILIES  # noqa: E402
 
 FLAT = "model.daily_profile=false"
@@ -69,6 +68,10 @@ MODELS = {
     **{f"kernel_{family}": [f"model.kernel={family}"] for family in FAMILIES},
 }
 PEERS = ("stid", "graph_wavenet", "dcrnn", "agcrn")
+# the peers' papers' learning rates (STID: Shao et al. 2022; Graph WaveNet: Wu et al. 2019;
+# DCRNN: Li et al. 2018; AGCRN: Bai et al. 2020); ours and its variants: the config's
+PAPER_LR = {"stid": 2e-3, "graph_wavenet": 1e-3, "dcrnn": 1e-2, "agcrn": 3e-3}
+LR_FACTORS = (0.5, 1.0, 2.0)  # the grid of every model: half, its reference, double
 CONFIGS = {
     "los_loop": "configs/los_loop.yaml",
     "aqi36": "configs/aqi36.yaml",
@@ -96,14 +99,85 @@ def sh(cmd: list[str]) -> str:
     return proc.stdout
 
 
-def plan(name: str, models: list[str], seeds: list[int], steps: int, out: Path):
-    """The run directories of each model on one data set, the training commands of those not
-    yet finished, and the models the pipeline refuses there, with its reason (a peer with an
-    embedding per sensor cannot forecast held-out sensors)."""
+@dataclass(frozen=True)
+class Budget:
+    """How long every model trains: the protocol (``steps`` None: a validation every epoch or
+    every ``eval_steps`` steps, whichever comes first; early stopping after ``patience``
+    validations without a lower validation MAE; at most ``max_epochs``; the best validation
+    weights tested), or a fixed number of ``steps`` (the short-budget appendix: one
+    validation at the end, the last weights)."""
+
+    steps: int | None = None
+    max_epochs: int = 40
+    patience: int = 10
+    eval_steps: int = 100
+
+    @property
+    def tag(self) -> str:
+        return f"conv{self.patience}x{self.eval_steps}" if self.steps is None else str(self.steps)
+
+    def describe(self) -> str:
+        if self.steps is not None:
+            return f"{self.steps} steps per model"
+        return (
+            f"to convergence: a validation every epoch or {self.eval_steps} steps, early "
+            f"stopping after {self.patience} validations without a lower MAE, at most "
+            f"{self.max_epochs} epochs"
+        )
+
+    def overrides(self, per_epoch: int) -> list[str]:
+        if self.steps is not None:
+            return [f"train.steps={self.steps}", f"train.eval_every={self.steps}"]
+        return [
+            f"train.steps={self.max_epochs * per_epoch}",
+            f"train.eval_every={min(per_epoch, self.eval_steps)}",
+            f"train.patience={self.patience}",
+            "train.monitor=mae",
+            "train.restore_best=true",
+        ]
+
+
+def steps_per_epoch(name: str) -> int:
+    """Optimiser steps in one pass over a data set's train windows (one process, the config's
+    batch and tiles)."""
+    cfg = load_config(ROOT / CONFIGS[name])
+    store = open_store(ROOT / cfg.data.store)
+    stream = WindowStream(
+        store,
+        "train",
+        cfg.data.time_in,
+        cfg.data.horizon,
+        cfg.train.batch_size,
+        min(cfg.model.knn, store["neighbours"].shape[1]),
+        tile_size=cfg.data.tile_size,
+        hops=cfg.model.layers,
+        holdout=cfg.data.holdout_sensors,
+    )
+    return len(stream.shard_batches(0, 0, 1))
+
+
+def reference_lr(name: str, model: str) -> float:
+    """A model's reference learning rate: its paper's for a peer, the config's for ours."""
+    return PAPER_LR.get(model, load_config(ROOT / CONFIGS[name]).train.lr)
+
+
+def plan(
+    name: str,
+    models: list[str],
+    seeds: list[int],
+    budget: Budget,
+    out: Path,
+    lr: dict[str, float] | None = None,
+):
+    """The run directories of each model on one data set (at learning rate ``lr[model]``, by
+    default the reference one), the training commands of those not yet finished, and the
+    models the pipeline refuses there, with its reason (a peer with an embedding per sensor
+    cannot forecast held-out sensors)."""
     config = ROOT / CONFIGS[name]
     cfg = load_config(config)
     if not (ROOT / cfg.data.store / "COMPLETE").exists():
         sh([sys.executable, "launch/preprocess.py", "--config", str(config)])
+    per_epoch = steps_per_epoch(name)
     runs: dict[str, list[Path]] = {}
     todo: list[list[str]] = []
     cannot: dict[str, str] = {}
@@ -113,8 +187,9 @@ def plan(name: str, models: list[str], seeds: list[int], steps: int, out: Path):
         except ConfigError as err:
             cannot[model] = str(err).split("Value error, ")[-1]  # the reason, not the config
             continue
+        rate = (lr or {}).get(model, reference_lr(name, model))
         for seed in seeds:
-            run = f"{name}-{model}-{steps}-s{seed}"
+            run = f"{name}-{model}-{budget.tag}-lr{rate:g}-s{seed}"
             runs.setdefault(model, []).append(out / run)
             if (out / run / "metrics.json").exists():
                 continue
@@ -126,10 +201,10 @@ def plan(name: str, models: list[str], seeds: list[int], steps: int, out: Path):
                     str(config),
                     f"name={run}",
                     f"train.out_dir={out}",
-                    f"train.steps={steps}",
+                    *budget.overrides(per_epoch),
+                    f"train.checkpoint_every={budget.max_epochs * per_epoch}",
+                    f"train.lr={rate}",
                     f"train.seed={seed}",
-                    f"train.eval_every={steps}",
-                    f"train.checkpoint_every={steps}",
                     "train.resume=never",
                     "tracking.enabled=false",
                     "train.oracle=false",  # the synthetic stores' Bayes limit: docs/limit.md
@@ -139,13 +214,34 @@ def plan(name: str, models: list[str], seeds: list[int], steps: int, out: Path):
     return runs, todo, cannot
 
 
-def family_sweep(name: str, seed: int, steps: int, out: Path, jobs: int) -> dict:
+def best_validation(run: Path) -> float:
+    """The run's best validation MAE (the monitored metric of the protocol)."""
+    return min(row["val_mae"] for row in load_run(run)[0]["validation"])
+
+
+def choose_lr(name: str, models: list[str], seed: int, budget: Budget, out: Path, jobs: int):
+    """Each model's learning rate, chosen on validation with one seed from the same-size grid
+    (its reference rate times LR_FACTORS); returns the chosen rates and every grid point's
+    best validation MAE."""
+    grid = {m: [reference_lr(name, m) * f for f in LR_FACTORS] for m in models}
+    plans = [plan(name, models, [seed], budget, out, {m: g[i] for m, g in grid.items()}) for i in
+             range(len(LR_FACTORS))]  # fmt: skip
+    train_all([cmd for _, todo, _ in plans for cmd in todo], jobs)
+    scores: dict[str, dict[str, float]] = {}
+    for i, (runs, _, _) in enumerate(plans):
+        for model, (run,) in runs.items():
+            scores.setdefault(model, {})[f"{grid[model][i]:g}"] = best_validation(run)
+    chosen = {m: float(min(v, key=v.get)) for m, v in scores.items()}
+    return chosen, scores
+
+
+def family_sweep(name: str, seed: int, budget: Budget, out: Path, jobs: int) -> dict:
     """A short sweep of our kernel family on one data set: one seed of ours with every family
     of pipeline/kernels.py (the config's is ``ours``), scored by the final validation MAE; the
     best, and each one's validation and test MAE."""
     own = load_config(ROOT / CONFIGS[name]).model.kernel
     models = ["ours", *(f"kernel_{f}" for f in FAMILIES if f != own)]
-    runs, todo, _ = plan(name, models, [seed], steps, out)
+    runs, todo, _ = plan(name, models, [seed], budget, out)
     train_all(todo, jobs)
     scores = {}
     for model, (run,) in runs.items():
@@ -153,7 +249,7 @@ def family_sweep(name: str, seed: int, steps: int, out: Path, jobs: int) -> dict
         family = own if model == "ours" else model.removeprefix("kernel_")
         scores[family] = {
             "model": model,
-            "val_mae": metrics["validation"][-1]["val_mae"],
+            "val_mae": best_validation(run),
             "test_mae": metrics["test"]["mean"]["mae"],
         }
     best = min(scores, key=lambda f: scores[f]["val_mae"])
@@ -179,206 +275,29 @@ def train_all(todo: list[list[str]], jobs: int) -> None:
         raise SystemExit("\n\n".join(failed))
 
 
-def historical_average(store_path: Path, origins: np.ndarray, horizon: int) -> dict:
-    """Each sensor's train-split mean at the time of day of each target (its train mean where
-    that slot was never observed), scored on the test windows at ``origins`` (targets
-    origin .. origin + horizon - 1, observed cells only): per horizon step MAE [horizon] and
-    per window MAE [windows] with its observed cells."""
-    st = open_store(store_path)
-    values, mask, time = st["values"][:], st["mask"][:], st["time"][:]  # [T, N, F], [T]
-    step = int(time[1] - time[0])
-    slot = (time % DAY_NS) // step  # [T] time-of-day slot
-    slots = max(DAY_NS // step, 1)
-    start, stop = st.split("train")
-    total = np.zeros((slots, *values.shape[1:]))  # [slot, N, F]
-    count = np.zeros_like(total)
-    seen = mask[start:stop]
-    np.add.at(total, slot[start:stop], np.where(seen, values[start:stop], 0.0))
-    np.add.at(count, slot[start:stop], seen)
-    profile = np.where(count > 0, total / np.maximum(count, 1), st["mean"][:][None])
-    targets = origins[:, None] + np.arange(horizon)  # [O, horizon] time indices
-    y, m = np.nan_to_num(values[targets]), mask[targets]  # [O, horizon, N, F]
-    err = np.abs(y - profile[slot[targets]]) * m
-    return {
-        "per_step": err.sum((0, 2, 3)) / m.sum((0, 2, 3)).clip(min=1),
-        "per_window": err.sum((1, 2, 3)) / m.sum((1, 2, 3)).clip(min=1),
-        "count": m.sum((1, 2, 3)),
-        "mae_all": float(err.sum() / max(m.sum(), 1)),
-    }
-
-
-def summarise(name: str, runs: dict[str, list[Path]]) -> dict:
-    horizons = HORIZONS[name]
-    rows = {}
-    for model, dirs in runs.items():
-        ms = [load_run(d)[0] for d in dirs]
-        test = [m["test"] for m in ms]
-
-        def stat(values):
-            a = np.asarray(values, dtype=float)
-            return [float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0]
-
-        rows[model] = {
-            "mae": {h: stat([t["mae"][s - 1] for t in test]) for h, s in horizons.items()},
-            "crps": {h: stat([t["crps"][s - 1] for t in test]) for h, s in horizons.items()},
-            "mae_all": stat([t["mean"]["mae"] for t in test]),
-            "rmse_all": stat([t["mean"]["rmse"] for t in test]),
-            "mape_all": stat([t["mean"]["mape"] for t in test]),
-            "crps_all": stat([t["mean"]["crps"] for t in test]),
-            "parameters": ms[0]["parameters"],
-            "train_s_per_step": stat([m["timing"]["step_s"] for m in ms]),
-            "infer_ms_per_window": stat([1e3 * m["timing"]["test_s_per_window"] for m in ms]),
-            "seeds": len(ms),
-            "device": ms[0]["device"],  # runs may come from another machine (--train-only)
-        }
-    for kind in ("last_value", "train_mean"):  # the same in every run: take the first
-        base = load_run(runs["ours"][0])[0]["test"]["baselines"][kind]
-        rows[kind] = {"mae_all": [base["mae"], 0.0], "crps_all": [base["crps"], 0.0]}
-    tests = {
-        model: compare_runs(runs["ours"], dirs) for model, dirs in runs.items() if model != "ours"
-    }
-    ours = [load_run(d) for d in runs["ours"]]
-    metrics, windows = ours[0]
-    if load_config(ROOT / CONFIGS[name]).data.holdout_sensors:
-        # scored on sensors never seen in training: a train-split profile of their own is
-        # exactly what they lack
-        return {"dataset": name, "horizons": horizons, "rows": rows, "dm_ours_vs": tests}
-    horizon = len(metrics["test"]["horizon_steps"])
-    ha = historical_average(ROOT / metrics["store"]["path"], windows["origin"], horizon)
-    mae = {h: [float(ha["per_step"][s - 1]), 0.0] for h, s in horizons.items()}
-    rows["historical_average"] = {
-        "mae": mae,
-        "crps": mae,
-        "mae_all": [ha["mae_all"], 0.0],
-        "crps_all": [ha["mae_all"], 0.0],
-    }
-    ours_mae = np.mean([w["mae"] for _, w in ours], axis=0)  # same origins in every run
-    ours_crps = np.mean([w["crps"] for _, w in ours], axis=0)
-    tests["historical_average"] = {
-        loss: {"dm": diebold_mariano(o - ha["per_window"], horizon)}
-        for loss, o in (("mae", ours_mae), ("crps", ours_crps))
-    }
-    return {"dataset": name, "horizons": horizons, "rows": rows, "dm_ours_vs": tests}
-
-
-def pm(stat: list[float]) -> str:
-    return f"{stat[0]:.3f} +- {stat[1]:.3f}"
-
-
-def verdicts(result: dict) -> dict[str, str]:
-    """Per reporting horizon: ours against the best peer by mean MAE over seeds; a difference
-    within one standard error (of the difference of two means over seeds) is a tie."""
-    rows, out = result["rows"], {}
-    peers = [m for m in rows if m in PEERS and "mae" in rows[m]]
-    if not peers:
-        return out
-    for h in result["horizons"]:
-        best = min(peers, key=lambda m: rows[m]["mae"][h][0])
-        (a, sa), (b, sb) = rows["ours"]["mae"][h], rows[best]["mae"][h]
-        n = rows["ours"]["seeds"]
-        se = float(np.sqrt((sa**2 + sb**2) / n))
-        word = "tie" if abs(a - b) <= se else ("ours lower" if a < b else f"{best} lower")
-        gap = f"{(a - b) / b:+.1%}, SE {se:.3f}"
-        out[h] = f"ours {a:.3f} vs best peer {best} {b:.3f} ({gap}): {word}"
-    return out
-
-
-def table(result: dict) -> str:
-    hs = list(result["horizons"])
-    head = [
-        "model",
-        *(f"MAE {h}" for h in hs),
-        "MAE all",
-        "CRPS all",
-        "params",
-        "s/step",
-        "infer ms/window",
-        "device",
-    ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for model, r in result["rows"].items():
-        cells = [model]
-        cells += [
-            f"{r['mae'][h][0]:.3f} +- {r['mae'][h][1]:.3f}" if "mae" in r else "-" for h in hs
-        ]
-        cells += [pm(r["mae_all"]), pm(r["crps_all"])]
-        cells += [f"{r['parameters']:,}" if "parameters" in r else "-"]
-        cells += [f"{r['train_s_per_step'][0]:.3f}" if "train_s_per_step" in r else "-"]
-        cells += [f"{r['infer_ms_per_window'][0]:.2f}" if "infer_ms_per_window" in r else "-"]
-        cells += [r.get("device", "-")]
-        lines.append("| " + " | ".join(cells) + " |")
-    for model, why in result.get("cannot", {}).items():
-        lines.append(f"| {model} | cannot: {why} |")
-    lines.append("")
-    for h, verdict in verdicts(result).items():
-        lines.append(f"{h}: {verdict}")
-    lines.append("")
-    sweep = result.get("family_sweep")
-    if sweep:
-        scores = ", ".join(
-            f"{f} {v['val_mae']:.3f} ({v['test_mae']:.3f})" for f, v in sweep["scores"].items()
-        )
-        lines.append(
-            f"family sweep, seed {sweep['seed']}, validation MAE (test): {scores}; "
-            f"best: {sweep['best']}"
-        )
-        lines.append("")
-    for model, t in result["dm_ours_vs"].items():
-        lines.append(
-            f"ours vs {model}: MAE {dm_text(t['mae']['dm'])}; CRPS {dm_text(t['crps']['dm'])}"
-        )
-    return "\n".join(lines)
-
-
-def plot(results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [*MODELS, "historical_average"]
-    colour = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(names)}  # one per model
-    cols = min(len(results), 2)
-    rows = -(-len(results) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4 * rows), squeeze=False)
-    for ax, result in zip(axes.flat, results, strict=False):
-        hs = list(result["horizons"])
-        top = 0.0
-        for model, r in result["rows"].items():
-            if "mae" not in r:
-                continue
-            mean = [r["mae"][h][0] for h in hs]
-            sd = [r["mae"][h][1] for h in hs]
-            baseline = model == "historical_average"
-            ax.errorbar(
-                hs,
-                mean,
-                yerr=sd,
-                marker="o",
-                capsize=3,
-                label=model,
-                color=colour[model],
-                ls="--" if baseline else "-",
-            )
-            top = top if baseline else max(top, max(mean))
-        bottom, upper = ax.get_ylim()
-        ax.set_ylim(bottom, min(upper, top * 1.15))  # a far-off baseline leaves the frame
-        ax.set_title(f"{result['dataset']}, {result['steps']} steps per model")
-        ax.set_xlabel("horizon")
-        ax.set_ylabel("test MAE (mean +- sd over seeds)")
-        ax.legend(fontsize=8)
-    for ax in axes.flat[len(results) :]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--datasets", nargs="+", default=list(HORIZONS), choices=list(HORIZONS))
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=300, help="optimiser steps, every model")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="a fixed budget of optimiser steps for every model, at its reference learning "
+        "rate (the short-budget appendix); default: the protocol (to convergence)",
+    )
+    parser.add_argument("--max-epochs", type=int, default=Budget.max_epochs)
+    parser.add_argument(
+        "--patience", type=int, default=Budget.patience, help="validations without a lower MAE"
+    )
+    parser.add_argument(
+        "--eval-steps",
+        type=int,
+        default=Budget.eval_steps,
+        help="steps between validations, "
+        "at most (a validation every epoch where an epoch is shorter)",
+    )
     parser.add_argument("--out", default="runs/peers")
     parser.add_argument("--jobs", type=int, default=1, help="training runs at once")
     parser.add_argument("--json", default=None)
@@ -400,21 +319,24 @@ def main() -> None:
     args = parser.parse_args()
     if "ours" not in args.models and not args.train_only:
         args.models.insert(0, "ours")  # everything is compared with it
+    budget = Budget(args.steps, args.max_epochs, args.patience, args.eval_steps)
     print(
-        f"# {platform.machine()}, {os.cpu_count()} CPUs; {args.steps} steps per model, seeds "
-        f"{args.seeds}",
+        f"# {platform.machine()}, {os.cpu_count()} CPUs; {budget.describe()}; seeds {args.seeds}",
         flush=True,
     )
     t0 = time.perf_counter()
     out = ROOT / args.out
-    sweeps, plans = {}, {}
+    sweeps, plans, grids = {}, {}, {}
     for name in args.datasets:
         models = list(args.models)
         if args.family_sweep:
-            sweeps[name] = family_sweep(name, args.seeds[0], args.steps, out, args.jobs)
+            sweeps[name] = family_sweep(name, args.seeds[0], budget, out, args.jobs)
             if sweeps[name]["best_model"] not in models:
                 models.append(sweeps[name]["best_model"])
-        plans[name] = plan(name, models, args.seeds, args.steps, out)
+        chosen = None
+        if budget.steps is None:  # each model's learning rate, chosen on validation
+            chosen, grids[name] = choose_lr(name, models, args.seeds[0], budget, out, args.jobs)
+        plans[name] = plan(name, models, args.seeds, budget, out, chosen)
     for name, (_, _, cannot) in plans.items():
         for model, why in cannot.items():
             print(f"{name}: {model} cannot run: {why}")
@@ -424,10 +346,22 @@ def main() -> None:
         return
     results = [
         {
-            **summarise(name, runs),
+            **summarise(
+                name,
+                runs,
+                HORIZONS[name],
+                steps_per_epoch(name),
+                load_config(ROOT / CONFIGS[name]).data.holdout_sensors is not None,
+            ),
             "cannot": cannot,
             "family_sweep": sweeps.get(name),
-            "steps": args.steps,
+            "budget": budget.describe(),
+            "steps": budget.steps,  # None: the protocol
+            "max_epochs": budget.max_epochs,
+            "patience_validations": budget.patience,
+            "eval_steps": budget.eval_steps,
+            "steps_per_epoch": steps_per_epoch(name),
+            "lr_grid": grids.get(name),
             "seeds": args.seeds,
         }
         for name, (runs, _, cannot) in plans.items()
@@ -436,16 +370,16 @@ def main() -> None:
         results = [
             r
             for r in json.loads(Path(args.json).read_text())
-            if r["dataset"] not in args.datasets or r["steps"] != args.steps  # another budget
+            if r["dataset"] not in args.datasets or r["steps"] != budget.steps  # another budget
         ] + results
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     for result in results:
-        print(f"\n## {result['dataset']}, {result['steps']} steps\n")
-        print(table(result))
+        print(f"\n## {result['dataset']}, {result.get('budget', result['steps'])}\n")
+        print(table(result, PEERS))
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     if args.plot:
-        plot(results, Path(args.plot))
+        plot(results, Path(args.plot), [*MODELS, "historical_average"])
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Every entry point (`launch/*.py`) loads a YAML file with :func:`load_config` and
 command-line overrides ``section.key=value``. Unknown keys and bad values raise
 :class:`ConfigError`, which names the dotted key, the bad value and what is allowed (with the
 nearest known key for a typo). The field docstrings below are the documentation of each key.
+Reading the YAML files and overrides is pipeline/config_files.py.
 """
 
 from __future__ import annotations
@@ -12,156 +13,14 @@ import difflib
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from pipeline.errors import UserError
-from pipeline.kernels import FAMILIES, KERNELS
-
-Family = Literal[KERNELS]  # a family of pipeline/kernels.py, or none
+from pipeline.config_files import apply_override, read_yaml_file
+from pipeline.config_sources import Family, Section, SourceConfig, SyntheticConfig
+from pipeline.errors import ConfigError
 
 
-class ConfigError(UserError, ValueError):
-    """A configuration problem, phrased for the person who wrote the config."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=False)
-
-
-class SyntheticConfig(_Section):
-    """A space-time Gaussian random field with known truth (see ``pipeline/synthetic.py``)."""
-
-    family: Family = "matern32"
-    """Spatial correlation family of the field (``none`` and ``spherical`` cannot be sampled)."""
-    range_km: float = Field(20.0, gt=0)
-    """True length scale of the spatial correlation, km (the ``range`` of docs/design.md)."""
-    variance: float = Field(1.0, gt=0)
-    """Variance (sill) of the latent field."""
-    nugget: float = Field(0.1, ge=0)
-    """Variance of the independent measurement noise added to each observation."""
-    mean: float = 0.0
-    """Constant mean added to every value."""
-    anisotropy_angle_deg: float = 0.0
-    """Angle of the major axis, degrees counter-clockwise from east."""
-    anisotropy_ratio: float = Field(1.0, gt=0, le=1)
-    """Minor/major axis ratio (1 = isotropic)."""
-    ar_coef: float = Field(0.9, ge=0, lt=1)
-    """AR(1) coefficient of the Fourier coefficients from one time step to the next."""
-    num_features: int = Field(512, ge=8)
-    """Number of random Fourier frequencies M (the field is a [T, 2M] x [2M, N] product)."""
-    num_sensors: int = Field(2000, ge=2)
-    """Number of sensors N, placed uniformly at random in the square domain."""
-    num_steps: int = Field(2000, ge=2)
-    """Number of time steps T."""
-    domain_km: float = Field(100.0, gt=0)
-    """Side of the square domain holding the sensors, km."""
-    layout: Literal["uniform", "clustered"] = "uniform"
-    """Sensor placement: ``uniform`` in the domain, or ``clustered``: a share
-    ``cluster_fraction`` of the sensors in ``clusters`` tight Gaussian clusters (sd
-    ``cluster_km``) at random centres, the rest uniform (highways and cities over a sparse
-    background: a sensor's k nearest lie at very different distances)."""
-    clusters: int = Field(20, ge=1)
-    """Number of clusters of the ``clustered`` layout."""
-    cluster_km: float = Field(1.0, gt=0)
-    """Standard deviation of a cluster around its centre, km per axis."""
-    cluster_fraction: float = Field(0.8, ge=0, le=1)
-    """Share of the sensors in clusters (``clustered`` layout)."""
-    outage_fraction: float = Field(0.0, ge=0, lt=1)
-    """Share of the domain's area out of service during an outage (0: no outages): the sensors
-    within ``outage_patches`` circular patches at random centres go unobserved for a random
-    span of half to all of each episode of ``outage_steps`` steps (new centres each episode)."""
-    outage_patches: int = Field(4, ge=1)
-    """Number of outage patches per episode."""
-    outage_steps: int = Field(48, ge=2)
-    """Length of an outage episode, steps."""
-    seed: int = 0
-    """Seed; the field is a pure function of (seed, configuration)."""
-    start: str = "2024-01-01T00:00:00"
-    """Timestamp of the first step (UTC)."""
-    freq: str = "5min"
-    """Time step (pandas frequency string)."""
-
-    @model_validator(mode="after")
-    def _sampleable(self) -> SyntheticConfig:
-        if self.family == "none" or FAMILIES[self.family].spectral is None:
-            sampled = [name for name, family in FAMILIES.items() if family.spectral is not None]
-            raise ValueError(
-                f"family {self.family!r} cannot be sampled by random Fourier features; "
-                f"use one of {', '.join(sampled)}"
-            )
-        return self
-
-
-class SourceConfig(_Section):
-    """Raw input files of preprocessing (README, "Bring your own data")."""
-
-    kind: Literal["synthetic", "wide_csv", "long_csv", "parquet", "hdf5", "xarray"] = "synthetic"
-    """``synthetic`` (data.synthetic), ``wide_csv`` (a column per sensor), ``long_csv`` /
-    ``parquet`` (rows of sensor_id, time, value[, more features]), ``hdf5`` (METR-LA layout),
-    ``xarray`` (a Zarr store or NetCDF file with [time, sensor] variables)."""
-    path: str | None = None
-    """The data file, or the Zarr directory (not used by ``synthetic``)."""
-    locations: str | None = None
-    """CSV of sensor positions: ``sensor_id`` + ``latitude``/``longitude`` or ``x``/``y`` (km).
-    xarray: optional when the dataset has such coordinates along the sensor dimension."""
-    locations_header: bool = True
-    """False when the locations file has no header row (columns: sensor_id, lat, lon)."""
-    time_column: str | None = None
-    """Wide CSV: name of the timestamp column; None when rows carry no timestamp (then
-    ``start`` and ``freq`` define the time axis). Long formats: the time column (``time``);
-    xarray: the time dimension (``time``)."""
-    sensor_column: str = "sensor_id"
-    """Long formats: the sensor id column; xarray: the sensor dimension (its coordinate, if
-    any, holds the ids)."""
-    value_columns: list[str] = ["value"]
-    """Long formats: the feature columns; xarray: the data variables (F = their number)."""
-    time_format: str | None = None
-    """strftime format of the timestamps (e.g. ``%d/%m/%Y %H:%M``); None: ISO 8601 and what
-    pandas infers, month first where a date is ambiguous (see ``dayfirst``)."""
-    dayfirst: bool = False
-    """Read ambiguous dates such as 01/02/2024 day first (1 February); ignored with
-    ``time_format``."""
-    start: str | None = None
-    """Timestamp of the first row when rows carry no timestamp (UTC)."""
-    freq: str | None = None
-    """Time step (pandas frequency string, e.g. ``5min``); inferred from timestamps if None."""
-    partition_mb: float = Field(64.0, gt=0)
-    """Long formats: size of the partitions read in parallel (CSV bytes; Parquet: whole row
-    groups up to this uncompressed size); memory per task follows it, not the file size."""
-    delimiter: str = ","
-    """Wide CSV: the field delimiter (one character, e.g. ``;`` from European spreadsheets)."""
-    decimal: str = "."
-    """Wide CSV: the decimal mark (``,`` from European spreadsheets)."""
-    encoding: str = "utf-8"
-    """Wide CSV: the text encoding (ASCII-compatible: utf-8, latin-1, cp1252, ...); a UTF-8
-    byte-order mark is skipped."""
-    sentinels: list[float] = []
-    """Values that mean "missing" (e.g. 0 for METR-LA speeds): masked, never used."""
-    hdf5_key: str = "df"
-    """HDF5: the pandas key of the frame."""
-    units: str = ""
-    """Units of the values (recorded in the store)."""
-
-    @model_validator(mode="after")
-    def _csv_dialect(self) -> SourceConfig:
-        if len(self.delimiter) != 1 or len(self.decimal) != 1:
-            raise ValueError("delimiter and decimal must be one character each")
-        if self.delimiter == self.decimal:
-            raise ValueError(f"delimiter and decimal are both {self.delimiter!r}")
-        try:
-            ascii_ok = "\n,;.0".encode(self.encoding) == b"\n,;.0"
-        except LookupError:
-            raise ValueError(f"encoding {self.encoding!r} is unknown") from None
-        if not ascii_ok:
-            raise ValueError(
-                f"encoding {self.encoding!r} is not ASCII-compatible (UTF-16/32): convert the "
-                "file to UTF-8"
-            )
-        return self
-
-
-class DataConfig(_Section):
+class DataConfig(Section):
     """Where the data comes from and how windows are cut."""
 
     store: str = "stores/small.zarr"
@@ -221,7 +80,7 @@ class DataConfig(_Section):
         return self
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """The spatially-informed transformer (docs/design.md, section 1)."""
 
     d_model: int = Field(64, ge=4)
@@ -282,7 +141,7 @@ class ModelConfig(_Section):
         return self
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """Optimisation, evaluation and checkpoints (pipeline/train.py, DeepSpeed)."""
 
     steps: int = Field(300, ge=1)
@@ -332,10 +191,24 @@ class TrainConfig(_Section):
     """Score the test split against the exact Bayes limit of a synthetic store
     (evaluate/oracle.py): minutes of CPU at a few hundred sensors, the same for every model of
     a store. benchmarks/peers.py turns it off; benchmarks/limit.py is where it is compared."""
+    historical_average: bool = True
+    """Score the historical average baseline in the test (each sensor's train mean at the
+    target's time of day; where the time step divides a day): one pass over the train split
+    and [steps per day, N, F] float32 in memory."""
     patience: int | None = Field(None, ge=1)
-    """Early stopping: validations without improvement before stopping (None: never)."""
+    """Early stopping: validations without improvement of ``monitor`` before stopping (None:
+    never)."""
+    monitor: Literal["mae", "crps", "loss"] = "mae"
+    """The validation metric that early stopping and the best weights follow (lower is
+    better): the pooled MAE, CRPS, or the training loss on the validation split."""
+    restore_best: bool = True
+    """Test and export the weights of the best validation (``monitor``), not the last step's
+    (they are kept beside the checkpoints, ``checkpoints/best.pt``, and survive a resume)."""
     checkpoint_every: int = Field(100, ge=1)
     """Steps between checkpoints."""
+    keep_checkpoints: int | None = Field(3, ge=1)
+    """Complete checkpoints kept (the newest); older ones are removed once a new one is
+    complete (None: keep all). The best validation weights are kept apart."""
     resume: Literal["auto", "never"] = "auto"
     """``auto``: continue from the latest checkpoint of this run if there is one."""
     out_dir: str = "runs"
@@ -344,7 +217,7 @@ class TrainConfig(_Section):
     """Where to train (``auto``: CUDA when available)."""
 
 
-class TrackingConfig(_Section):
+class TrackingConfig(Section):
     """MLflow tracking and model registry (pipeline/tracking.py)."""
 
     enabled: bool = True
@@ -364,7 +237,7 @@ class TrackingConfig(_Section):
 Distribution = dict[Literal["grid", "choice", "uniform", "loguniform", "randint"], list[Any]]
 
 
-class TuneConfig(_Section):
+class TuneConfig(Section):
     """Ray Tune sweeps (pipeline/tune.py, ``launch/tune.py``)."""
 
     space: dict[str, Distribution] = {}
@@ -403,7 +276,7 @@ class TuneConfig(_Section):
     """Seed of the search."""
 
 
-class DaskConfig(_Section):
+class DaskConfig(Section):
     """The Dask cluster used by preprocessing."""
 
     scheduler: str | None = None
@@ -414,7 +287,7 @@ class DaskConfig(_Section):
     """Threads per LocalCluster worker."""
 
 
-class Config(_Section):
+class Config(Section):
     """Root of the configuration."""
 
     name: str = Field("small", pattern=r"^[A-Za-z0-9][A-Za-z0-9._=-]*$", max_length=200)
@@ -467,6 +340,8 @@ def _describe(err: dict[str, Any], source: str) -> str:
         hint = f"; did you mean {near[0]!r}?" if near else ""
         return f"{source}: unknown key {key!r}{hint}"
     value = err.get("input")
+    if isinstance(value, dict):  # a check across a section's keys: the message names them
+        return f"{source}: {key}: {err['msg'].removeprefix('Value error, ')}"
     return f"{source}: {key} = {value!r} is not allowed: {err['msg']}"
 
 
@@ -477,81 +352,6 @@ def validate(raw: dict[str, Any], source: str = "config") -> Config:
     except ValidationError as exc:
         lines = [_describe(e, source) for e in exc.errors()]
         raise ConfigError("\n".join(lines)) from None
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML's safe loader without its implicit timestamps: ``start: 2024-01-01`` stays the
-    string the source parses with its own format, not a ``datetime.date``."""
-
-
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-MAX_YAML_NODES = 100_000  # values in a config after aliases are expanded (an alias bomb stops)
-
-
-def read_yaml(text: str, where: str) -> Any:
-    """Parse config YAML; errors name ``where``, the line and column; aliases that expand to
-    more than ``MAX_YAML_NODES`` values are refused before anything walks them."""
-    try:
-        value = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        tab = " (YAML indents with spaces, not tabs)" if "\t" in text else ""
-        where_at = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark else where
-        raise ConfigError(f"{where_at}: {exc.problem or exc.context}{tab}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}: not valid YAML ({exc})") from None
-    stack, count = [value], 0
-    while stack:  # counts shared (aliased) values once per reference, as a walk would see them
-        node = stack.pop()
-        count += 1
-        if count > MAX_YAML_NODES:
-            raise ConfigError(
-                f"{where}: more than {MAX_YAML_NODES} values once its aliases (*name) are "
-                "expanded; write the values out or use fewer aliases"
-            )
-        if isinstance(node, dict):
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-    return value
-
-
-def read_yaml_file(path: Path) -> Any:
-    """:func:`read_yaml` of a file, which must be UTF-8 (an error names the line otherwise)."""
-    if path.is_dir():
-        raise ConfigError(f"config file {path} is a directory: give the YAML file inside it")
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise ConfigError(
-            f"{path}:{line}: byte 0x{data[exc.start]:02x} is not UTF-8; save the file as UTF-8"
-        ) from None
-    return read_yaml(text, str(path))
-
-
-def apply_override(raw: dict[str, Any], override: str) -> None:
-    """Apply one ``section.key=value`` override to the raw dict (value parsed as YAML)."""
-    if "=" not in override:
-        raise ConfigError(f"override {override!r} must look like section.key=value")
-    key, text = override.split("=", 1)
-    parts = key.strip().split(".")
-    node = raw
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
-        node = child
-    try:
-        node[parts[-1]] = read_yaml(text, f"override {key}") if text.strip() else None
-    except ConfigError as exc:
-        raise ConfigError(f"{exc}; quote a plain string value ({key}='\"{text}\"')") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:

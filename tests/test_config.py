@@ -118,3 +118,13 @@ def test_dates_stay_the_strings_they_are_written_as(tmp_path):
     path.write_text("data:\n  source:\n    start: 2024-01-01\n    freq: h\n")
     assert load_config(path).data.source.start == "2024-01-01"
     assert load_config(None, ["data.source.start=2024-01-01"]).data.source.start == "2024-01-01"
+
+
+def test_a_check_across_a_section_names_the_key_not_the_whole_section():
+    with pytest.raises(ConfigError) as err:
+        load_config(
+            Path(__file__).parents[1] / "configs/los_loop.yaml", ["data.holdout_sensors=1.5"]
+        )
+    message = str(err.value)
+    assert "holdout_sensors = 1.5: give a fraction in (0, 1) or sensor ids" in message
+    assert "los_speed.csv" not in message and "'store'" not in message

@@ -10,6 +10,7 @@ from scipy import stats
 from pipeline.data.neighbours import k_nearest
 from pipeline.evaluate.metrics import (
     BASELINES,
+    HISTORICAL,
     BaselineSpread,
     ComparisonAccumulator,
     MetricAccumulator,
@@ -202,15 +203,26 @@ def test_comparison_sums_merge_across_batches_tiles_and_ranks():
     tm, ts = rng.normal(5, 1, (n, f)), rng.uniform(1, 2, (n, f))
     t = torch.tensor
 
-    whole = ComparisonAccumulator(origins, n, h, "cpu")
-    whole.update(t(origins), torch.arange(n), t(mean), t(std), t(y), t(mask), t(last), t(tm), t(ts))
-    ranks = [ComparisonAccumulator(origins, n, h, "cpu") for _ in range(2)]
+    hist = rng.normal(5, 1, (b, h, n, f))  # a historical average per target
+    names = (*BASELINES, HISTORICAL)
+
+    def points(rows, nodes):
+        return {
+            "last_value": t(last[rows][:, nodes])[:, None],
+            "train_mean": t(tm[nodes]),
+            HISTORICAL: t(hist[rows][:, :, nodes]),
+        }
+
+    whole = ComparisonAccumulator(origins, n, h, "cpu", names=names)
+    everything = points(slice(None), np.arange(n))
+    whole.update(t(origins), torch.arange(n), t(mean), t(std), t(y), t(mask), everything, t(ts))
+    ranks = [ComparisonAccumulator(origins, n, h, "cpu", names=names) for _ in range(2)]
     for r, rows in enumerate([slice(0, 5), slice(5, b)]):
         for nodes in (np.arange(0, 18), np.arange(18, n)):
             sel = (rows, slice(None), nodes)
             ranks[r].update(
                 t(origins[rows]), t(nodes), t(mean[sel]), t(std[sel]), t(y[sel]),
-                t(mask[sel]), t(last[rows][:, nodes]), t(tm[nodes]), t(ts[nodes]),
+                t(mask[sel]), points(rows, nodes), t(ts[nodes]),
             )  # fmt: skip
     merged = ranks[0].windows + ranks[1].windows
     np.testing.assert_allclose(merged, whole.windows, rtol=1e-12)
@@ -218,9 +230,11 @@ def test_comparison_sums_merge_across_batches_tiles_and_ranks():
 
     _, idx = _graph(n, 4, 3)
     res = whole.result(idx)
-    assert set(res["baselines"]) == set(BASELINES)
+    assert set(res["baselines"]) == set(names)
     err_last = np.abs(y - last[:, None])[mask].mean()
     assert res["baselines"]["last_value"]["mae"] == pytest.approx(err_last, rel=1e-12)
+    err_hist = np.abs(y - hist)[mask].mean()
+    assert res["baselines"][HISTORICAL]["mae"] == pytest.approx(err_hist, rel=1e-12)
     model_w = np.array([np.abs(y - mean)[i][mask[i]].mean() for i in range(b)])
     base_w = np.array([np.abs(y - tm)[i][mask[i]].mean() for i in range(b)])
     expected = diebold_mariano(model_w - base_w, h)
@@ -238,8 +252,9 @@ def test_baselines_are_gaussian_forecasts_with_a_spread_fitted_per_step():
     mask = torch.from_numpy(rng.random((b, h, n, f)) > 0.1)
     last = torch.from_numpy(rng.normal(0, 1, (b, n, f)))
     spread = BaselineSpread(h)
-    spread.update(y[:20], mask[:20], last[:20])
-    spread.update(y[20:], mask[20:], last[20:])  # sums: batches merge
+    zero = torch.zeros(n, f, dtype=torch.float64)
+    spread.update(y[:20], mask[:20], {"last_value": last[:20, None], "train_mean": zero})
+    spread.update(y[20:], mask[20:], {"last_value": last[20:, None], "train_mean": zero})
     rms = spread.result()
     m = mask.double()
     expected = (((y - last[:, None]) ** 2 * m).sum((0, 2, 3)) / m.sum((0, 2, 3))).sqrt()
@@ -252,7 +267,8 @@ def test_baselines_are_gaussian_forecasts_with_a_spread_fitted_per_step():
     )
     yd, lastd = y * ts + tm, last * ts + tm  # data units
     acc = ComparisonAccumulator(np.arange(b), n, h, "cpu", spreads=rms)
-    acc.update(torch.arange(b), torch.arange(n), yd, torch.ones_like(yd), yd, mask, lastd, tm, ts)
+    pts = {"last_value": lastd[:, None], "train_mean": tm}
+    acc.update(torch.arange(b), torch.arange(n), yd, torch.ones_like(yd), yd, mask, pts, ts)
     res = acc.result(_graph(n, 4, 1)[1])["baselines"]
     sd = rms["train_mean"][None, :, None, None] * ts
     crps = gaussian_crps(tm.expand_as(yd), sd.expand_as(yd), yd)

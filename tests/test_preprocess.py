@@ -37,6 +37,13 @@ def test_sentinels_are_masked_not_used(scheduler, tmp_path):
     assert store["mean"][a1, 0] == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("cell", ["1e15", "-1e15", "3e20"])
+def test_a_value_of_1e15_or_more_is_refused_naming_the_sensor(scheduler, tmp_path, cell):
+    rows = hourly_rows()
+    rows[7][2] = cell  # sensor b2 (float32 holds 1e15 as 9.99999987e14: still refused)
+    expect_error(scheduler, tmp_path, write_case(tmp_path, rows), "'b2'", "or more are taken")
+
+
 def test_unknown_source_kind(scheduler, tmp_path):
     ov = write_case(tmp_path) + ["data.source.kind=netcdf4"]
     msg = expect_error(scheduler, tmp_path, ov, "data.source.kind", "'netcdf4'")

@@ -211,8 +211,9 @@ def _write_store(
                 f"sensors {ids} have no observation at all; drop them from the data and "
                 "the locations file"
             )
-        if (largest >= MAX_ABS).any():
-            j, c = np.argwhere(largest >= MAX_ABS)[0]
+        too_large = largest >= np.float32(MAX_ABS)  # as stored: 1e15 is 9.99999987e14 in float32
+        if too_large.any():
+            j, c = np.argwhere(too_large)[0]
             when = np.datetime_as_string(np.datetime64(int(source.time[largest_at[j, c]]), "ns"))
             sensor, feature = source.sensor_ids[order[j]], source.features[c]
             raise SourceError(

@@ -18,13 +18,24 @@ from pipeline.data.store import Store, open_store
 from pipeline.data.timefeatures import DAY_NS
 
 
+def _step(freq: str) -> int:
+    """The time step of ``freq`` in ns; 0 for calendar steps (months, years: no fixed length)."""
+    try:
+        return int(pd.Timedelta(pd.tseries.frequencies.to_offset(freq)).value)
+    except (ValueError, TypeError):
+        return 0
+
+
+def divides_day(freq: str) -> bool:
+    """Whether a time step of ``freq`` divides a day (a daily profile exists)."""
+    step = _step(freq)
+    return 0 < step <= DAY_NS and DAY_NS % step == 0
+
+
 def step_ns(freq: str, where: str) -> int:
     """The time step of ``freq`` in ns, which must divide a day (one slot per step of a day)."""
-    try:
-        step = int(pd.Timedelta(pd.tseries.frequencies.to_offset(freq)).value)
-    except (ValueError, TypeError):
-        step = 0  # calendar steps (months, years) have no fixed length
-    if step <= 0 or step > DAY_NS or DAY_NS % step:
+    step = _step(freq)
+    if not divides_day(freq):
         raise ConfigError(
             f"model.daily_profile needs a time step that divides a day; {where} has {freq!r}: "
             "set model.daily_profile=false"

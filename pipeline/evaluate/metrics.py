@@ -1,8 +1,9 @@
 """Masked forecast metrics per horizon step (docs/design.md, section 4), accumulated over
 batches and ranks: MAE, RMSE, MAPE, Gaussian CRPS, PIT histogram, and coverage of the central
-50 % and 90 % intervals; and the statistical comparisons of the test split: the Diebold-Mariano test
-(Harvey-Leybourne-Newbold correction) of the model against the baselines ``last_value`` and
-``train_mean``, and Moran's I of the per-sensor residuals over the neighbour graph.
+50 % and 90 % intervals; and the statistical comparisons of the test split: the
+Diebold-Mariano test (Harvey-Leybourne-Newbold correction) of the model against the baselines
+``last_value``, ``train_mean`` and ``historical_average``, and Moran's I of the per-sensor
+residuals over the neighbour graph.
 
 The accumulators hold sums in float64 tensors, so ranks merge by an all-reduce sum.
 """
@@ -107,16 +108,11 @@ class MetricAccumulator:
         }
 
 
+# the baselines of every run: the last observed value and each sensor's train mean; and, where
+# the time step divides a day, the historical average: each sensor's train mean at the target's
+# time of day (pipeline/data/profile.py), the first baseline of traffic and air quality
 BASELINES = ("last_value", "train_mean")
-# per-window sums: observed cells, then absolute error and CRPS of the model, then the
-# absolute error and the CRPS of each baseline (a Gaussian forecast, see BaselineSpread)
-_WINDOW_COLS = (
-    "n",
-    "model_abs",
-    "model_crps",
-    *(f"{b}_abs" for b in BASELINES),
-    *(f"{b}_crps" for b in BASELINES),
-)
+HISTORICAL = "historical_average"
 
 
 class BaselineSpread:
@@ -124,23 +120,25 @@ class BaselineSpread:
     per horizon step, in units of each sensor's train std, summed over train windows (float64,
     ranks merge by an all-reduce sum of ``state`` [baselines, horizon, 2])."""
 
-    def __init__(self, horizon: int, device: torch.device | str = "cpu") -> None:
-        self.state = torch.zeros(len(BASELINES), horizon, 2, dtype=torch.float64, device=device)
+    def __init__(
+        self, horizon: int, names: tuple[str, ...] = BASELINES, device: torch.device | str = "cpu"
+    ) -> None:
+        self.names = names
+        self.state = torch.zeros(len(names), horizon, 2, dtype=torch.float64, device=device)
 
-    def update(self, y: Tensor, mask: Tensor, last: Tensor) -> None:
-        """y, mask [B, horizon, n, F] normalised (train mean 0, std 1 per sensor); last
-        [B, n, F] the last observed normalised input (0, the train mean, where none)."""
+    def update(self, y: Tensor, mask: Tensor, points: dict[str, Tensor]) -> None:
+        """y, mask [B, horizon, n, F] normalised (train mean 0, std 1 per sensor); ``points``:
+        each baseline's normalised forecast, broadcastable to y."""
         m = mask.double()
-        points = (last.double()[:, None], torch.zeros_like(last, dtype=torch.float64)[:, None])
-        for i, p in enumerate(points):  # same order as BASELINES
-            err = (y.double() - p) * m
+        for i, name in enumerate(self.names):
+            err = (y.double() - points[name].double()) * m
             self.state[i, :, 0] += (err * err).sum((0, 2, 3))
             self.state[i, :, 1] += m.sum((0, 2, 3))
 
     def result(self) -> dict[str, Tensor]:
         """Per baseline, the spread per horizon step [horizon] (std units)."""
         rms = (self.state[..., 0] / self.state[..., 1].clamp_min(1)).sqrt()
-        return {b: rms[i] for i, b in enumerate(BASELINES)}
+        return {b: rms[i] for i, b in enumerate(self.names)}
 
 
 def last_observed(x: Tensor, x_mask: Tensor, fallback: Tensor) -> Tensor:
@@ -164,12 +162,19 @@ class ComparisonAccumulator:
         horizon: int,
         device,
         spreads: dict[str, Tensor] | None = None,
+        names: tuple[str, ...] = BASELINES,
     ) -> None:
         """``spreads``: per baseline, its Gaussian spread per horizon step in train-std units
-        (:class:`BaselineSpread`); without it a baseline is a point forecast (CRPS = MAE)."""
+        (:class:`BaselineSpread`); without it a baseline is a point forecast (CRPS = MAE).
+        ``names``: the baselines, in the order of the columns."""
         self.origins, self.horizon, self.spreads = np.asarray(origins), horizon, spreads
+        self.names = names
+        # per window: observed cells, the model's absolute error and CRPS, then each
+        # baseline's absolute error, then each baseline's CRPS
+        self.cols = ("n", "model_abs", "model_crps")
+        self.cols += tuple(f"{b}_abs" for b in names) + tuple(f"{b}_crps" for b in names)
         self.windows = torch.zeros(
-            len(self.origins), len(_WINDOW_COLS), dtype=torch.float64, device=device
+            len(self.origins), len(self.cols), dtype=torch.float64, device=device
         )
         self.nodes = torch.zeros(num_nodes, 2, dtype=torch.float64, device=device)
 
@@ -181,33 +186,32 @@ class ComparisonAccumulator:
         std: Tensor,
         y: Tensor,
         mask: Tensor,
-        last: Tensor,
-        train_mean: Tensor,
+        points: dict[str, Tensor],
         train_std: Tensor,
     ) -> None:
         """origins [B]; nodes [n] store indices; mean, std, y, mask [B, horizon, n, F] in the
-        data's units; last [B, n, F] (the last observed input); train_mean/std [n, F]."""
+        data's units; ``points``: each baseline's forecast in the data's units, broadcastable
+        to y; train_std [n, F]."""
         mean, std, y = mean.double(), std.double(), y.double()
         m = mask.double()
         y = torch.where(mask, y, mean)
         err = y - mean
-        baselines = (last.double()[:, None], train_mean.double())  # same order as BASELINES
         dims = (1, 2, 3)  # sum over horizon, node, feature -> [B]
-        base_crps = []
-        for name, b in zip(BASELINES, baselines, strict=True):
+        base_abs, base_crps = [], []
+        for name in self.names:
+            point = points[name].double().expand_as(y)
+            base_abs.append(((y - point).abs() * m).sum(dims))
             if self.spreads is None:
-                base_crps.append(((y - b).abs() * m).sum(dims))
+                base_crps.append(base_abs[-1])
                 continue
-            spread = (
-                self.spreads[name].to(y)[None, :, None, None] * train_std.double()
-            )  # [1, H, n, F]
-            point = b.expand_as(y)
-            base_crps.append((gaussian_crps(point, spread.expand_as(y), y) * m).sum(dims))
+            spread = self.spreads[name].to(y)[None, :, None, None] * train_std.double()
+            crps = gaussian_crps(point, spread.expand_as(y), y)  # spread [1, H, n, F]
+            base_crps.append((crps * m).sum(dims))
         cols = [
             m.sum(dims),
             (err.abs() * m).sum(dims),
             (gaussian_crps(mean, std, y) * m).sum(dims),
-            *(((y - b).abs() * m).sum(dims) for b in baselines),
+            *base_abs,
             *base_crps,
         ]
         rows = np.searchsorted(self.origins, origins.cpu().numpy())
@@ -235,13 +239,13 @@ class ComparisonAccumulator:
         each (on the per-window MAE and CRPS), and Moran's I of the per-sensor mean residual
         over the k-nearest-neighbour graph ``neighbours`` [N, k] (itself first)."""
         w = self.windows.cpu().numpy()
-        col = {name: w[:, i] for i, name in enumerate(_WINDOW_COLS)}
+        col = {name: w[:, i] for i, name in enumerate(self.cols)}
         seen = col["n"] > 0
         n = col["n"][seen]
         model_mae, model_crps = col["model_abs"][seen] / n, col["model_crps"][seen] / n
         out: dict = {}
         total = max(col["n"].sum(), 1)
-        for b in BASELINES:
+        for b in self.names:
             out[b] = {
                 "mae": float(col[f"{b}_abs"].sum() / total),
                 "crps": float(col[f"{b}_crps"].sum() / total),

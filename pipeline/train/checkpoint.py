@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +52,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 MARKER = "COMPLETE"  # in a checkpoint's folder: every rank's files are written, with sizes
 
 
-def save(engine, ckpt_dir: Path, step: int, trainer_state: dict, ctx: Context) -> None:
+def save(
+    engine, ckpt_dir: Path, step: int, trainer_state: dict, ctx: Context, keep: int | None = None
+) -> None:
     """Engine state (DeepSpeed) + each rank's trainer state; then, once every rank is done,
-    the checkpoint's completion marker (the only thing resume trusts)."""
+    the checkpoint's completion marker (the only thing resume trusts), and the checkpoints
+    beyond the newest ``keep`` complete ones removed (:func:`prune`)."""
     tag = f"step{step:08d}"
     (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
     torch.save(
@@ -67,7 +72,49 @@ def save(engine, ckpt_dir: Path, step: int, trainer_state: dict, ctx: Context) -
         tmp = ckpt_dir / tag / f".{MARKER}.tmp"
         tmp.write_text(json.dumps({"step": step, "world_size": ctx.world_size, "files": sizes}))
         tmp.replace(ckpt_dir / tag / MARKER)
+        prune(ckpt_dir, keep)
     barrier()
+
+
+BEST = "best.pt"  # in the checkpoints folder: the best validation weights so far
+
+
+def save_best(weights: dict[str, torch.Tensor], ckpt_dir: Path, step: int, value: float) -> None:
+    """The weights of the best validation so far (rank 0 calls it), replaced atomically: a
+    kill while writing leaves the previous best."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt_dir / f".{BEST}.tmp"
+    torch.save({"step": step, "value": value, "weights": weights}, tmp)
+    tmp.replace(ckpt_dir / BEST)
+
+
+def load_best(ckpt_dir: Path) -> dict | None:
+    """``{"step", "value", "weights"}`` of :func:`save_best`, or None if there is none."""
+    path = ckpt_dir / BEST
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is said the same way
+        raise ConfigError(
+            f"the best-validation weights {path} cannot be read ({type(exc).__name__}): "
+            "delete the file to test the last weights, or train afresh (train.resume=never)"
+        ) from None
+
+
+def prune(ckpt_dir: Path, keep: int | None) -> None:
+    """Remove the checkpoints older than the newest ``keep`` complete ones (None: keep all).
+    Only after a new one is complete: the newest complete checkpoint, the one a resume takes,
+    is never removed."""
+    if keep is None:
+        return
+    tags = sorted((p for p in ckpt_dir.glob("step*") if p.is_dir()), reverse=True)
+    complete = [t for t in tags if (t / MARKER).is_file()][:keep]
+    if len(complete) < keep:
+        return
+    for tag_dir in tags:
+        if tag_dir.name < complete[-1].name:
+            shutil.rmtree(tag_dir, ignore_errors=True)
 
 
 def _incomplete(tag_dir: Path) -> str | None:
@@ -77,14 +124,31 @@ def _incomplete(tag_dir: Path) -> str | None:
         return "no completion marker (interrupted while writing)"
     try:
         files = json.loads(marker.read_text())["files"]
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, TypeError):
         return "its completion marker is damaged"
+    if not isinstance(files, dict) or not files:
+        return "its completion marker lists no files"
     for name, size in files.items():
         path = tag_dir / name
         if not path.is_file():
             return f"{name} is missing"
         if path.stat().st_size != size:
             return f"{name} has {path.stat().st_size} bytes, {size} when written"
+    return _damaged(tag_dir, files)
+
+
+def _damaged(tag_dir: Path, files: dict) -> str | None:
+    """Why a checkpoint's files cannot be read back (torch's files are zip archives with a
+    CRC-32 per record: a changed byte anywhere is found here, before anything loads), or
+    None."""
+    for name in files:
+        try:
+            with zipfile.ZipFile(tag_dir / name) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            return f"{name} is damaged ({type(exc).__name__})"
+        if bad is not None:
+            return f"{name} is damaged (record {bad} fails its checksum)"
     return None
 
 

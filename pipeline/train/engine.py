@@ -11,6 +11,8 @@ imports deepspeed; it knows nothing of the model).
 - ``ds_config``: the DeepSpeed JSON generated from ``Config.train`` (ZeRO stage, precision,
   micro-batch, gradient accumulation and clipping).
 - ``build_engine``: the DeepSpeed engine of a model with the trainer's optimizer and schedule.
+- ``full_weights``, ``set_weights``: the module's whole weights (ZeRO-3 gathered), for the
+  best-validation weights that are tested and exported.
 - ``all_reduce_sum``, ``barrier``: the collectives the trainer needs.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -68,6 +71,40 @@ def _local_meeting_file() -> Path | None:
     return Path(tempfile.gettempdir()) / f"sit-meet-{os.getppid()}-{env.get('MASTER_PORT')}"
 
 
+BUILD_IDLE_S = 120  # a JIT build lock whose folder saw no write for this long is left over
+
+
+def _build_locks() -> list[Path]:
+    """The lock files of DeepSpeed's JIT-built shared-memory op in the torch extensions
+    cache (``$TORCH_EXTENSIONS_DIR`` or its default, one folder per Python and accelerator)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    folders = [Path(root)] if root else list(Path(get_default_build_root()).glob("*"))
+    return [f / "deepspeed_shm_comm" / "lock" for f in folders]
+
+
+def clear_stale_build_lock(idle_s: float = BUILD_IDLE_S, poll_s: float = 2.0) -> None:
+    """A run killed while DeepSpeed builds its op leaves the build's lock file, and torch then
+    waits for it forever, silently. A lock whose folder has had no write for ``idle_s`` is
+    removed (and said); one that a live build keeps writing is waited for, saying so."""
+    said = False
+    for lock in _build_locks():
+        while lock.exists():
+            try:
+                newest = max(p.stat().st_mtime for p in lock.parent.iterdir())
+            except (FileNotFoundError, ValueError):
+                continue  # the build finished while we looked
+            if time.time() - newest >= idle_s:
+                lock.unlink(missing_ok=True)
+                print(f"removed {lock}: a build lock left by a run killed while building")
+                break
+            if not said:
+                print(f"waiting for {lock} (another process is building DeepSpeed's op)")
+                said = True
+            time.sleep(poll_s)
+
+
 @contextmanager
 def process_group(device: str = "auto") -> Iterator[Context]:
     """Join (or create) the process group for the duration of the block; yields this
@@ -81,6 +118,7 @@ def process_group(device: str = "auto") -> Iterator[Context]:
     import deepspeed
     import deepspeed.comm
 
+    clear_stale_build_lock()
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise ConfigError(
@@ -155,6 +193,33 @@ def build_engine(model: torch.nn.Module, optimizer, schedule, cfg: Config):
         model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config(cfg)
     )
     return engine
+
+
+@contextmanager
+def _whole(engine, modify: bool = False) -> Iterator[None]:
+    """The engine's module with its full parameters in the block (ZeRO-3 gathers its
+    partitions, and with ``modify`` scatters rank 0's values back; other stages hold them)."""
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    stage3 = engine.zero_optimization_stage() == 3
+    with deepspeed.zero.GatheredParameters(
+        params, modifier_rank=0 if modify else None, enabled=stage3
+    ):
+        yield
+
+
+def full_weights(engine) -> dict[str, torch.Tensor]:
+    """A CPU copy of the engine module's full state dict (the best-validation weights that
+    pipeline/train/loop.py keeps); the same on every rank."""
+    with _whole(engine):
+        return {k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()}
+
+
+def set_weights(engine, weights: dict[str, torch.Tensor]) -> None:
+    """Load ``weights`` (from :func:`full_weights`) into the engine's module on every rank."""
+    with _whole(engine, modify=True):
+        engine.module.load_state_dict(weights)
 
 
 def checkpoint_globals() -> set[str]:

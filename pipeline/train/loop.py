@@ -1,6 +1,7 @@
-"""Training in four named steps: ``setup`` (store, model, engine, resume), ``fit`` (the
-loop: steps, validation, early stopping, checkpoints), ``evaluate`` (one split's metrics),
-``finish`` (test metrics, export, metrics.json).
+"""Training in three named steps: ``setup`` (store, model, engine, resume), ``fit`` (the
+loop: steps, validation, early stopping, the best validation weights, checkpoints),
+``finish`` (the best weights back, test metrics, export, metrics.json); one split's metrics
+are pipeline/train/evaluation.py.
 
 One code path for one CPU process, many CPU processes (gloo), GPUs (NCCL) and nodes: the
 DeepSpeed engine of pipeline/train/engine.py steps the model; batches stream from the store
@@ -19,62 +20,29 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from pipeline.config import Config, ConfigError
 from pipeline.data.geometry import positions_km
-from pipeline.data.store import Store, open_store
-from pipeline.data.stream import WindowStream, target_features
-from pipeline.evaluate.metrics import (
-    BaselineSpread,
-    ComparisonAccumulator,
-    MetricAccumulator,
-    last_observed,
-    validation_row,
-)
+from pipeline.data.store import open_store
+from pipeline.data.stream import target_features
+from pipeline.evaluate.metrics import validation_row
 from pipeline.evaluate.oracle import limit
 from pipeline.model.export import export_model
 from pipeline.model.forecaster import build_model
 from pipeline.model.losses import LOSSES
 from pipeline.train import checkpoint, engine
+from pipeline.train.evaluation import GROUPS, baseline_spreads, evaluate
 from pipeline.train.guards import check_fits, pins, run_lock
 from pipeline.train.optimizer import optimizer
+from pipeline.train.run import Run, Tracker, forward, kernel_params, split_stream, to_device
 
 Reporter = Callable[[int, dict], None]  # (step, validation metrics) -> None (Ray Tune hook)
-
-
-class Tracker(Protocol):
-    """What training asks of a tracker (pipeline/track/tracking.py implements it)."""
-
-    def start(self, store: Store, resuming: bool) -> None: ...
-    def log_step(self, step: int, loss: float, kernels: list[dict], lr: float) -> None: ...
-    def log_validation(self, step: int, val: dict) -> None: ...
-    def finish(self, metrics: dict, model_dir: Path, store: Store) -> str | None: ...
-    def fail(self, exc: BaseException) -> None: ...
-
-
-@dataclass
-class Run:
-    """What a training run holds from setup to finish."""
-
-    cfg: Config
-    ctx: engine.Context
-    store: Store
-    run_dir: Path
-    model: nn.Module  # Forecaster, or a PeerForecaster (model.peer)
-    engine: Any
-    dtype: torch.dtype
-    tracker: Tracker | None
-    state: dict
-    resumed: dict | None
-    streams: dict[str, WindowStream] = field(default_factory=dict)
 
 
 @dataclass
@@ -85,66 +53,7 @@ class Fitted:
     wait_s: float = 0.0
     compute_s: float = 0.0
     samples: int = 0
-
-
-def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    out = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            value = value.to(device, non_blocking=True)
-            if key in ("x", "calendar", "profile") and value.is_floating_point():
-                value = value.to(dtype)
-        out[key] = value
-    return out
-
-
-def _forward(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """mean, std (float32, normalised units) and the loss mask (observed targets only)."""
-    mean, std = engine(
-        batch["x"],
-        batch["x_mask"],
-        batch["calendar"],
-        batch["pos"],
-        batch["neighbours"],
-        batch["nodes"],  # the sensors' store indices (model.node_embedding)
-        batch.get("profile"),  # model.daily_profile
-    )
-    mask = batch["y_mask"] & batch["target"][None, None, :, None]
-    return mean.float(), std.float(), mask
-
-
-GROUPS = ("seen", "unseen")  # test metrics by side of data.holdout_sensors
-
-
-def _stream(run: Run, split: str, **kwargs) -> WindowStream:
-    """This rank's share of ``split`` (see pipeline/data/stream.py)."""
-    cfg, ctx = run.cfg, run.ctx
-    return WindowStream(
-        run.store,
-        split,
-        cfg.data.time_in,
-        cfg.data.horizon,
-        cfg.train.batch_size,
-        min(cfg.model.knn, run.store["neighbours"].shape[1]),  # check_fits: knn backend fits
-        seed=cfg.train.seed,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-        tile_size=cfg.data.tile_size,
-        hops=cfg.model.layers,  # the halo covers the model's receptive field
-        holdout=cfg.data.holdout_sensors,
-        sensor_dropout=cfg.train.sensor_dropout,
-        daily_profile=cfg.model.daily_profile,
-        target=cfg.data.target,
-        **kwargs,
-    )
-
-
-def kernel_params(model: nn.Module) -> list[dict]:
-    """Learned kernel parameters per layer; none for kernel ``none`` (nothing is learned)."""
-    kernels = model.kernels()  # none for a peer
-    if not kernels or kernels[0].family == "none":
-        return []
-    return [{"layer": i, **k.describe()} for i, k in enumerate(kernels)]
+    wall_s: float = 0.0  # the loop's wall time in this process: steps, validations, checkpoints
 
 
 def train(cfg: Config, report: Reporter | None = None, tracker: Tracker | None = None) -> dict:
@@ -200,6 +109,7 @@ def setup(cfg: Config, ctx: engine.Context, tracker: Tracker | None = None) -> R
         "step": 0,
         "micro_step": 0,
         "best_val": math.inf,
+        "best_step": 0,  # the step of the best validation (train.monitor)
         "bad_evals": 0,
         "history": [],
         "train_loss": [],
@@ -211,7 +121,7 @@ def setup(cfg: Config, ctx: engine.Context, tracker: Tracker | None = None) -> R
             eng, run_dir / "checkpoints", ctx, cfg.train.zero_stage, state["pins"]
         )
     if resumed is not None:
-        state.update({k: resumed[k] for k in state if k != "pins"})
+        state.update({k: resumed[k] for k in state if k != "pins" and k in resumed})
         if ctx.is_main:
             print(
                 f"resumed from step {state['step']} ({run_dir / 'checkpoints'})"
@@ -240,7 +150,7 @@ def fit(run: Run, report: Reporter | None = None) -> Fitted:
     """The training loop from the run's current step to ``train.steps`` or early stopping."""
     cfg, ctx, state = run.cfg, run.ctx, run.state
     loader = torch.utils.data.DataLoader(
-        _stream(run, "train", start_step=state["micro_step"]),
+        split_stream(run, "train", start_step=state["micro_step"]),
         batch_size=None,
         num_workers=cfg.train.loader_workers,
         pin_memory=ctx.device.type == "cuda",
@@ -257,15 +167,16 @@ def fit(run: Run, report: Reporter | None = None) -> Fitted:
         dynamic_ncols=True,
     )
     fitted = Fitted()
+    start = time.perf_counter()
     while state["step"] < cfg.train.steps and not fitted.stopped_early:
         step = state["step"]
         run.model.set_qk(step >= cfg.train.kernel_warmup_steps)
         step_loss = 0.0
         for _ in range(cfg.train.grad_accum):
             t0 = time.perf_counter()
-            batch = _to_device(next(batches), ctx.device, run.dtype)
+            batch = to_device(next(batches), ctx.device, run.dtype)
             t1 = time.perf_counter()
-            mean, std, mask = _forward(run.engine, batch)
+            mean, std, mask = forward(run.engine, batch)
             loss = loss_fn(mean, std, batch["y"], mask)
             run.engine.backward(loss)
             run.engine.step()
@@ -303,8 +214,13 @@ def fit(run: Run, report: Reporter | None = None) -> Fitted:
                 run.tracker.log_validation(step, val)
             if report is not None:
                 report(step, val)
-            if val["loss"] < state["best_val"] - 1e-6:
-                state["best_val"], state["bad_evals"] = val["loss"], 0
+            value = val["loss"] if cfg.train.monitor == "loss" else val["mean"][cfg.train.monitor]
+            if value < state["best_val"] - 1e-6:
+                state["best_val"], state["best_step"], state["bad_evals"] = value, step, 0
+                if cfg.train.restore_best:  # the same on every rank (ZeRO-3: gathered)
+                    weights = engine.full_weights(run.engine)
+                    if ctx.is_main:
+                        checkpoint.save_best(weights, run.run_dir / "checkpoints", step, value)
             else:
                 state["bad_evals"] += 1
             patience = cfg.train.patience
@@ -315,128 +231,40 @@ def fit(run: Run, report: Reporter | None = None) -> Fitted:
             or fitted.stopped_early
         ):
             _check_store(run)  # a checkpoint never records a run that read two data sets
-            checkpoint.save(run.engine, run.run_dir / "checkpoints", step, state, ctx)
+            keep = cfg.train.keep_checkpoints
+            checkpoint.save(run.engine, run.run_dir / "checkpoints", step, state, ctx, keep)
     bar.close()
+    fitted.wall_s = time.perf_counter() - start
     del batches  # stops the prefetch thread (or the loader workers) now, not at exit
     return fitted
 
 
-def baseline_spreads(run: Run) -> dict[str, torch.Tensor]:
-    """The Gaussian spread per horizon step of each baseline (pipeline/evaluate/metrics.py,
-    BaselineSpread), fitted on ``train.eval_batches`` batches of train windows per rank."""
-    cfg, ctx = run.cfg, run.ctx
-    spread = BaselineSpread(cfg.data.horizon, device=ctx.device)
-    stream = _stream(run, "train", shuffle=False)
-    targets = torch.from_numpy(stream.targets).to(ctx.device)  # data.target
-    for i, batch in enumerate(stream):
-        if cfg.train.eval_batches is not None and i >= cfg.train.eval_batches:
-            break
-        x, x_mask = batch["x"].to(ctx.device), batch["x_mask"].to(ctx.device)
-        mask = batch["y_mask"].to(ctx.device) & batch["target"].to(ctx.device)[None, None, :, None]
-        last = last_observed(x, x_mask, torch.zeros_like(x[0, 0]))  # [B, n, F] normalised
-        last = last[..., targets]  # [B, n, F_t]
-        spread.update(batch["y"].to(ctx.device), mask, last)
-    engine.all_reduce_sum(spread.state)
-    return spread.result()
-
-
-def evaluate(
-    run: Run,
-    split: str,
-    max_batches: int | None = None,
-    compare: bool = False,
-    spreads: dict[str, torch.Tensor] | None = None,
-) -> dict:
-    """Metrics of ``split`` in the data's units, over every rank's share (one pass); with
-    ``compare``, also the Diebold-Mariano tests against the baselines and Moran's I of the
-    residuals (pipeline/evaluate/metrics.py); ``spreads`` make the baselines Gaussian
-    forecasts (:func:`baseline_spreads`)."""
-    cfg, ctx, store = run.cfg, run.ctx, run.store
-    if split not in run.streams:  # built once per run: tiles, positions, the split's windows
-        run.streams[split] = _stream(run, split, shuffle=False)
-    stream = run.streams[split]
-    targets = torch.from_numpy(stream.targets).to(ctx.device)  # data.target
-    mean_s = torch.from_numpy(stream.mean).to(ctx.device)[:, targets]  # [N, F_t]
-    std_s = torch.from_numpy(stream.std).to(ctx.device)[:, targets]
-    acc = MetricAccumulator(cfg.data.horizon, device=ctx.device)
-    # held-out sensors (data.holdout_sensors): the test split reports each side on its own
-    groups = {}
-    if stream.hidden is not None and split == "test":
-        groups = {g: MetricAccumulator(cfg.data.horizon, device=ctx.device) for g in GROUPS}
-    # pooled metrics mix the features' units: with several, each is reported on its own too
-    features = [store.attrs["features"][i] for i in stream.targets]
-    per_feature = {}
-    if len(features) > 1:
-        per_feature = {f: MetricAccumulator(cfg.data.horizon, device=ctx.device) for f in features}
-    comparison = (
-        ComparisonAccumulator(stream.origins, store.shape[1], cfg.data.horizon, ctx.device, spreads)
-        if compare
-        else None
-    )
-    loss_sum = torch.zeros(2, dtype=torch.float64, device=ctx.device)
-    run.engine.eval()
-    with torch.no_grad():
-        for i, batch in enumerate(stream):
-            if max_batches is not None and i >= max_batches:
-                break
-            batch = _to_device(batch, ctx.device, run.dtype)
-            mean, std, mask = _forward(run.engine, batch)
-            loss = LOSSES[cfg.train.loss](mean, std, batch["y"], mask)
-            loss_sum += torch.stack([loss.double() * mask.sum(), mask.sum().double()])
-            m, s = mean_s[batch["nodes"]], std_s[batch["nodes"]]  # [n, F]
-            mean, std, y = mean * s + m, std * s, batch["y"] * s + m  # the data's units
-            acc.update(mean, std, y, mask)
-            for j, feature in enumerate(per_feature.values()):
-                pick = slice(j, j + 1)  # [B, horizon, n, 1]
-                feature.update(mean[..., pick], std[..., pick], y[..., pick], mask[..., pick])
-            if groups:
-                hidden = batch["hidden"][None, None, :, None]  # [1, 1, n, 1]
-                groups["unseen"].update(mean, std, y, mask & hidden)
-                groups["seen"].update(mean, std, y, mask & ~hidden)
-            if comparison is not None:
-                x, x_mask = batch["x"][..., targets].float(), batch["x_mask"][..., targets]
-                last = last_observed(x, x_mask, torch.zeros_like(m))  # [B, n, F_t]
-                comparison.update(
-                    batch["origins"], batch["nodes"], mean, std, y, mask, last * s + m, m, s
-                )
-    run.engine.train()
-    engine.all_reduce_sum(acc.state)
-    engine.all_reduce_sum(loss_sum)
-    if float(acc.state[:, 0].sum()) == 0:  # column "n": observed targets
+def restore_best(run: Run) -> int:
+    """Load the weights of the best validation (train.restore_best) for the test and the
+    export; returns the step whose weights are tested (the last one without them)."""
+    cfg, state = run.cfg, run.state
+    if not cfg.train.restore_best or not state["history"]:
+        return state["step"]
+    best = checkpoint.load_best(run.run_dir / "checkpoints")
+    if best is None:  # validations ran but none was finite-better: should not happen
         raise ConfigError(
-            f"the {split} split of {store.path} has no observed target in its windows: its "
-            "scores would be empty, not perfect; check the timestamps (data.source.time_format) "
-            "and data.train_fraction / data.val_fraction"
+            f"no best-validation weights in {run.run_dir / 'checkpoints'} after "
+            f"{len(state['history'])} validations: set train.restore_best=false to test the "
+            "last weights, or train afresh (train.resume=never)"
         )
-    result = acc.result()
-    for name, group in groups.items():
-        engine.all_reduce_sum(group.state)
-        result[name] = {"sensors": int((stream.hidden == (name == "unseen")).sum())}
-        result[name].update(group.result())
-    if per_feature:
-        result["per_feature"] = {}
-    for name, feature in per_feature.items():
-        engine.all_reduce_sum(feature.state)
-        result["per_feature"][name] = feature.result()
-    result["loss"] = float(loss_sum[0] / loss_sum[1].clamp_min(1))
-    bad = [k for k, v in {"loss": result["loss"], **result["mean"]}.items() if not math.isfinite(v)]
-    if bad:
-        raise ConfigError(
-            f"the {split} split's {', '.join(bad)} are not finite: the model or the store "
-            f"({store.path}) gives NaN or inf; check it with python launch/preprocess.py "
-            "--verify and lower train.lr"
+    engine.set_weights(run.engine, best["weights"])
+    if run.ctx.is_main and best["step"] != state["step"]:
+        print(
+            f"testing the weights of step {best['step']} (best validation "
+            f"{cfg.train.monitor} {best['value']:.4g}), not the last step's ({state['step']})"
         )
-    if comparison is not None:
-        engine.all_reduce_sum(comparison.windows)
-        engine.all_reduce_sum(comparison.nodes)
-        result.update(comparison.result(store["neighbours"][:]))
-        result["windows"] = comparison.window_losses()  # popped by the caller (not JSON)
-    return result
+    return int(best["step"])
 
 
 def finish(run: Run, fitted: Fitted) -> dict:
     """Test metrics, the exported model, tracking, metrics.json (written last, atomically)."""
     cfg, ctx, state, store = run.cfg, run.ctx, run.state, run.store
+    tested_step = restore_best(run)
     spreads = baseline_spreads(run)
     t0 = time.perf_counter()
     test = evaluate(run, "test", compare=True, spreads=spreads)
@@ -459,6 +287,11 @@ def finish(run: Run, fitted: Fitted) -> dict:
         "name": cfg.name,
         "steps": state["step"],
         "stopped_early": fitted.stopped_early,
+        # the weights tested and exported: the best validation's (train.restore_best)
+        "tested_step": tested_step,
+        "monitor": {"metric": cfg.train.monitor, "best": state["best_val"]}
+        if state["history"]
+        else None,
         "world_size": ctx.world_size,
         "device": str(ctx.device),
         "precision": cfg.train.precision,
@@ -475,6 +308,7 @@ def finish(run: Run, fitted: Fitted) -> dict:
             "samples_per_s": fitted.samples / busy,
             "step_s": busy / max(1, state["micro_step"] - (run.resumed or {}).get("micro_step", 0)),
             "data_wait_fraction": fitted.wait_s / busy,
+            "fit_wall_s": fitted.wall_s,  # this process's loop (not a resumed run's earlier part)
             # the test pass (forward, metrics, baselines) per window, this rank's share
             "test_s_per_window": test_s / max(1, len(run.streams["test"].origins)),
         },

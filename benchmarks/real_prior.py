@@ -1,0 +1,133 @@
+"""The covariance prior on real data (docs/peers.md, "The prior on real data"): what the field
+offers a kernel of distance, beside what the converged models learned.
+
+For each data set's store: the sensors' distances (nearest neighbour, the model's k-th
+neighbour), and the empirical variogram of the train split, on the values standardised per
+sensor and with each sensor's daily profile removed (what is left for space to explain once
+the model has the profile as an input), fitted with GSTools (the config's family, with a
+nugget); then, from ``benchmarks/peers.py``'s converged runs of ours (``--runs``), the learned
+range and nugget per head, mean over seeds, and how much of each head's prior weight stays on
+the sensor itself at the learned nugget.
+
+Usage: python benchmarks/real_prior.py [--datasets los_loop aqi36] [--runs runs/peers]
+       [--json docs/real_prior.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.peers import CONFIGS, Budget  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.data.geometry import positions_km  # noqa: E402
+from pipeline.data.profile import daily_profile, slots, step_ns  # noqa: E402
+from pipeline.data.store import open_store  # noqa: E402
+from pipeline.evaluate.compare import load_run  # noqa: E402
+from pipeline.evaluate.variography import empirical_variogram, fit_variogram  # noqa: E402
+
+
+def field(name: str, snapshots: int) -> dict:
+    """Distances and the fitted variogram of the train split's profile-free anomalies."""
+    cfg = load_config(ROOT / CONFIGS[name])
+    store = open_store(ROOT / cfg.data.store)
+    pos, frame = positions_km(store["coords"][:], store.attrs["crs"])
+    xy = pos @ frame[:2].T  # [N, 2] km in the network's local east/north plane
+    a, b = store.split("train")
+    values = store["values"][a:b, :, 0].astype(np.float64)  # [T, N] the first feature
+    mask = store["mask"][a:b, :, 0]
+    z = (values - store["mean"][:, 0]) / store["std"][:, 0]  # standardised per sensor
+    step = step_ns(store.attrs["freq"], str(store.path))
+    profile = daily_profile(store)[:, :, 0]  # [slot, N] normalised
+    anomaly = np.where(mask, z - profile[slots(store["time"][a:b], step)], np.nan)  # [T, N]
+    d = np.linalg.norm(xy[:, None] - xy[None], axis=-1)  # [N, N] km
+    np.fill_diagonal(d, np.inf)
+    nearest = np.sort(d, axis=1)
+    k = min(cfg.model.knn, len(xy) - 1)
+    top = np.percentile(d[np.isfinite(d)], 50)  # bins to the median pair distance
+    edges = np.linspace(0, top, 13)
+    full = np.isfinite(anomaly).mean(1) >= 0.5  # time steps with most sensors observed
+    centres, gamma = empirical_variogram(xy, anomaly[full], edges, snapshots=snapshots)
+    fit = fit_variogram(cfg.model.kernel, centres, gamma)
+    lag1 = np.nanmean(anomaly[1:] * anomaly[:-1]) / np.nanmean(anomaly**2)  # per-step memory
+    return {
+        "sensors": len(xy),
+        "nearest_km": float(np.median(nearest[:, 0])),
+        "kth_nearest_km": float(np.median(nearest[:, k - 1])),
+        "k": k,
+        "family": cfg.model.kernel,
+        "variogram": {"centres_km": centres.tolist(), "gamma": gamma.tolist()},
+        "fit": fit,
+        "nugget_share": fit["nugget"] / (fit["nugget"] + fit["variance"]),
+        "anomaly_lag1_autocorrelation": float(lag1),
+    }
+
+
+def learned(name: str, runs: Path) -> dict | None:
+    """Learned range and nugget per layer and head, mean over the converged seeds of ours."""
+    dirs = sorted(runs.glob(f"{name}-ours-{Budget().tag}-lr*-s*"))  # the protocol's runs
+    chosen = [d for d in dirs if (d / "metrics.json").exists()]
+    if not chosen:
+        return None
+    by_lr: dict[str, list[Path]] = {}
+    for d in chosen:
+        by_lr.setdefault(d.name.split("-lr")[1].split("-s")[0], []).append(d)
+    lr, seeds = max(by_lr.items(), key=lambda kv: len(kv[1]))  # the chosen rate has 3 seeds
+    kernels = [load_run(d)[0]["kernel"] for d in seeds]
+    out = {"lr": lr, "seeds": len(seeds), "layers": []}
+    for layer in range(len(kernels[0])):
+        ranges = np.array([k[layer]["range_km"] for k in kernels])  # [seeds, heads]
+        nuggets = np.array([k[layer]["nugget"] for k in kernels])
+        out["layers"].append(
+            {"range_km": ranges.mean(0).tolist(), "nugget": nuggets.mean(0).tolist()}
+        )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--datasets", nargs="+", default=["los_loop", "aqi36"])
+    parser.add_argument("--runs", default="runs/peers")
+    parser.add_argument("--snapshots", type=int, default=200)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    results = {}
+    for name in args.datasets:
+        results[name] = {
+            "field": field(name, args.snapshots),
+            "learned": learned(name, ROOT / args.runs),
+        }
+        f, l = results[name]["field"], results[name]["learned"]
+        print(f"## {name}: {f['sensors']} sensors")
+        print(
+            f"nearest neighbour {f['nearest_km']:.2f} km, {f['k']}-th {f['kth_nearest_km']:.2f} km"
+            f" (medians); anomaly lag-1 autocorrelation {f['anomaly_lag1_autocorrelation']:.3f}"
+        )
+        fit = f["fit"]
+        print(
+            f"variogram of the profile-free anomalies, {f['family']} fit: range "
+            f"{fit['range_km']:.2f} km, sill {fit['variance']:.3f}, nugget {fit['nugget']:.3f} "
+            f"(nugget share {f['nugget_share']:.2f})"
+        )
+        gamma = ", ".join(f"{c:.1f}:{g:.2f}" for c, g in zip(*f["variogram"].values(), strict=True))
+        print(f"  empirical (km: semivariance): {gamma}")
+        if l:
+            for i, layer in enumerate(l["layers"]):
+                ranges = ", ".join(f"{r:.2f}" for r in layer["range_km"])
+                nuggets = ", ".join(f"{n:.2f}" for n in layer["nugget"])
+                head = f"learned (lr {l['lr']}, {l['seeds']} seeds) layer {i}"
+                print(f"{head}: range {ranges} km; nugget {nuggets}")
+        print()
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
