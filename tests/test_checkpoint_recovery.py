@@ -76,3 +76,13 @@ def test_a_marker_that_lists_no_files_falls_back_to_the_previous(
     assert proc.returncode == 0, out[-3000:]
     assert "skipped checkpoint step00000008: its completion marker lists no files" in out
     assert "resumed from step 6" in out
+
+
+def test_resuming_with_another_neighbourhood_is_refused_naming_the_key(
+    trained, synthetic_store, tmp_path
+):
+    copy(trained, tmp_path)
+    proc = run_train(args(synthetic_store, tmp_path, 10, ["model.knn=4"]))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "model.knn: 8 then, 4 now" in out, out[-3000:]
+    assert "Traceback" not in out

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,6 +43,21 @@ def test_a_value_of_1e15_or_more_is_refused_naming_the_sensor(scheduler, tmp_pat
     rows = hourly_rows()
     rows[7][2] = cell  # sensor b2 (float32 holds 1e15 as 9.99999987e14: still refused)
     expect_error(scheduler, tmp_path, write_case(tmp_path, rows), "'b2'", "or more are taken")
+
+
+def test_all_sensors_at_one_point_are_refused(scheduler, tmp_path):
+    locations = [(s, 34.0, -118.0) for s in IDS]
+    overrides = write_case(tmp_path, locations=locations)
+    expect_error(scheduler, tmp_path, overrides, "loc.csv", "all 4 sensors are at one point")
+
+
+def test_a_compressed_csv_is_named_as_such_not_as_an_encoding_problem(scheduler, tmp_path):
+    import gzip
+
+    overrides = write_case(tmp_path)
+    path = Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("data.source.path=")))
+    path.write_bytes(gzip.compress(path.read_bytes()))
+    expect_error(scheduler, tmp_path, overrides, str(path), "is gzip-compressed")
 
 
 def test_unknown_source_kind(scheduler, tmp_path):

@@ -30,6 +30,9 @@ PINNED_KEYS = (
     "model.daily_profile",
     "model.node_embedding",
     "model.peer",
+    "model.backend",
+    "model.knn",  # the neighbourhood each sensor attends to
+    "train.monitor",  # the best validation so far is of this metric
     "data.time_in",
     "data.horizon",
     "data.holdout_sensors",

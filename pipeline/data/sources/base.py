@@ -141,7 +141,14 @@ def load_locations(path: str | None, header: bool, ids: np.ndarray) -> tuple[np.
             f"locations file {p}: sensors {extra[:10]} have a location but no data; "
             "remove them from the locations file"
         )
-    return vals[[index[s] for s in ids]], crs
+    coords = vals[[index[s] for s in ids]]
+    if len(coords) > 1 and (coords == coords[0]).all():
+        raise SourceError(
+            f"locations file {p}: all {len(coords)} sensors are at one point "
+            f"({coords[0, 0]}, {coords[0, 1]}): distances between them would all be 0; give "
+            "each sensor its own position"
+        )
+    return coords, crs
 
 
 MIN_FILLED = 0.5  # rows per step of the regular axis below which the timestamps are suspect
@@ -341,4 +348,24 @@ def data_path(path: str | None) -> Path:
         raise SourceError(f"data file {p} is a directory (data.source.path): name a file in it")
     if not p.is_file():
         raise SourceError(f"data file {p} does not exist (data.source.path)")
+    try:
+        with open(p, "rb") as f:
+            head = f.read(6)
+    except OSError as exc:
+        raise SourceError(f"data file {p} cannot be read ({exc.strerror})") from None
+    kind = next((name for magic, name in COMPRESSED if head.startswith(magic)), None)
+    if kind is not None:
+        raise SourceError(
+            f"data file {p} is {kind}-compressed: decompress it first and point "
+            "data.source.path at the plain file"
+        )
     return p
+
+
+COMPRESSED = (  # magic bytes of archives that a data file must not be
+    (b"\x1f\x8b", "gzip"),
+    (b"BZh", "bzip2"),
+    (b"\xfd7zXZ\x00", "xz"),
+    (b"\x28\xb5\x2f\xfd", "zstd"),
+    (b"PK\x03\x04", "zip"),
+)
