@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.profile import daily_profile, slots, step_ns
 from pipeline.data.store import open_store
-from pipeline.data.timefeatures import DAY_NS
 from pipeline.evaluate.compare import compare_runs, load_run
 from pipeline.evaluate.metrics import diebold_mariano
 from pipeline.evaluate.report import dm_text
@@ -25,16 +25,10 @@ def historical_average(store_path: Path, origins: np.ndarray, horizon: int) -> d
     per window MAE [windows] with its observed cells."""
     st = open_store(store_path)
     values, mask, time = st["values"][:], st["mask"][:], st["time"][:]  # [T, N, F], [T]
-    step = int(time[1] - time[0])
-    slot = (time % DAY_NS) // step  # [T] time-of-day slot
-    slots = max(DAY_NS // step, 1)
-    start, stop = st.split("train")
-    total = np.zeros((slots, *values.shape[1:]))  # [slot, N, F]
-    count = np.zeros_like(total)
-    seen = mask[start:stop]
-    np.add.at(total, slot[start:stop], np.where(seen, values[start:stop], 0.0))
-    np.add.at(count, slot[start:stop], seen)
-    profile = np.where(count > 0, total / np.maximum(count, 1), st["mean"][:][None])
+    step = step_ns(st.attrs["freq"], str(st.path))
+    # the pipeline's own profile (what every run's historical_average baseline uses), in units
+    profile = daily_profile(st) * st["std"][:] + st["mean"][:]  # [slot, N, F]
+    slot = slots(time, step)  # [T] time-of-day slot
     targets = origins[:, None] + np.arange(horizon)  # [O, horizon] time indices
     y, m = np.nan_to_num(values[targets]), mask[targets]  # [O, horizon, N, F]
     err = np.abs(y - profile[slot[targets]]) * m
