@@ -9,6 +9,9 @@ from pipeline.cli import run
 
 
 def main(cfg) -> None:
+    from pipeline.track.ray_env import prepare, ray_address
+
+    prepare(ray_address(cfg))  # before ray is imported (pipeline/track/ray_env.py)
     from pipeline.track.tune import sweep
 
     summary = sweep(cfg)

@@ -232,6 +232,12 @@ class TrackingConfig(Section):
     """Test metric (lower is better) that ``launch/promote.py`` compares."""
     log_model: bool = True
     """Log the trained model as an MLflow pyfunc."""
+    serve_alias: str = "champion"
+    """Alias of the registered model that ``launch/serve.py`` serves."""
+    serve_host: str = "127.0.0.1"
+    """Address ``launch/serve.py`` listens on (another: reachable beyond this machine)."""
+    serve_port: int = Field(5001, ge=1, le=65535)
+    """Port ``launch/serve.py`` listens on."""
 
 
 Distribution = dict[Literal["grid", "choice", "uniform", "loguniform", "randint"], list[Any]]

@@ -509,15 +509,6 @@ def test_a_directory_as_the_data_file(scheduler, tmp_path):
     )
 
 
-def test_an_unreachable_scheduler_is_a_clear_error(tmp_path):
-    from tiny import free_port
-
-    from pipeline.config import ConfigError
-
-    with pytest.raises(ConfigError, match="did not answer within"):
-        run(f"tcp://127.0.0.1:{free_port()}", write_case(tmp_path))
-
-
 def test_a_latin1_cell_without_the_encoding_key_names_its_line(scheduler, tmp_path):
     ov = write_case(tmp_path)
     data = tmp_path / "data.csv"

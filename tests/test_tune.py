@@ -71,31 +71,40 @@ def test_space_is_validated_before_any_trial():
 
 @pytest.fixture(scope="module")
 def local_sweep(synthetic_store, tmp_path_factory):
-    """A local sweep; what it printed and the addresses its processes listened on."""
+    """A local sweep as a user runs it (Ray's token authentication on, its token in a home of
+    its own); what it printed, the addresses its processes listened on and its home."""
     out = tmp_path_factory.mktemp("sweep")
+    home = tmp_path_factory.mktemp("home")
+    env = {k: v for k, v in child_env().items() if k != "RAY_AUTH_MODE"}
+    cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache/torch_extensions"))
+    env.update(HOME=str(home), TORCH_EXTENSIONS_DIR=str(cache))  # DeepSpeed's built op
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "launch" / "tune.py"), *sweep_args(synthetic_store, out, "s1")],
         cwd=ROOT,
-        env=child_env(),
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
     seen, output = listeners(proc, every=0.5)
     assert proc.returncode == 0, output[-8000:]
-    return out, output, seen
+    return out, output, seen, home
 
 
 def test_a_local_sweep_listens_on_loopback_only(local_sweep):
-    """Ray's GCS, raylet and workers, and every trial's process group, on 127.0.0.1 only."""
-    seen = local_sweep[2]
+    """Ray's GCS, raylet, workers and runtime-env agent, and every trial's process group, on
+    127.0.0.1 only; Ray's token readable by its owner only."""
+    seen, home = local_sweep[2], local_sweep[3]
     assert seen, "no listening socket of the sweep was seen (is `ss -ltnp` working?)"
     loopback = ("127.0.0.1:", "[::1]:", "[::ffff:127.0.0.1]:")
     assert all(addr.startswith(loopback) for addr in seen), seen
+    token = home / ".ray" / "auth_token"
+    assert token.is_file() and token.stat().st_size == 64
+    assert token.stat().st_mode & 0o777 == 0o600, oct(token.stat().st_mode)
 
 
 def test_sweep_with_asha_mlflow_and_best_yaml(local_sweep, synthetic_store):
-    out, stdout, _ = local_sweep
+    out, stdout, _, _ = local_sweep
     assert "| family |" in stdout
     trials = json.loads((out / "s1" / "trials.json").read_text())
     assert len(trials) == 4 and all(t["status"] == "ok" for t in trials)
@@ -256,3 +265,23 @@ def test_killed_driver_resumes_with_completed_trials_kept(synthetic_store, tmp_p
         assert p.stat().st_mtime == mtime, f"{p.parent.name} was run again"
     summary = json.loads((tmp_path / "resume" / "trials.json").read_text())
     assert len(summary) == 4 and all(t["status"] == "ok" for t in summary)
+
+
+def test_an_existing_ray_token_readable_by_others_is_made_private(tmp_path, monkeypatch, capsys):
+    from pipeline.track.ray_env import prepare
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
+    token = tmp_path / ".ray" / "auth_token"
+    token.parent.mkdir()
+    token.write_text("a" * 64)
+    token.chmod(0o644)
+    prepare("ray://head.example.org:10001")  # a remote cluster: its own business
+    assert token.stat().st_mode & 0o777 == 0o644 and "RAY_ENABLE" not in str(os.environ)
+    prepare(None)  # a local instance
+    assert token.stat().st_mode & 0o777 == 0o600 and token.read_text() == "a" * 64
+    assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
+    assert "readable by other users" in capsys.readouterr().out

@@ -32,10 +32,11 @@ def overrides(store, out, name, steps, extra=()) -> list[str]:
 
 
 def child_env() -> dict[str, str]:
-    """Environment of launched processes: CPU DeepSpeed, no telemetry, one thread each; Ray
-    keeps every address on loopback and a test head needs no auth token (it is reachable
-    from this machine only). MLFLOW_TRACKING_URI is dropped: mlflow.set_tracking_uri in this
-    process exports it, and each launched job names its own store."""
+    """Environment of launched processes: CPU DeepSpeed, no telemetry, one thread each; a
+    Ray head a test starts needs no auth token (it is reachable from this machine only; the
+    local sweep of test_tune.py runs with token auth, as a user's does). MLFLOW_TRACKING_URI is
+    dropped: mlflow.set_tracking_uri in this process exports it, and each launched job names
+    its own store."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     return {
         **env,
@@ -43,7 +44,6 @@ def child_env() -> dict[str, str]:
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "RAY_USAGE_STATS_ENABLED": "0",
         "OMP_NUM_THREADS": "1",
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "RAY_AUTH_MODE": "disabled",
     }
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,6 +37,7 @@ from pipeline.data.store import SCHEMA_VERSION, atomic_store, create_arrays
 
 TASK_VALUES = 8_000_000  # values per write task (32 MB as float32)
 CONNECT_S = 10  # seconds to reach a configured Dask scheduler
+HANDSHAKE_MAX = 1 << 20  # a Dask scheduler's greeting is a few hundred bytes
 MAX_ABS = 1e15  # no sensor reads this much: such a value is an error code or a unit mistake
 
 
@@ -43,14 +46,16 @@ def dask_client(cfg: DaskConfig) -> Iterator[Client]:
     """A client of the configured scheduler, or of a LocalCluster bound to 127.0.0.1."""
     address = cfg.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
     if address:
+        unreachable = (
+            f"Dask scheduler {address} (dask.scheduler / DASK_SCHEDULER_ADDRESS) did not "
+            f"answer within {CONNECT_S} s"
+        )
+        advice = "start it, fix the address, or unset both to run a local cluster"
+        _check_greeting(address, unreachable, advice)
         try:
             client = Client(address, timeout=CONNECT_S)
         except (OSError, TimeoutError) as exc:
-            raise ConfigError(
-                f"Dask scheduler {address} (dask.scheduler / DASK_SCHEDULER_ADDRESS) did not "
-                f"answer within {CONNECT_S} s ({type(exc).__name__}); start it, fix the address, "
-                "or unset both to run a local cluster"
-            ) from None
+            raise ConfigError(f"{unreachable} ({type(exc).__name__}); {advice}") from None
         with client:
             yield client
         return
@@ -65,6 +70,40 @@ def dask_client(cfg: DaskConfig) -> Iterator[Client]:
         Client(cluster) as client,
     ):
         yield client
+
+
+def _check_greeting(address: str, unreachable: str, advice: str) -> None:
+    """A Dask scheduler speaks first: on a TCP connection it sends its handshake, an 8-byte
+    length and a small message. Something else at the address (an HTTP server waits for a
+    request; another service greets with text) would hang Dask's client, which waits for the
+    handshake without a limit, or make it allocate what the text's bytes read as."""
+    scheme, _, rest = address.rpartition("://")
+    if scheme not in ("", "tcp"):  # tls://, ws://, inproc://: Dask's own checks
+        return
+    host, _, port = rest.rpartition(":")
+    if not port.isdigit():
+        return  # Dask names a malformed address itself
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_S) as sock:
+            sock.settimeout(CONNECT_S)
+            head = b""
+            while len(head) < 8:
+                chunk = sock.recv(8 - len(head))
+                if not chunk:
+                    break
+                head += chunk
+    except TimeoutError:
+        raise ConfigError(
+            f"{unreachable}: something listens there but sent nothing (not a Dask scheduler?); "
+            f"{advice}"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{unreachable} ({exc.strerror or exc}); {advice}") from None
+    if len(head) < 8 or struct.unpack("<Q", head)[0] > HANDSHAKE_MAX:
+        raise ConfigError(
+            f"{address} (dask.scheduler / DASK_SCHEDULER_ADDRESS) is not a Dask scheduler: "
+            f"it answered {head[:8]!r}, not Dask's handshake; {advice}"
+        )
 
 
 def _write_block(

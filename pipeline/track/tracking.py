@@ -9,7 +9,10 @@ commit (tags); the train loss, learning rate and learned range/nugget per head p
 validation metrics per evaluation; test metrics; figures (learned correlation against the
 empirical variogram of the training data and the truth, PIT histogram, a forecast fan chart,
 loss curves); the model as a pyfunc registered under ``tracking.model_name`` with alias
-``candidate``.
+``candidate``: logged as code (MLflow's models from code: the artifact holds
+pipeline/track/pyfunc_model.py, which names our installed :class:`ForecastPyfunc`, and the
+exported files, no pickle), with every artifact file's sha256 recorded in the tracking store;
+:func:`load_model` and ``launch/serve.py`` check them before anything of the model is loaded.
 
 An outage of the server never stalls or stops training (README, "Reliability"): per-step
 metrics go to MLflow from a background thread (pipeline/track/sender.py), HTTP requests retry
@@ -21,12 +24,12 @@ again, or by the next run that resumes. A resumed run continues its MLflow run (
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import subprocess
 import sys
-import urllib.error
-import urllib.request
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,68 +40,41 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config import Config, flatten
 from pipeline.data.store import Store
-from pipeline.errors import UserError
 from pipeline.evaluate.diagnostics import close_figures, run_figures, sweep_bars
 from pipeline.evaluate.metrics import test_row, validation_row
 from pipeline.model.export import Predictor
+from pipeline.track import checksums
+from pipeline.track.endpoint import (
+    HTTP_DEFAULTS,
+    TrackingError,
+    artifact_root,
+    check_reachable,
+    git_commit,
+    tracking_uri,
+)
 from pipeline.track.sender import MetricSender
 
-DEFAULT_URI = "sqlite:///mlruns.db"
-# while training, a request to the server gives up after about a minute, not 8 (MLflow's
-# defaults: 7 retries, backoff factor 2, 120 s timeout); the environment's own values win
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 FLUSH_S = 30.0  # at the end of training, wait at most this long for unsent metrics
 VALIDATION_FLUSH_S = 15.0  # after a validation, while the server answers (log_validation)
+MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")  # the registered model's code
 PIP_REQUIREMENTS = ["torch", "numpy", "pydantic>=2", "pyyaml", "scipy", "zarr>=3", "mlflow"]
-
-
-class TrackingError(UserError, RuntimeError):
-    """The tracking server or registry cannot do what was asked."""
-
-
-def tracking_uri(cfg: Config) -> str:
-    """The tracking URI of ``cfg``; a relative SQLite path is made absolute (Ray Tune runs each
-    trial in its own working directory, and every trial must log into the same store)."""
-    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        uri = prefix + str(Path(uri[len(prefix) :]).resolve())
-    return uri
-
-
-def check_reachable(uri: str) -> None:
-    """Fail fast with a clear message when an HTTP tracking server does not answer."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as resp:
-            if resp.status != 200:
-                raise TrackingError(f"MLflow server {uri} answered /health with {resp.status}")
-    except (urllib.error.URLError, OSError) as exc:
-        raise TrackingError(
-            f"MLflow tracking server {uri} is unreachable ({exc}); start it, fix tracking.uri "
-            "/ MLFLOW_TRACKING_URI, or unset both to use the embedded sqlite:///mlruns.db"
-        ) from None
 
 
 def connect(cfg: Config, experiment: bool = True) -> str:
     """Point MLflow at ``cfg``'s tracking URI (checked first) and, with ``experiment``, at its
-    experiment; returns the URI."""
+    experiment (created with its artifacts beside an embedded store's database); returns the
+    URI."""
     uri = tracking_uri(cfg)
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
+    name, root = cfg.tracking.experiment, artifact_root(uri)
+    if experiment and root and mlflow.get_experiment_by_name(name) is None:
+        # (created meanwhile by another trial: that one is used)
+        with contextlib.suppress(mlflow.exceptions.MlflowException):
+            mlflow.create_experiment(name, artifact_location=root)
     if experiment:
-        mlflow.set_experiment(cfg.tracking.experiment)
+        mlflow.set_experiment(name)
     return uri
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 class ForecastPyfunc(mlflow.pyfunc.PythonModel):
@@ -118,6 +94,11 @@ class ForecastPyfunc(mlflow.pyfunc.PythonModel):
                 "sensors, features] and 'origin_time' [batch] (int64 ns UTC)"
             )
         return self.predictor.predict(model_input["x"], model_input["origin_time"])
+
+
+def set_forecast_model() -> None:
+    """Called by the registered model's code (pyfunc_model.py) when MLflow loads it."""
+    mlflow.models.set_model(ForecastPyfunc())
 
 
 class Tracker:
@@ -185,7 +166,7 @@ class Tracker:
             **self.tags,
             "store": str(store.path),
             "store_fingerprint": store.fingerprint(),
-            "git_commit": _git_commit(),
+            "git_commit": git_commit(),
         }
         if self.parent_run_id:  # a trial of a sweep: a child of the sweep's run
             tags["mlflow.parentRunId"] = self.parent_run_id
@@ -271,19 +252,91 @@ class Tracker:
         close_figures()
 
     def _log_model(self, model_dir: Path) -> str:
-        name = self.cfg.tracking.model_name
+        name, client = self.cfg.tracking.model_name, MlflowClient()
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=ForecastPyfunc(),
+            python_model=str(MODEL_CODE),
             artifacts={"model": str(model_dir)},
             pip_requirements=PIP_REQUIREMENTS,
             registered_model_name=name,
         )
+        # the files as the artifact store holds them, read back once
+        with tempfile.TemporaryDirectory() as tmp:
+            sums = checksums.encode(checksums.digest(_download(info.model_uri, tmp)))
+        client.set_tag(self.run_id, checksums.TAG, sums)
         if name is None:
             return info.model_uri
-        version = info.registered_model_version
-        MlflowClient().set_registered_model_alias(name, "candidate", str(version))
+        version = str(info.registered_model_version)
+        client.set_model_version_tag(name, version, checksums.TAG, sums)
+        client.set_registered_model_alias(name, "candidate", version)
         return f"models:/{name}@candidate"
+
+
+def _download(uri: str, dst: str) -> Path:
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst))
+
+
+def recorded_checksums(uri: str) -> tuple[str | None, str, str]:
+    """The checksums the tracking store holds for the model at ``uri`` (``models:/NAME@ALIAS``,
+    ``models:/NAME/VERSION`` or ``runs:/RUN/model``), a name for it in messages, and where its
+    files are (a version's logged model, whose files are the ones the checksums cover)."""
+    client = MlflowClient()
+    try:
+        if uri.startswith("models:/"):
+            ref = uri[len("models:/") :]
+            if "@" in ref:
+                name, alias = ref.split("@", 1)
+                version = client.get_model_version_by_alias(name, alias)
+            else:
+                name, number = ref.rsplit("/", 1)
+                version = client.get_model_version(name, number)
+            return version.tags.get(checksums.TAG), f"{uri} (v{version.version})", version.source
+        if uri.startswith("runs:/"):
+            run_id = uri[len("runs:/") :].split("/", 1)[0]
+            return client.get_run(run_id).data.tags.get(checksums.TAG), uri, uri
+    except mlflow.exceptions.MlflowException as exc:
+        raise TrackingError(f"{uri}: {str(exc).splitlines()[0]}") from None
+    raise TrackingError(f"{uri}: give models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN/model")
+
+
+def fetch_verified(uri: str, dst: str | Path) -> Path:
+    """Download the model at ``uri`` into ``dst`` and check its files against the checksums
+    in the tracking store (:class:`checksums.ArtifactChanged` names a difference); returns the
+    model's local folder, which MLflow can load or serve."""
+    recorded, what, source = recorded_checksums(uri)
+    local = _download(source, str(dst))
+    checksums.verify(local, recorded, what)
+    return local
+
+
+def serve(cfg: Config) -> int:
+    """``mlflow models serve`` of ``tracking.model_name`` at ``tracking.serve_alias``, from a
+    local copy checked against the recorded checksums, on ``serve_host:serve_port``, in this
+    environment (the pipeline installed); returns the server's exit status."""
+    connect(cfg, experiment=False)
+    if cfg.tracking.model_name is None:
+        raise TrackingError("tracking.model_name is not set: no registered model to serve")
+    uri = f"models:/{cfg.tracking.model_name}@{cfg.tracking.serve_alias}"
+    with tempfile.TemporaryDirectory() as tmp:
+        local = fetch_verified(uri, tmp)
+        host, port = cfg.tracking.serve_host, str(cfg.tracking.serve_port)
+        print(f"serving {uri} (checksums verified) on http://{host}:{port}/invocations", flush=True)
+        command = ["models", "serve", "-m", str(local), "--env-manager", "local"]
+        # MLflow starts uvicorn by name: this environment's, also when it is not activated
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        return subprocess.call(
+            [sys.executable, "-m", "mlflow", *command, "-h", host, "-p", port],
+            env={**os.environ, "PATH": path},
+        )
+
+
+def load_model(uri: str):
+    """The registered (or logged) model at ``uri`` as an MLflow pyfunc, loaded only after its
+    files match the checksums recorded at registration: nothing of a changed artifact runs.
+    Use it (or ``launch/serve.py``) rather than ``mlflow.pyfunc.load_model``, which runs
+    whatever code the artifact store holds."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return mlflow.pyfunc.load_model(str(fetch_verified(uri, tmp)))
 
 
 def promote(cfg: Config) -> dict[str, Any]:

@@ -25,6 +25,8 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from pipeline.config import Config, ConfigError, apply_override, validate
+from pipeline.errors import UserError
+from pipeline.track.ray_env import is_local, ray_address
 from pipeline.track.tracking import SweepTracker, tracking_uri
 
 # CPUs that a trial of several workers keeps for its own process, which only drives them
@@ -156,7 +158,15 @@ def sweep(cfg: Config) -> dict[str, Any]:
     space = check_space(cfg)
     out = Path(cfg.train.out_dir).resolve() / cfg.name
     out.mkdir(parents=True, exist_ok=True)
-    address = cfg.tune.address or os.environ.get("RAY_ADDRESS")
+    address = ray_address(cfg)
+    local = is_local(address)
+    # Ray read its multi-machine switch when it was imported: a local instance started after
+    # an import that came before ray_env.prepare would listen on every interface
+    if local and getattr(ray._private.ray_constants, "ENABLE_RAY_CLUSTER", False):
+        raise UserError(
+            "ray was imported before pipeline.track.ray_env.prepare: a local Ray instance "
+            "would listen on every interface; call prepare(address) first (launch/tune.py does)"
+        )
     env_vars = {
         k: os.environ[k]
         for k in (
@@ -171,8 +181,6 @@ def sweep(cfg: Config) -> dict[str, Any]:
         [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
     )
     # a local instance, or a head on this machine, talks over loopback only
-    host = (address or "127.0.0.1").split("://")[-1].rsplit(":", 1)[0]
-    local = host in ("127.0.0.1", "localhost")
     ray.init(
         address=address or "local",  # "local": a new instance, never a stale one found on disk
         num_cpus=None if address else cfg.tune.num_cpus,
