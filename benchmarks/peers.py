@@ -156,9 +156,14 @@ def steps_per_epoch(name: str) -> int:
     return len(stream.shard_batches(0, 0, 1))
 
 
+# ours (and `none`): the reference of the grid; the real-data configs carry the rate this
+# grid chose (configs/los_loop.yaml 4e-3, aqi36.yaml 2e-3), so the grid stays the documented one
+OWN_LR = 2e-3
+
+
 def reference_lr(name: str, model: str) -> float:
-    """A model's reference learning rate: its paper's for a peer, the config's for ours."""
-    return PAPER_LR.get(model, load_config(ROOT / CONFIGS[name]).train.lr)
+    """A model's reference learning rate: its paper's for a peer, :data:`OWN_LR` for ours."""
+    return PAPER_LR.get(model, OWN_LR)
 
 
 def plan(

@@ -11,10 +11,11 @@ from pipeline.model.export import Predictor, export_model
 from pipeline.model.forecaster import Forecaster
 
 
-def _exported(store_path, tmp_path, layers):
+def _exported(store_path, tmp_path, layers, extra=()):
     cfg = load_config(
         None,
         [
+            *extra,
             f"data.store={store_path}",
             "data.time_in=6",
             "data.horizon=3",
@@ -26,7 +27,7 @@ def _exported(store_path, tmp_path, layers):
     )
     store = open_store(store_path)
     torch.manual_seed(0)
-    model = Forecaster(cfg.model, 6, 3, store.shape[2])
+    model = Forecaster(cfg.model, 6, 3, store.shape[2], num_nodes=store.shape[1])
     return export_model(model, cfg, store, tmp_path / "model"), store
 
 
@@ -65,8 +66,75 @@ def test_origin_time_must_be_nanoseconds_and_the_batch_not_empty(synthetic_store
         predictor.predict(x, np.concatenate([origin, origin]))
 
 
+def test_error_codes_in_the_window_and_non_finite_forecasts_are_errors(synthetic_store, tmp_path):
+    """A window scaled by 1e30 (a unit mistake) used to return all-NaN forecasts silently."""
+    import torch
+
+    path, store = _exported(synthetic_store, tmp_path, layers=1)
+    x = store["values"][100:106][None].astype(np.float32)  # [1, 6, 300, 1]
+    origin = store["time"][106:107]
+    predictor = Predictor(path)
+    assert np.isfinite(predictor.predict(x, origin)["mean"]).all()
+    with pytest.raises(
+        ValueError, match=r"x\[0, 0, 0, 0\] = -?[0-9.]+e\+30 \(sensor s\d+, 1800 such"
+    ):
+        predictor.predict(x * np.float32(1e30), origin)
+    # damaged weights: every forecast NaN, said so rather than returned
+    with torch.no_grad():
+        next(predictor.model.parameters()).fill_(float("nan"))
+    with pytest.raises(ValueError, match="forecast of window 0 is not finite at sensor"):
+        predictor.predict(x, origin)
+
+
 def test_pyfunc_input_without_its_keys_is_a_clear_error():
     from pipeline.track.tracking import ForecastPyfunc
 
     with pytest.raises(ValueError, match="lacks origin_time"):
         ForecastPyfunc().predict(None, {"x": np.zeros((1, 6, 3, 1))})
+
+
+@pytest.mark.parametrize("profile", [False, True])
+def test_query_points_forecast_tile_by_tile_as_in_one_piece(synthetic_store, tmp_path, profile):
+    """Points without a sensor: each forecast from its nearest sensors' windows (their
+    receptive field), so tiled and whole forecasts agree; a point moves with its neighbours'
+    data and not with the data of sensors beyond its receptive field."""
+    extra = ["model.daily_profile=true"] if profile else []
+    path, store = _exported(synthetic_store, tmp_path, layers=2, extra=extra)
+    x = store["values"][100:106][None].astype(np.float32)  # [1, 6, 300, 1]
+    origin = store["time"][106:107]
+    coords = store["coords"][:]
+    lo, hi = coords.min(0), coords.max(0)
+    query = lo + (hi - lo) * np.random.default_rng(0).random((23, 2))  # [23, 2] inside
+    predictor = Predictor(path)
+    whole = predictor.predict(x, origin, query=query)
+    assert whole["query_mean"].shape == (1, 3, 23, 1) and whole["query_std"].shape == (1, 3, 23, 1)
+    assert np.isfinite(whole["query_mean"]).all() and (whole["query_std"] > 0).all()
+    np.testing.assert_array_equal(whole["mean"], predictor.predict(x, origin)["mean"])
+    for tile_size in (5, 64):
+        tiled = predictor.predict(x, origin, tile_size=tile_size, query=query)
+        for key in ("query_mean", "query_std", "mean"):
+            np.testing.assert_allclose(tiled[key], whole[key], rtol=1e-5, atol=1e-5)
+    # the nearest sensor's window moves the first point's forecast; a far sensor's does not
+    pos = predictor.pos.numpy()
+    qpos = predictor._query_positions(query[:1])
+    order = np.argsort(((pos - qpos) ** 2).sum(1))
+    near, far = order[0], order[-1]
+    for sensor, moves in ((near, True), (far, False)):
+        changed = x.copy()
+        changed[0, :, sensor] += 5 * predictor.std[sensor]
+        after = predictor.predict(changed, origin, query=query[:1])["query_mean"]
+        assert (np.abs(after - whole["query_mean"][:, :, :1]).max() > 1e-4) == moves
+
+
+def test_query_points_that_cannot_be_forecast_are_clear_errors(synthetic_store, tmp_path):
+    path, store = _exported(synthetic_store, tmp_path, layers=1)
+    x = store["values"][100:106][None].astype(np.float32)
+    origin = store["time"][106:107]
+    predictor = Predictor(path)
+    with pytest.raises(ValueError, match=r"finite coordinates \[points, 2\].*got shape \[3\]"):
+        predictor.predict(x, origin, query=np.zeros(3))
+    with pytest.raises(ValueError, match="finite coordinates"):
+        predictor.predict(x, origin, query=np.array([[np.nan, 1.0]]))
+    path, _ = _exported(synthetic_store, tmp_path / "emb", 1, ["model.node_embedding=true"])
+    with pytest.raises(ValueError, match="a parameter per sensor"):
+        Predictor(path).predict(x, origin, query=np.zeros((1, 2)))

@@ -169,3 +169,54 @@ def test_sensor_dropout_hides_whole_input_windows_and_keeps_targets(poisoned_sto
     for split in ("test", "train"):  # evaluation passes (and the baselines' fit) see it all
         one_pass = WindowStream(poisoned_store, split, 6, 3, 4, 8, shuffle=False, **kw)
         assert next(iter(one_pass))["x_mask"].any(dim=(0, 1, 3)).all()
+
+
+def test_a_query_at_a_held_out_sensor_is_its_held_out_forecast(poisoned_store, tmp_path):
+    """Forecast anywhere = forecast a held-out sensor: a query point at a held-out sensor's
+    coordinates gets, to float32 tolerance, the forecast the test path makes for that sensor
+    (its inputs removed, its statistics and daily profile from seen neighbours), though the
+    exported model is asked only for a point."""
+    from pipeline.config import load_config
+    from pipeline.model.export import Predictor, export_model
+    from pipeline.model.forecaster import Forecaster
+
+    cfg = load_config(
+        None,
+        [
+            f"data.store={poisoned_store}",
+            "data.time_in=6",
+            "data.horizon=3",
+            "model.d_model=16",
+            "model.heads=2",
+            "model.layers=2",
+            "model.knn=8",
+            "model.daily_profile=true",
+            f"data.holdout_sensors={json.dumps(HELD)}",
+        ],
+    )
+    store = open_store(poisoned_store)
+    torch.manual_seed(0)
+    model = Forecaster(cfg.model, 6, 3, 1).eval()
+    path = export_model(model, cfg, store, tmp_path / "model")
+    stream = WindowStream(
+        store, "test", 6, 3, 1, 8, hops=2, shuffle=False, holdout=HELD, daily_profile=True
+    )
+    batch = next(iter(stream))
+    with torch.no_grad():
+        mean, std = model(
+            batch["x"], batch["x_mask"], batch["calendar"], batch["pos"],
+            batch["neighbours"], batch["nodes"], batch["profile"],
+        )  # fmt: skip
+    origin = int(batch["origins"][0])
+    x = store["values"][origin - 6 : origin][None].astype(np.float32)  # [1, 6, N, 1]
+    hidden = holdout_nodes(store["sensor_id"][:], HELD, "store")
+    x[:, :, hidden] = np.nan  # the held-out sensors' inputs, as the test path removes them
+    predictor = Predictor(path)
+    coords = store["coords"][:]
+    for s in np.flatnonzero(hidden):
+        out = predictor.predict(x, store["time"][origin : origin + 1], query=coords[s : s + 1])
+        expect_mean = mean[0, :, s].numpy() * stream.std[s] + stream.mean[s]  # [H, F]
+        expect_std = std[0, :, s].numpy() * stream.std[s]
+        np.testing.assert_allclose(out["query_mean"][0, :, 0], expect_mean, rtol=1e-4)
+        np.testing.assert_allclose(out["query_std"][0, :, 0], expect_std, rtol=1e-4)
+        assert np.abs(expect_mean).max() < 1e3  # nothing of the held-out sensor's own 1e6

@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from cases import IDS, ROOT, expect_error, hourly_rows, run, write_case
 
-from pipeline.data.sources import SourceError
 from pipeline.data.store import MARKER, StoreError, open_store
 
 
@@ -70,7 +70,7 @@ def test_existing_store_needs_overwrite(scheduler, tmp_path):
     ov = write_case(tmp_path)
     run(scheduler, ov)
     before = open_store(tmp_path / "out.zarr").fingerprint()
-    with pytest.raises(SourceError, match="already exists.*data.overwrite=true"):
+    with pytest.raises(StoreError, match="already exists.*data.overwrite=true"):
         run(scheduler, ov)
     assert open_store(tmp_path / "out.zarr").fingerprint() == before
     run(scheduler, ov + ["data.overwrite=true"])
@@ -207,3 +207,20 @@ def test_synthetic_outages_reach_the_store_as_its_mask(scheduler, tmp_path):
     assert 0 < (~mask).mean() < 0.5
     np.testing.assert_array_equal(np.isnan(store["values"][:, :, 0]), ~expected)
     np.testing.assert_allclose(store["coords"][:], SyntheticField(cfg).coords(index))
+
+
+def test_a_skipped_spring_forward_hour_is_said_not_silently_missing(scheduler, tmp_path, capsys):
+    """Local times written without an offset skip 02:00 on 2024-03-31 (Europe): read as UTC,
+    that hour is missing at every sensor; the run says why it may be."""
+    stamps = pd.date_range("2024-03-30 00:00", periods=72, freq="1h")
+    stamps = stamps[stamps != pd.Timestamp("2024-03-31 02:00")]
+    rows = [[str(s), "1.0", "2.0", "3.0", "4.0"] for s in stamps]
+    run(scheduler, write_case(tmp_path, rows))
+    out = capsys.readouterr().out
+    assert "no row for the hour from 2024-03-31 02:00 UTC, a Sunday" in out, out
+    # an ordinary missing hour on a weekday is no such case
+    stamps = pd.date_range("2024-03-25 00:00", periods=72, freq="1h")
+    rows = [[str(s), "1.0", "2.0", "3.0", "4.0"] for s in stamps if s.hour != 5 or s.day != 26]
+    (tmp_path / "weekday").mkdir()
+    run(scheduler, write_case(tmp_path / "weekday", rows))
+    assert "no row for the hour" not in capsys.readouterr().out

@@ -61,9 +61,10 @@ from pipeline.track.tracking import load_model
 mlflow.set_tracking_uri({uri!r})
 model = load_model("models:/sit-test@candidate")
 x, origin = np.load("x.npy"), np.load("origin.npy")
-res = model.predict({{"x": x, "origin_time": origin}})
+res = model.predict({{"x": x, "origin_time": origin, "query": np.array([[3.0, 4.0]])}})
 np.save("pyfunc_mean.npy", res["mean"])
 np.save("pyfunc_std.npy", res["std"])
+np.save("pyfunc_query.npy", res["query_mean"])
 """
     proc = subprocess.run(
         [sys.executable, "-c", code],
@@ -83,7 +84,8 @@ np.save("pyfunc_std.npy", res["std"])
     trained = torch.load(ckpt, weights_only=True)["module"]
     predictor = Predictor(out / "tracked" / "model")
     predictor.model.load_state_dict({k: v.float() for k, v in trained.items()})
-    ref = predictor.predict(x, origin)
+    ref = predictor.predict(x, origin, query=np.array([[3.0, 4.0]]))
+    np.testing.assert_array_equal(np.load(out / "pyfunc_query.npy"), ref["query_mean"])
     np.testing.assert_array_equal(np.load(out / "pyfunc_mean.npy"), ref["mean"])
     np.testing.assert_array_equal(np.load(out / "pyfunc_std.npy"), ref["std"])
     assert np.isfinite(ref["mean"]).all()
@@ -246,6 +248,7 @@ def test_run_holds_params_metrics_and_figures(tracked):
         "figures/pit.png",
         "figures/fan_chart.png",
         "figures/loss.png",
+        "figures/map.png",
     } <= names
 
 

@@ -44,13 +44,18 @@ def from_neighbours(a: np.ndarray, neighbours: np.ndarray, hidden: np.ndarray) -
     stored neighbours (``neighbours`` [N, k], itself first; -1 none), or over every seen
     sensor where none of its neighbours is seen."""
     a = a.copy()
-    nb = neighbours[hidden][:, 1:]  # [h, k - 1]
-    seen = (nb >= 0) & ~hidden[nb.clip(min=0)]
-    weights = seen.reshape(*seen.shape, *([1] * (a.ndim - 1))).astype(np.float64)
-    count = weights.sum(1)  # [h, 1, ...]
-    local = (a[nb.clip(min=0)] * weights).sum(1) / count.clip(min=1)  # [h, ...]
-    a[hidden] = np.where(count > 0, local, a[~hidden].mean(0))
+    a[hidden] = neighbour_average(a, neighbours[hidden][:, 1:], ~hidden)
     return a
+
+
+def neighbour_average(a: np.ndarray, nb: np.ndarray, seen: np.ndarray) -> np.ndarray:
+    """The average of ``a`` [N, ...] over each row's neighbours ``nb`` [M, j] (-1 none) that
+    are ``seen`` [N]; over every seen sensor for a row with none: [M, ...]."""
+    usable = (nb >= 0) & seen[nb.clip(min=0)]  # [M, j]
+    weights = usable.reshape(*usable.shape, *([1] * (a.ndim - 1))).astype(np.float64)
+    count = weights.sum(1)  # [M, 1, ...]
+    local = (a[nb.clip(min=0)] * weights).sum(1) / count.clip(min=1)  # [M, ...]
+    return np.where(count > 0, local, a[seen].mean(0)).astype(a.dtype)
 
 
 def unseen_statistics(

@@ -31,6 +31,24 @@ def k_nearest(pos: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return idx, dist
 
 
+COLOCATED_KM = 1e-9  # a sensor this close to a point is at the point
+
+
+def nearest_to(pos: np.ndarray, points: np.ndarray, k: int, spare: int = 8) -> np.ndarray:
+    """Indices [M, k] (int64) of the ``k`` sensors of ``pos`` [N, 3] nearest to each of
+    ``points`` [M, 3], nearest first, leaving out sensors at the point itself (so that a point
+    at a sensor's position has the neighbours that sensor has besides itself); -1 pads a row
+    where fewer remain (more than ``spare`` sensors at one point, or k >= N)."""
+    want = min(k + spare, len(pos))
+    dist, idx = cKDTree(pos).query(points, k=want, workers=-1)
+    dist, idx = dist.reshape(len(points), want), idx.reshape(len(points), want)
+    out = np.full((len(points), k), -1, dtype=np.int64)
+    for row, (d, i) in enumerate(zip(dist, idx, strict=True)):
+        keep = i[d > COLOCATED_KM][:k]
+        out[row, : len(keep)] = keep
+    return out
+
+
 def _spread_bits(v: np.ndarray) -> np.ndarray:
     """Insert a zero bit between the 16 low bits of v (uint64)."""
     v = v & 0xFFFF

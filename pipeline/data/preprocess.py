@@ -33,12 +33,17 @@ from pipeline.data.geometry import positions_km
 from pipeline.data.neighbours import curve_order, k_nearest
 from pipeline.data.sources import Source, SourceError, open_source
 from pipeline.data.sources.base import sha256
-from pipeline.data.store import SCHEMA_VERSION, atomic_store, create_arrays
+from pipeline.data.store import (
+    MAX_ABS,
+    SCHEMA_VERSION,
+    atomic_store,
+    check_target,
+    create_arrays,
+)
 
 TASK_VALUES = 8_000_000  # values per write task (32 MB as float32)
 CONNECT_S = 10  # seconds to reach a configured Dask scheduler
 HANDSHAKE_MAX = 1 << 20  # a Dask scheduler's greeting is a few hundred bytes
-MAX_ABS = 1e15  # no sensor reads this much: such a value is an error code or a unit mistake
 
 
 @contextlib.contextmanager
@@ -169,8 +174,7 @@ def preprocess(cfg: Config, progress: bool = True) -> Path:
     """Build the store of ``cfg.data`` and return its path."""
     data = cfg.data
     target = Path(data.store)
-    if target.exists() and not data.overwrite:
-        raise SourceError(f"store {target} already exists; set data.overwrite=true to replace it")
+    check_target(target, data.overwrite)  # before any work
     with dask_client(cfg.dask) as client:
 
         def pmap(func, items):

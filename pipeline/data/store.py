@@ -43,6 +43,8 @@ from pipeline.errors import UserError
 
 SCHEMA_VERSION = 1
 MARKER = "COMPLETE"
+WRITE_REFUSED = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
+MAX_ABS = 1e15  # no sensor reads this much: such a value is an error code or a unit mistake
 ARRAYS = (
     "values",
     "mask",
@@ -273,15 +275,33 @@ def _remove_stale_partials(target: Path) -> None:
             shutil.rmtree(partial, ignore_errors=True)
 
 
+def check_target(target: Path, overwrite: bool) -> None:
+    """``target`` can receive a store: not a symbolic link, not there unless ``overwrite``, and
+    its folder exists (created; a refusal there is the caller's one-line error)."""
+    if target.is_symlink():  # a store is published by renaming a folder onto its path
+        raise StoreError(
+            f"store {target} is a symbolic link (to {os.readlink(target)}"
+            f"{'' if target.exists() else ', which leads nowhere: a loop or a missing target'}); "
+            "give data.store the real path, or remove the link"
+        )
+    if target.exists() and not overwrite:
+        raise StoreError(f"store {target} already exists; set data.overwrite=true to replace it")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as exc:
+        raise StoreError(
+            f"store {target}: {exc.filename} is in its path but is not a folder (a file, or a "
+            "link that leads nowhere); choose another data.store"
+        ) from None
+
+
 @contextlib.contextmanager
 def atomic_store(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path to build a store in; on success validate it, mark it complete
     and move it to ``target``. On any error the temporary path is removed and ``target`` is
     left as it was."""
     target = Path(target)
-    if target.exists() and not overwrite:
-        raise StoreError(f"store {target} already exists; set data.overwrite=true to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    check_target(target, overwrite)
     _remove_stale_partials(target)
     tmp = target.parent / f".{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
@@ -305,6 +325,15 @@ def atomic_store(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
             ) from None
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:  # a full disk, a quota, a refused folder: said, nothing published
+        if exc.errno not in WRITE_REFUSED:
+            raise
+        free = shutil.disk_usage(target.parent).free / 2**20
+        raise StoreError(
+            f"store {target} could not be written ({exc.strerror}); {free:.1f} MB free there, "
+            "nothing was published: free space, or give data.store a path on a disk with room "
+            "that this user may write"
+        ) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -131,16 +131,23 @@ def make_tiles(
     tiles, lookup = [], np.full(n, -1, dtype=np.int64)
     for t0 in range(0, n, tile_size):
         t1 = min(t0 + tile_size, n)
-        nodes = frontier = np.arange(t0, t1)
-        for _ in range(hops):
-            new = np.setdiff1d(np.unique(nb[frontier]), nodes, assume_unique=True)
-            if len(new) == 0:
-                break
-            nodes, frontier = np.union1d(nodes, new), new  # sorted: curve order
+        nodes = receptive_field(nb, np.arange(t0, t1), hops)
         lookup[nodes] = np.arange(len(nodes))
         tiles.append(Tile(nodes, (nodes >= t0) & (nodes < t1), lookup[nb[nodes]]))
         lookup[nodes] = -1
     return tiles
+
+
+def receptive_field(neighbours: np.ndarray, seeds: np.ndarray, hops: int) -> np.ndarray:
+    """The sensors within ``hops`` neighbour hops of ``seeds`` (included), sorted: curve
+    order. ``neighbours`` [N, k] (no -1 entries)."""
+    nodes = frontier = np.unique(seeds)
+    for _ in range(hops):
+        new = np.setdiff1d(np.unique(neighbours[frontier]), nodes, assume_unique=True)
+        if len(new) == 0:
+            break
+        nodes, frontier = np.union1d(nodes, new), new
+    return nodes
 
 
 class ChunkCache:

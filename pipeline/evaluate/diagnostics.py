@@ -17,9 +17,13 @@ import torch  # noqa: E402
 from pipeline.config import Config  # noqa: E402
 from pipeline.data.geometry import positions_km  # noqa: E402
 from pipeline.data.store import Store  # noqa: E402
-from pipeline.evaluate.variography import empirical_variogram  # noqa: E402
+from pipeline.evaluate.maps import forecast_grid, map_figure  # noqa: E402
+from pipeline.evaluate.variography import empirical_variogram, fit_variogram  # noqa: E402
 from pipeline.kernels import correlation  # noqa: E402
 from pipeline.model.export import Predictor  # noqa: E402
+
+MAP_GRID = 60  # cells per side of the run's forecast map
+MAP_BACKENDS = ("knn", "dense")  # the backends that forecast at query points
 
 
 def correlation_curves(
@@ -28,9 +32,11 @@ def correlation_curves(
     centres: np.ndarray,
     empirical: np.ndarray,
     truth: dict | None,
+    fitted: dict | None = None,
 ) -> plt.Figure:
     """Learned correlation c_h(d) per head against the empirical correlation of the training
-    data (1 - semivariance / variance) and, when known, the true one."""
+    data (1 - semivariance / variance), its GSTools fit (``fitted``: family, range_km,
+    variance, nugget) and, when known, the true one."""
     fig, ax = plt.subplots(figsize=(6, 4))
     d = np.linspace(0, max(float(centres.max()), 1e-3), 200)
     if family != "none":
@@ -41,6 +47,11 @@ def correlation_curves(
                     d, (1 - tau) * rho, lw=1, label=f"layer {layer['layer']} head {h}: {r:.1f} km"
                 )
     ax.plot(centres, empirical, "ko", ms=4, label="empirical (train split)")
+    if fitted:
+        sill = fitted["variance"] + fitted["nugget"]
+        rho = correlation(fitted["family"], torch.tensor(d / fitted["range_km"])).numpy()
+        label = f"GSTools fit ({fitted['family']}): {fitted['range_km']:.1f} km"
+        ax.plot(d, fitted["variance"] / sill * rho, "k:", label=label)
     if truth:
         sill = truth["variance"] + truth["nugget"]
         rho = correlation(truth["family"], torch.tensor(d / truth["range_km"])).numpy()
@@ -133,9 +144,16 @@ def run_figures(
     span = float(np.ptp(plane, axis=0).max())
     edges = np.linspace(0, span / 3 if span > 0 else 1.0, 16)
     centres, gamma = empirical_variogram(plane, vals, edges, snapshots=len(steps))
+    family = cfg.model.kernel if cfg.model.kernel != "none" else "matern32"
+    try:  # a variogram GSTools cannot fit (flat, too few pairs) leaves the figure without it
+        fitted = {"family": family, **fit_variogram(family, centres, gamma)}
+    except (RuntimeError, ValueError):
+        fitted = None
+    if fitted and not np.isfinite([fitted["range_km"], fitted["variance"], fitted["nugget"]]).all():
+        fitted = None
     figures = {
         "correlation": correlation_curves(
-            metrics["kernel"], cfg.model.kernel, centres, 1 - gamma, metrics.get("truth")
+            metrics["kernel"], cfg.model.kernel, centres, 1 - gamma, metrics.get("truth"), fitted
         ),
         "pit": pit_histogram(metrics["test"]["pit_histogram"]),
         "loss": loss_curves(train_losses, metrics["validation"]),
@@ -144,7 +162,8 @@ def run_figures(
     ti, h = cfg.data.time_in, cfg.data.horizon
     origin = c + ti
     x = store["values"][origin - ti : origin][None]  # [1, time_in, n, F]
-    out = Predictor(model_dir).predict(x, store["time"][origin : origin + 1])
+    predictor = Predictor(model_dir)
+    out = predictor.predict(x, store["time"][origin : origin + 1])
     pick = [0, n // 2, n - 1]
     future = store["values"][origin : origin + h]  # [h, n, F]
     figures["fan_chart"] = fan_chart(
@@ -154,4 +173,7 @@ def run_figures(
         future[:, pick, 0],
         [str(store["sensor_id"][i]) for i in pick],
     )
+    if cfg.model.backend in MAP_BACKENDS and not cfg.model.node_embedding:
+        grid = forecast_grid(predictor, store, origin, MAP_GRID)
+        figures["map"] = map_figure(grid, store)
     return figures

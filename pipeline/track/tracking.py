@@ -80,8 +80,10 @@ def connect(cfg: Config, experiment: bool = True) -> str:
 class ForecastPyfunc(mlflow.pyfunc.PythonModel):
     """The registered model. Input: a dict with ``x`` [batch, time_in, sensors, features]
     (data units, NaN = missing, sensors in the order of the model's ``network.npz``) and
-    ``origin_time`` [batch] (int64 ns UTC of the first forecast step). Output: a dict with
-    ``mean`` and ``std`` [batch, horizon, sensors, forecast features] in data units."""
+    ``origin_time`` [batch] (int64 ns UTC of the first forecast step), and optionally
+    ``query`` [points, 2] (coordinates without a sensor, as the network's). Output: a dict with
+    ``mean`` and ``std`` [batch, horizon, sensors, forecast features] in data units, and with a
+    query ``query_mean`` and ``query_std`` [batch, horizon, points, forecast features]."""
 
     def load_context(self, context) -> None:
         self.predictor = Predictor(context.artifacts["model"])
@@ -93,7 +95,8 @@ class ForecastPyfunc(mlflow.pyfunc.PythonModel):
                 f"model input lacks {', '.join(missing)}: give a dict with 'x' [batch, time_in, "
                 "sensors, features] and 'origin_time' [batch] (int64 ns UTC)"
             )
-        return self.predictor.predict(model_input["x"], model_input["origin_time"])
+        query = model_input.get("query")
+        return self.predictor.predict(model_input["x"], model_input["origin_time"], query=query)
 
 
 def set_forecast_model() -> None:
@@ -322,11 +325,13 @@ def serve(cfg: Config) -> int:
         host, port = cfg.tracking.serve_host, str(cfg.tracking.serve_port)
         print(f"serving {uri} (checksums verified) on http://{host}:{port}/invocations", flush=True)
         command = ["models", "serve", "-m", str(local), "--env-manager", "local"]
-        # MLflow starts uvicorn by name: this environment's, also when it is not activated
+        # MLflow starts uvicorn by name: this environment's, also when it is not activated;
+        # glibc gives each of the server's request threads a malloc arena of its own, which
+        # holds on to freed request buffers: two arenas keep its memory flat under load
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        env = {"MALLOC_ARENA_MAX": "2", **os.environ, "PATH": path}
         return subprocess.call(
-            [sys.executable, "-m", "mlflow", *command, "-h", host, "-p", port],
-            env={**os.environ, "PATH": path},
+            [sys.executable, "-m", "mlflow", *command, "-h", host, "-p", port], env=env
         )
 
 

@@ -5,10 +5,12 @@ nothing in them but tensors, containers and an allow-list of DeepSpeed's plain c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.config import ConfigError
+from pipeline.errors import UserError
 from pipeline.train.engine import Context, barrier, checkpoint_globals
 
 
@@ -59,21 +62,50 @@ def save(
     the checkpoint's completion marker (the only thing resume trusts), and the checkpoints
     beyond the newest ``keep`` complete ones removed (:func:`prune`)."""
     tag = f"step{step:08d}"
-    (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {**trainer_state, "rng": rng_state(), "world_size": ctx.world_size},
-        ckpt_dir / tag / f"trainer_rank{ctx.rank}.pt",
-    )
+    with _writing(ckpt_dir / tag):
+        (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {**trainer_state, "rng": rng_state(), "world_size": ctx.world_size},
+            ckpt_dir / tag / f"trainer_rank{ctx.rank}.pt",
+        )
+        barrier()
+        engine.save_checkpoint(str(ckpt_dir), tag=tag)
+        barrier()  # every rank's files are closed
+        if ctx.is_main:
+            sizes = {p.name: p.stat().st_size for p in sorted((ckpt_dir / tag).glob("*.pt"))}
+            tmp = ckpt_dir / tag / f".{MARKER}.tmp"
+            tmp.write_text(json.dumps({"step": step, "world_size": ctx.world_size, "files": sizes}))
+            tmp.replace(ckpt_dir / tag / MARKER)
+            prune(ckpt_dir, keep)
     barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag)
-    barrier()  # every rank's files are closed
-    if ctx.is_main:
-        sizes = {p.name: p.stat().st_size for p in sorted((ckpt_dir / tag).glob("*.pt"))}
-        tmp = ckpt_dir / tag / f".{MARKER}.tmp"
-        tmp.write_text(json.dumps({"step": step, "world_size": ctx.world_size, "files": sizes}))
-        tmp.replace(ckpt_dir / tag / MARKER)
-        prune(ckpt_dir, keep)
-    barrier()
+
+
+class CheckpointWriteError(UserError, OSError):
+    """A checkpoint could not be written (a full disk, a quota, a refused folder)."""
+
+
+@contextlib.contextmanager
+def _writing(folder: Path) -> Iterator[None]:
+    """A file system refusal while writing ``folder`` (torch.save reports a full disk as a
+    RuntimeError, and a full disk at close names no file) as one line that names the folder
+    and the free space there; the incomplete checkpoint has no marker, so resume skips it."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        where = next((p for p in (folder, *folder.parents) if p.exists()), folder)
+        free = shutil.disk_usage(where).free / 2**20
+        stream = any(word in str(exc) for word in ("writ", "iostream", "No space"))
+        if isinstance(exc, RuntimeError) and not (stream or free < 1):
+            raise  # not a write failure: a bug, with its traceback
+        if isinstance(exc, OSError) and exc.strerror:
+            reason = exc.strerror
+        else:  # torch's stream errors do not say why
+            reason = "No space left on device" if free < 1 else str(exc)
+        raise CheckpointWriteError(
+            f"checkpoint {folder} could not be written ({reason.splitlines()[0]}); "
+            f"{free:.1f} MB free there: free space or set train.out_dir on a larger disk "
+            "(a resume starts from the last complete checkpoint)"
+        ) from None
 
 
 BEST = "best.pt"  # in the checkpoints folder: the best validation weights so far

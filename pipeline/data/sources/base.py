@@ -208,7 +208,31 @@ def regular_axis(
     pos = offset // step
     steps = int(pos[-1]) + 1
     _check_filled(stamps, steps, freq, where, unit)
+    _note_clock_change_gaps(t[0], step, pos, where)
     return t[0] + np.arange(steps, dtype=np.int64) * step, pos, freq
+
+
+HOUR_NS = 3_600 * 10**9
+DST_MONTHS = (3, 4, 9, 10, 11)  # when daylight saving starts or ends, north or south
+
+
+def _note_clock_change_gaps(t0: int, step: int, pos: np.ndarray, where: str) -> None:
+    """Timestamps are read as UTC when they carry no offset. Local times with daylight saving
+    skip an hour when clocks go forward: that hour would be left missing without a word. Say
+    so for each gap of exactly one hour on a Sunday of a month when clocks change."""
+    if step >= HOUR_NS or HOUR_NS % step:
+        return
+    jumps = np.flatnonzero(np.diff(pos) == HOUR_NS // step + 1)  # one hour of steps absent
+    gaps = pd.DatetimeIndex(t0 + (pos[jumps] + 1) * step, tz="UTC")
+    gaps = gaps[(gaps.dayofweek == 6) & gaps.month.isin(DST_MONTHS)]
+    if len(gaps):
+        more = f" (and {len(gaps) - 1} more such hours)" if len(gaps) > 1 else ""
+        print(
+            f"note: {where}: no row for the hour from {gaps[0]:%Y-%m-%d %H:%M} UTC, a Sunday"
+            f"{more}. Timestamps without an offset are read as UTC; if these are local times "
+            "with daylight saving, that is the hour clocks skip in spring, and it stays "
+            "missing: give the times with their offset (2024-03-31T03:00+02:00) or in UTC"
+        )
 
 
 CALENDAR_NS = 28 * 86_400 * 10**9  # an inferred step this long may be a calendar one (months)
