@@ -326,8 +326,8 @@ def serve(cfg: Config) -> int:
         print(f"serving {uri} (checksums verified) on http://{host}:{port}/invocations", flush=True)
         command = ["models", "serve", "-m", str(local), "--env-manager", "local"]
         # MLflow starts uvicorn by name: this environment's, also when it is not activated;
-        # glibc gives each of the server's request threads a malloc arena of its own, which
-        # holds on to freed request buffers: two arenas keep its memory flat under load
+        # glibc would give each of the server's request threads a malloc arena of its own,
+        # each keeping freed request buffers: two arenas bound what it keeps
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
         env = {"MALLOC_ARENA_MAX": "2", **os.environ, "PATH": path}
         return subprocess.call(
