@@ -7,6 +7,7 @@ python launch/map.py --model models:/sit-small@candidate --tracking-uri sqlite:/
 """
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -28,12 +29,10 @@ def exported_model(model: str, tracking_uri: str | None, tmp: str) -> Path:
                 f"{path} is not an exported model (no model.json): give runs/NAME/model"
             )
         return path
-    import mlflow
-
+    if tracking_uri:  # MLflow reads it (pipeline/track/tracking.py owns the mlflow import)
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     from pipeline.track.tracking import fetch_verified
 
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
     local = fetch_verified(model, tmp)
     (found,) = local.rglob("model.json")
     return found.parent

@@ -228,6 +228,34 @@ def test_the_served_model_forecasts_over_http_on_loopback(tracked, synthetic_sto
     np.testing.assert_allclose(np.asarray(served["std"]), ref["std"], rtol=1e-5, atol=1e-5)
 
 
+def test_a_map_of_the_registered_model(tracked, synthetic_store, tmp_path):
+    """launch/map.py on a models:/ URI: the files fetched and checked, the map written."""
+    _, uri = tracked
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "launch/map.py",
+            "--model",
+            "models:/sit-test@candidate",
+            "--tracking-uri",
+            uri,
+            "--store",
+            str(synthetic_store),
+            "--grid",
+            "8",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list(tmp_path.glob("map-*.nc"))) == 1 and len(list(tmp_path.glob("map-*.png"))) == 1
+
+
 def test_run_holds_params_metrics_and_figures(tracked):
     import mlflow
     from mlflow.tracking import MlflowClient
