@@ -46,7 +46,13 @@ def main(config: str, overrides: list[str]) -> None:
         "MLFLOW_DISABLE_TELEMETRY": "true",
     }
     subprocess.run(cmd, cwd=ROOT, env=env, check=True)  # training prints the summary
-    print(f"results: {Path(cfg.train.out_dir) / cfg.name / 'metrics.json'}")
+    run_dir = Path(cfg.train.out_dir) / cfg.name
+    print(f"results: {run_dir / 'metrics.json'}")
+    print(
+        f"a forecast map: python launch/map.py --model {run_dir / 'model'} --store {cfg.data.store}"
+    )
+    if cfg.tracking.enabled and cfg.tracking.model_name:
+        print(f"served: python launch/serve.py --config {config} tracking.serve_alias=candidate")
 
 
 if __name__ == "__main__":
