@@ -279,7 +279,8 @@ def test_an_existing_ray_token_readable_by_others_is_made_private(tmp_path, monk
     token.parent.mkdir()
     token.write_text("a" * 64)
     token.chmod(0o644)
-    prepare("ray://head.example.org:10001")  # a remote cluster: its own business
+    prepare("ray://head.example.org:10001")  # a running cluster: its own business
+    prepare("127.0.0.1:6379")  # a head on this machine too: it listens where ray start says
     assert token.stat().st_mode & 0o777 == 0o644 and "RAY_ENABLE" not in str(os.environ)
     prepare(None)  # a local instance
     assert token.stat().st_mode & 0o777 == 0o600 and token.read_text() == "a" * 64

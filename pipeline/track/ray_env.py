@@ -1,10 +1,10 @@
 """The environment a Ray instance starts in, set before ray is imported (no ray import here).
 
-A local instance (no ``tune.address`` / ``$RAY_ADDRESS``, or a head on this machine) listens on
-loopback only: Ray binds its gRPC servers (GCS, raylet, workers, the runtime-env agent) to
-127.0.0.1 only with its multi-machine mode off (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``), a
-switch it reads once, when ``ray`` is imported; otherwise they listen on every interface, even
-with ``ray.init(_node_ip_address="127.0.0.1")``. With token authentication (Ray's default for a
+A new local instance (no ``tune.address`` / ``$RAY_ADDRESS``) listens on loopback only: Ray
+binds its gRPC servers (GCS, raylet, workers, the runtime-env agent) to 127.0.0.1 only with
+its multi-machine mode off (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``), a switch it reads once,
+when ``ray`` is imported; otherwise they listen on every interface, even with
+``ray.init(_node_ip_address="127.0.0.1")``. With token authentication (Ray's default for a
 new local instance) Ray writes its token to ``~/.ray/auth_token`` readable by everyone; the token
 is created here first, readable by its owner only, and an existing one is made so.
 """
@@ -36,8 +36,10 @@ def is_local(address: str | None) -> bool:
 
 
 def prepare(address: str | None) -> None:
-    """Before ``import ray``: a local instance on loopback only, with a private token."""
-    if not is_local(address):
+    """Before ``import ray``: a new local instance on loopback only, with a private token. A
+    running head (even on this machine) listens where ``ray start`` told it to; a driver that
+    joins it keeps Ray's defaults (with the switch off it could not find its own node)."""
+    if address:
         return
     os.environ[CLUSTER_SWITCH] = "0"
     private_token()

@@ -160,9 +160,9 @@ def sweep(cfg: Config) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     address = ray_address(cfg)
     local = is_local(address)
-    # Ray read its multi-machine switch when it was imported: a local instance started after
-    # an import that came before ray_env.prepare would listen on every interface
-    if local and getattr(ray._private.ray_constants, "ENABLE_RAY_CLUSTER", False):
+    # Ray read its multi-machine switch when it was imported: a new local instance started
+    # after an import that came before ray_env.prepare would listen on every interface
+    if not address and getattr(ray._private.ray_constants, "ENABLE_RAY_CLUSTER", False):
         raise UserError(
             "ray was imported before pipeline.track.ray_env.prepare: a local Ray instance "
             "would listen on every interface; call prepare(address) first (launch/tune.py does)"

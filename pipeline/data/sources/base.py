@@ -220,7 +220,7 @@ def _note_clock_change_gaps(t0: int, step: int, pos: np.ndarray, where: str) -> 
     """Timestamps are read as UTC when they carry no offset. Local times with daylight saving
     skip an hour when clocks go forward: that hour would be left missing without a word. Say
     so for each gap of exactly one hour on a Sunday of a month when clocks change."""
-    if step >= HOUR_NS or HOUR_NS % step:
+    if step > HOUR_NS or HOUR_NS % step:
         return
     jumps = np.flatnonzero(np.diff(pos) == HOUR_NS // step + 1)  # one hour of steps absent
     gaps = pd.DatetimeIndex(t0 + (pos[jumps] + 1) * step, tz="UTC")
