@@ -41,6 +41,7 @@ def one_error_line(proc: subprocess.CompletedProcess, *expect: str) -> str:
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if "error: " in line]
     assert len(errors) == 1, proc.stderr[-3000:]
+    assert errors[0].startswith("error: "), errors[0]  # its own line, not after a progress bar
     for text in expect:
         assert text in errors[0], errors[0]
     return errors[0]

@@ -231,22 +231,20 @@ def _write_store(
         total, total_sq = np.zeros((n, f)), np.zeros((n, f))
         count, seen = np.zeros((n, f)), np.zeros((n, f))
         largest, largest_at = np.zeros((n, f)), np.zeros((n, f), dtype=np.int64)
-        bar = tqdm(
-            as_completed(futures),
-            total=len(futures),
-            desc="preprocess",
-            unit="chunk",
-            disable=not progress,
-        )
-        for future in bar:
-            n0, n1, s, sq, c, obs, big, at = future.result()
-            total[n0:n1] += s
-            total_sq[n0:n1] += sq
-            count[n0:n1] += c
-            seen[n0:n1] += obs
-            larger = big > largest[n0:n1]
-            largest[n0:n1] = np.where(larger, big, largest[n0:n1])
-            largest_at[n0:n1] = np.where(larger, at, largest_at[n0:n1])
+        chunks = as_completed(futures)
+        # closed also when a task raises: an error then starts its own line
+        with tqdm(
+            chunks, total=len(futures), desc="preprocess", unit="chunk", disable=not progress
+        ) as bar:
+            for future in bar:
+                n0, n1, s, sq, c, obs, big, at = future.result()
+                total[n0:n1] += s
+                total_sq[n0:n1] += sq
+                count[n0:n1] += c
+                seen[n0:n1] += obs
+                larger = big > largest[n0:n1]
+                largest[n0:n1] = np.where(larger, big, largest[n0:n1])
+                largest_at[n0:n1] = np.where(larger, at, largest_at[n0:n1])
         never = np.flatnonzero((seen == 0).all(axis=1))
         if len(never):
             ids = [source.sensor_ids[order[j]] for j in never[:10]]

@@ -168,72 +168,78 @@ def fit(run: Run, report: Reporter | None = None) -> Fitted:
     )
     fitted = Fitted()
     start = time.perf_counter()
-    while state["step"] < cfg.train.steps and not fitted.stopped_early:
-        step = state["step"]
-        run.model.set_qk(step >= cfg.train.kernel_warmup_steps)
-        step_loss = 0.0
-        for _ in range(cfg.train.grad_accum):
-            t0 = time.perf_counter()
-            batch = to_device(next(batches), ctx.device, run.dtype)
-            t1 = time.perf_counter()
-            mean, std, mask = forward(run.engine, batch)
-            loss = loss_fn(mean, std, batch["y"], mask)
-            run.engine.backward(loss)
-            run.engine.step()
-            if ctx.device.type == "cuda":
-                torch.cuda.synchronize()  # sync: honest step timing
-            fitted.wait_s += t1 - t0
-            fitted.compute_s += time.perf_counter() - t1
-            step_loss += loss.item() / cfg.train.grad_accum  # sync: the loss
-            fitted.samples += batch["x"].shape[0] * ctx.world_size
-            state["micro_step"] += 1
-        finite = torch.tensor([float(math.isfinite(step_loss))], dtype=torch.float64)
-        if engine.all_reduce_sum(finite.to(ctx.device)).item() < ctx.world_size:  # sync
-            raise ConfigError(
-                f"step {step + 1}: the training loss is not finite on some rank (this rank: "
-                f"{step_loss}); check the store (python launch/preprocess.py --verify "
-                f"{cfg.data.store}) and lower train.lr"
-            )
-        state["step"] = step = step + 1
-        bar.update(1)
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            state["train_loss"].append([step, step_loss])
-            kernels = kernel_params(run.model)  # sync: kernel parameters to the host
-            bar.set_postfix(
-                loss=f"{step_loss:.4f}",
-                range=f"{kernels[0]['range_km'][0]:.1f}km" if kernels else "none",
-                wait=f"{fitted.wait_s / max(fitted.wait_s + fitted.compute_s, 1e-9):.0%}",
-            )
-            if run.tracker is not None:
-                run.tracker.log_step(step, step_loss, kernels, run.engine.get_lr()[0])
-        if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-            _check_store(run)
-            val = evaluate(run, "val", cfg.train.eval_batches)  # sync: all-reduced metrics
-            state["history"].append({"step": step, "val_loss": val["loss"], **validation_row(val)})
-            if run.tracker is not None:
-                run.tracker.log_validation(step, val)
-            if report is not None:
-                report(step, val)
-            value = val["loss"] if cfg.train.monitor == "loss" else val["mean"][cfg.train.monitor]
-            if value < state["best_val"] - 1e-6:
-                state["best_val"], state["best_step"], state["bad_evals"] = value, step, 0
-                if cfg.train.restore_best:  # the same on every rank (ZeRO-3: gathered)
-                    weights = engine.full_weights(run.engine)
-                    if ctx.is_main:
-                        checkpoint.save_best(weights, run.run_dir / "checkpoints", step, value)
-            else:
-                state["bad_evals"] += 1
-            patience = cfg.train.patience
-            fitted.stopped_early = patience is not None and state["bad_evals"] >= patience
-        if (
-            step % cfg.train.checkpoint_every == 0
-            or step == cfg.train.steps
-            or fitted.stopped_early
-        ):
-            _check_store(run)  # a checkpoint never records a run that read two data sets
-            keep = cfg.train.keep_checkpoints
-            checkpoint.save(run.engine, run.run_dir / "checkpoints", step, state, ctx, keep)
-    bar.close()
+    try:  # the bar ends its line also when a step raises: an error then starts a line
+        while state["step"] < cfg.train.steps and not fitted.stopped_early:
+            step = state["step"]
+            run.model.set_qk(step >= cfg.train.kernel_warmup_steps)
+            step_loss = 0.0
+            for _ in range(cfg.train.grad_accum):
+                t0 = time.perf_counter()
+                batch = to_device(next(batches), ctx.device, run.dtype)
+                t1 = time.perf_counter()
+                mean, std, mask = forward(run.engine, batch)
+                loss = loss_fn(mean, std, batch["y"], mask)
+                run.engine.backward(loss)
+                run.engine.step()
+                if ctx.device.type == "cuda":
+                    torch.cuda.synchronize()  # sync: honest step timing
+                fitted.wait_s += t1 - t0
+                fitted.compute_s += time.perf_counter() - t1
+                step_loss += loss.item() / cfg.train.grad_accum  # sync: the loss
+                fitted.samples += batch["x"].shape[0] * ctx.world_size
+                state["micro_step"] += 1
+            finite = torch.tensor([float(math.isfinite(step_loss))], dtype=torch.float64)
+            if engine.all_reduce_sum(finite.to(ctx.device)).item() < ctx.world_size:  # sync
+                raise ConfigError(
+                    f"step {step + 1}: the training loss is not finite on some rank (this rank: "
+                    f"{step_loss}); check the store (python launch/preprocess.py --verify "
+                    f"{cfg.data.store}) and lower train.lr"
+                )
+            state["step"] = step = step + 1
+            bar.update(1)
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                state["train_loss"].append([step, step_loss])
+                kernels = kernel_params(run.model)  # sync: kernel parameters to the host
+                bar.set_postfix(
+                    loss=f"{step_loss:.4f}",
+                    range=f"{kernels[0]['range_km'][0]:.1f}km" if kernels else "none",
+                    wait=f"{fitted.wait_s / max(fitted.wait_s + fitted.compute_s, 1e-9):.0%}",
+                )
+                if run.tracker is not None:
+                    run.tracker.log_step(step, step_loss, kernels, run.engine.get_lr()[0])
+            if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+                _check_store(run)
+                val = evaluate(run, "val", cfg.train.eval_batches)  # sync: all-reduced metrics
+                state["history"].append(
+                    {"step": step, "val_loss": val["loss"], **validation_row(val)}
+                )
+                if run.tracker is not None:
+                    run.tracker.log_validation(step, val)
+                if report is not None:
+                    report(step, val)
+                value = (
+                    val["loss"] if cfg.train.monitor == "loss" else val["mean"][cfg.train.monitor]
+                )
+                if value < state["best_val"] - 1e-6:
+                    state["best_val"], state["best_step"], state["bad_evals"] = value, step, 0
+                    if cfg.train.restore_best:  # the same on every rank (ZeRO-3: gathered)
+                        weights = engine.full_weights(run.engine)
+                        if ctx.is_main:
+                            checkpoint.save_best(weights, run.run_dir / "checkpoints", step, value)
+                else:
+                    state["bad_evals"] += 1
+                patience = cfg.train.patience
+                fitted.stopped_early = patience is not None and state["bad_evals"] >= patience
+            if (
+                step % cfg.train.checkpoint_every == 0
+                or step == cfg.train.steps
+                or fitted.stopped_early
+            ):
+                _check_store(run)  # a checkpoint never records a run that read two data sets
+                keep = cfg.train.keep_checkpoints
+                checkpoint.save(run.engine, run.run_dir / "checkpoints", step, state, ctx, keep)
+    finally:
+        bar.close()
     fitted.wall_s = time.perf_counter() - start
     del batches  # stops the prefetch thread (or the loader workers) now, not at exit
     return fitted
