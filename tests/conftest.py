@@ -51,3 +51,15 @@ def synthetic_store(scheduler, tmp_path_factory):
         ],
     )
     return preprocess(cfg, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tracked(synthetic_store, tmp_path_factory):
+    """A tiny tracked run whose model is registered (test_tracking.py, test_registry.py)."""
+    from tiny import train_tracked
+
+    out = tmp_path_factory.mktemp("tracked")
+    uri = f"sqlite:///{out / 'mlruns.db'}"
+    proc = train_tracked(synthetic_store, out, "tracked", uri)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, uri

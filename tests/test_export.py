@@ -4,35 +4,13 @@ whole-network inference with the knn backend."""
 import numpy as np
 import pytest
 import torch
+from tiny import export_untrained
 
-from pipeline.config import load_config
-from pipeline.data.store import open_store
-from pipeline.model.export import Predictor, export_model
-from pipeline.model.forecaster import Forecaster
-
-
-def _exported(store_path, tmp_path, layers, extra=()):
-    cfg = load_config(
-        None,
-        [
-            *extra,
-            f"data.store={store_path}",
-            "data.time_in=6",
-            "data.horizon=3",
-            "model.d_model=16",
-            "model.heads=2",
-            f"model.layers={layers}",
-            "model.knn=8",
-        ],
-    )
-    store = open_store(store_path)
-    torch.manual_seed(0)
-    model = Forecaster(cfg.model, 6, 3, store.shape[2], num_nodes=store.shape[1])
-    return export_model(model, cfg, store, tmp_path / "model"), store
+from pipeline.model.export import Predictor
 
 
 def test_tiled_prediction_equals_whole_network(synthetic_store, tmp_path):
-    path, store = _exported(synthetic_store, tmp_path, layers=3)
+    path, _, store = export_untrained(synthetic_store, tmp_path / "model", 3)
     x = store["values"][100:106][None].astype(np.float32)  # [1, 6, 300, 1]
     x[0, 2, ::7] = np.nan  # missing values travel through the tiles too
     origin = store["time"][106:107]
@@ -51,7 +29,7 @@ def test_tiled_prediction_equals_whole_network(synthetic_store, tmp_path):
 
 
 def test_origin_time_must_be_nanoseconds_and_the_batch_not_empty(synthetic_store, tmp_path):
-    path, store = _exported(synthetic_store, tmp_path, layers=1)
+    path, _, store = export_untrained(synthetic_store, tmp_path / "model", 1)
     x = store["values"][100:106][None].astype(np.float32)  # [1, 6, 300, 1]
     origin = store["time"][106:107]  # int64 ns
     predictor = Predictor(path)
@@ -68,9 +46,8 @@ def test_origin_time_must_be_nanoseconds_and_the_batch_not_empty(synthetic_store
 
 def test_error_codes_in_the_window_and_non_finite_forecasts_are_errors(synthetic_store, tmp_path):
     """A window scaled by 1e30 (a unit mistake) used to return all-NaN forecasts silently."""
-    import torch
 
-    path, store = _exported(synthetic_store, tmp_path, layers=1)
+    path, _, store = export_untrained(synthetic_store, tmp_path / "model", 1)
     x = store["values"][100:106][None].astype(np.float32)  # [1, 6, 300, 1]
     origin = store["time"][106:107]
     predictor = Predictor(path)
@@ -99,7 +76,7 @@ def test_query_points_forecast_tile_by_tile_as_in_one_piece(synthetic_store, tmp
     receptive field), so tiled and whole forecasts agree; a point moves with its neighbours'
     data and not with the data of sensors beyond its receptive field."""
     extra = ["model.daily_profile=true"] if profile else []
-    path, store = _exported(synthetic_store, tmp_path, layers=2, extra=extra)
+    path, _, store = export_untrained(synthetic_store, tmp_path / "model", 2, extra)
     x = store["values"][100:106][None].astype(np.float32)  # [1, 6, 300, 1]
     origin = store["time"][106:107]
     coords = store["coords"][:]
@@ -127,7 +104,7 @@ def test_query_points_forecast_tile_by_tile_as_in_one_piece(synthetic_store, tmp
 
 
 def test_query_points_that_cannot_be_forecast_are_clear_errors(synthetic_store, tmp_path):
-    path, store = _exported(synthetic_store, tmp_path, layers=1)
+    path, _, store = export_untrained(synthetic_store, tmp_path / "model", 1)
     x = store["values"][100:106][None].astype(np.float32)
     origin = store["time"][106:107]
     predictor = Predictor(path)
@@ -135,6 +112,8 @@ def test_query_points_that_cannot_be_forecast_are_clear_errors(synthetic_store, 
         predictor.predict(x, origin, query=np.zeros(3))
     with pytest.raises(ValueError, match="finite coordinates"):
         predictor.predict(x, origin, query=np.array([[np.nan, 1.0]]))
-    path, _ = _exported(synthetic_store, tmp_path / "emb", 1, ["model.node_embedding=true"])
+    path, _, _ = export_untrained(
+        synthetic_store, tmp_path / "emb", 1, ["model.node_embedding=true"]
+    )
     with pytest.raises(ValueError, match="a parameter per sensor"):
         Predictor(path).predict(x, origin, query=np.zeros((1, 2)))

@@ -176,28 +176,12 @@ def test_a_query_at_a_held_out_sensor_is_its_held_out_forecast(poisoned_store, t
     coordinates gets, to float32 tolerance, the forecast the test path makes for that sensor
     (its inputs removed, its statistics and daily profile from seen neighbours), though the
     exported model is asked only for a point."""
-    from pipeline.config import load_config
-    from pipeline.model.export import Predictor, export_model
-    from pipeline.model.forecaster import Forecaster
+    from tiny import export_untrained
 
-    cfg = load_config(
-        None,
-        [
-            f"data.store={poisoned_store}",
-            "data.time_in=6",
-            "data.horizon=3",
-            "model.d_model=16",
-            "model.heads=2",
-            "model.layers=2",
-            "model.knn=8",
-            "model.daily_profile=true",
-            f"data.holdout_sensors={json.dumps(HELD)}",
-        ],
-    )
-    store = open_store(poisoned_store)
-    torch.manual_seed(0)
-    model = Forecaster(cfg.model, 6, 3, 1).eval()
-    path = export_model(model, cfg, store, tmp_path / "model")
+    from pipeline.model.export import Predictor
+
+    extra = ["model.daily_profile=true", f"data.holdout_sensors={json.dumps(HELD)}"]
+    path, model, store = export_untrained(poisoned_store, tmp_path / "model", 2, extra)
     stream = WindowStream(
         store, "test", 6, 3, 1, 8, hops=2, shuffle=False, holdout=HELD, daily_profile=True
     )

@@ -1,40 +1,19 @@
 """Forecast maps: the exported model's forecast on a grid over the network (query points),
 as a Dataset, a NetCDF file and a PNG from launch/map.py."""
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
-import torch
 import xarray as xr
-from tiny import ROOT, child_env
+from tiny import export_untrained, run_launch
 
-from pipeline.config import load_config
-from pipeline.data.store import open_store
 from pipeline.evaluate.maps import forecast_grid, window_ending_at
-from pipeline.model.export import Predictor, export_model
-from pipeline.model.forecaster import Forecaster
+from pipeline.model.export import Predictor
 
 
 @pytest.fixture(scope="module")
 def exported(synthetic_store, tmp_path_factory):
-    cfg = load_config(
-        None,
-        [
-            f"data.store={synthetic_store}",
-            "data.time_in=6",
-            "data.horizon=3",
-            "model.d_model=16",
-            "model.heads=2",
-            "model.layers=2",
-            "model.knn=8",
-        ],
-    )
-    store = open_store(synthetic_store)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("map") / "model"
-    return export_model(Forecaster(cfg.model, 6, 3, 1), cfg, store, path), store
+    path, _, store = export_untrained(synthetic_store, tmp_path_factory.mktemp("map") / "m", 2)
+    return path, store
 
 
 def test_the_grid_is_the_query_forecast_of_each_cell(exported):
@@ -60,20 +39,16 @@ def test_the_grid_is_the_query_forecast_of_each_cell(exported):
 def test_the_map_command_writes_netcdf_and_png(exported, tmp_path):
     path, store = exported
     when = str(store["time"][200].astype("datetime64[ns]"))[:16]
-    command = [sys.executable, "launch/map.py", "--model", str(path), "--store", str(store.path)]
-    proc = subprocess.run(
-        [*command, "--origin", when, "--grid", "16", "--out", str(tmp_path)],
-        cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    command = ["--model", str(path), "--store", str(store.path)]
+    proc = run_launch(
+        "map.py", [*command, "--origin", when, "--grid", "16", "--out", str(tmp_path)]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (nc,) = tmp_path.glob("map-*.nc")
     assert nc.with_suffix(".png").is_file() and not list(tmp_path.glob("*.tmp"))
     ds = xr.open_dataset(nc, engine="h5netcdf")
     expect = forecast_grid(Predictor(path), store, 200, size=16)
     np.testing.assert_allclose(ds["mean"].values, expect["mean"].values, rtol=1e-6)
-    bad = subprocess.run(
-        [*command, "--origin", "1999-01-01T00:00", "--out", str(tmp_path)],
-        cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    bad = run_launch("map.py", [*command, "--origin", "1999-01-01T00:00", "--out", str(tmp_path)])
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "is not a time step of" in bad.stderr.strip().splitlines()[-1]

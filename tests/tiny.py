@@ -55,16 +55,58 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_train(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    """``launch/train.py`` in one process with :func:`child_env`; output captured."""
+def run_launch(script: str, args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """``launch/<script>`` in one process with :func:`child_env`; output captured."""
     return subprocess.run(
-        [sys.executable, "launch/train.py", *args],
+        [sys.executable, f"launch/{script}", *args],
         cwd=ROOT,
         env=child_env(),
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+def run_train(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """``launch/train.py`` in one process with :func:`child_env`; output captured."""
+    return run_launch("train.py", args, timeout)
+
+
+def train_tracked(store, out, name, uri, steps=6, extra=()) -> subprocess.CompletedProcess:
+    """A tiny run tracked in MLflow at ``uri`` (experiment ``test``), registered as
+    ``sit-test``."""
+    tracking = [f"tracking.uri={uri}", "tracking.experiment=test", "tracking.model_name=sit-test"]
+    common = ["train.eval_every=3", "train.checkpoint_every=100", "train.log_every=2"]
+    return run_train(overrides(store, out, name, steps, [*common, *tracking, *extra]))
+
+
+def export_untrained(store_path, path, layers: int, extra=()):
+    """A seeded, untrained 16-wide model on 6-step windows of ``store_path``, exported to
+    ``path``; returns the folder, the model and the store."""
+    import torch
+
+    from pipeline.config import load_config
+    from pipeline.data.store import open_store
+    from pipeline.model.export import export_model
+    from pipeline.model.forecaster import Forecaster
+
+    cfg = load_config(
+        None,
+        [
+            *extra,
+            f"data.store={store_path}",
+            "data.time_in=6",
+            "data.horizon=3",
+            "model.d_model=16",
+            "model.heads=2",
+            f"model.layers={layers}",
+            "model.knn=8",
+        ],
+    )
+    store = open_store(store_path)
+    torch.manual_seed(0)
+    model = Forecaster(cfg.model, 6, 3, store.shape[2], num_nodes=store.shape[1]).eval()
+    return export_model(model, cfg, store, Path(path)), model, store
 
 
 def listeners(proc: subprocess.Popen, every: float = 0.2) -> tuple[set[str], str]:
