@@ -191,6 +191,10 @@ class TrainConfig(Section):
     """Score the test split against the exact Bayes limit of a synthetic store
     (evaluate/oracle.py): minutes of CPU at a few hundred sensors, the same for every model of
     a store. benchmarks/peers.py turns it off; benchmarks/limit.py is where it is compared."""
+    fitted_gp: bool = True
+    """Score the test split against a separable space-time Gaussian process fitted to the train
+    split (evaluate/gp.py): exact conditioning on each window, up to a few thousand sensors
+    (beyond: skipped, said); the same for every model of a store."""
     historical_average: bool = True
     """Score the historical average baseline in the test (each sensor's train mean at the
     target's time of day; where the time step divides a day): one pass over the train split

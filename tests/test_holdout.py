@@ -147,6 +147,11 @@ def test_training_with_held_out_sensors_reports_them_apart(poisoned_store, tmp_p
     assert test["unseen"]["sensors"] == len(HELD) and test["seen"]["sensors"] == N - len(HELD)
     # the unseen sensors' targets are the poison: forecast from neighbours near 50, they miss
     assert test["unseen"]["mean"]["mae"] > 1e5 > 100 > test["seen"]["mean"]["mae"]
+    # per window at the held-out sensors alone (benchmarks/holdout.py tests over them)
+    with np.load(tmp_path / "holdout" / "test_windows.npz") as w:
+        pooled = (w["unseen_mae"] * w["unseen_count"]).sum() / w["unseen_count"].sum()
+        assert set(w["unseen_origin"]) <= set(w["origin"])
+    assert pooled == pytest.approx(test["unseen"]["mean"]["mae"], rel=1e-5)
 
 
 def test_sensor_dropout_hides_whole_input_windows_and_keeps_targets(poisoned_store):

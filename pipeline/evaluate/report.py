@@ -83,6 +83,18 @@ def summary(metrics: dict, tracking_uri: str | None = None) -> str:
             )
     elif "skipped" in oracle:
         lines.append(f"  Bayes limit not computed: {oracle['skipped']}")
+    gp = metrics.get("fitted_gp") or {}
+    if "fit" in gp:
+        f = gp["fit"]
+        ratio = f", {gp['ratio_to_oracle']:.3f} x the oracle" if "ratio_to_oracle" in gp else ""
+        lines.append(
+            f"  fitted GP (train split's variogram): {f['family']}, range {f['range_km']:.1f} km, "
+            f"sill {f['sill']:.2f}, micro-scale {f['micro']:.2f}, nugget {f['nugget']:.2f}, AR(1) "
+            f"{f['phi']:.2f}; CRPS "
+            f"{gp['mean']['crps']:.4f}{ratio}"
+        )
+    elif "skipped" in gp:
+        lines.append(f"  fitted GP not computed: {gp['skipped']}")
     lines.append("")
     truth = metrics.get("truth")
     for layer in metrics["kernel"]:

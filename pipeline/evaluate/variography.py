@@ -50,12 +50,29 @@ def empirical_variogram(
     return centres, gamma
 
 
-def fit_variogram(family: str, centres: np.ndarray, gamma: np.ndarray) -> dict[str, float]:
-    """Fit ``family`` (range, sill, nugget) to an empirical variogram; returns the parameters."""
+def fit_variogram(
+    family: str,
+    centres: np.ndarray,
+    gamma: np.ndarray,
+    sill: float | None = None,
+    weights: str | None = None,
+) -> dict[str, float]:
+    """Fit ``family`` (range, sill, nugget; with ``sill``, variance + nugget fixed at it) to
+    an empirical variogram by GSTools' least squares (``weights="inv"``: 1 / distance, the
+    short lags that kriging weighs most); the family's shape parameters (Matern's nu, the
+    rational quadratic's alpha) stay ours. Returns the parameters and ``wsse``, the squared
+    residuals weighted by 1 / distance (comparable between families)."""
     model = gstools_model(family)
-    model.fit_variogram(centres, gamma, nugget=True)
+    if sill is not None:  # a start inside GSTools' bounds for the fixed sill
+        model = gstools_model(
+            family, range_km=float(centres.max()) / 2, variance=sill / 2, nugget=sill / 2
+        )
+    fixed = {name: False for name in model.opt_arg}
+    model.fit_variogram(centres, gamma, nugget=True, sill=sill, weights=weights, **fixed)
+    resid = model.variogram(centres) - gamma
     return {
         "range_km": float(model.len_scale),
         "variance": float(model.var),
         "nugget": float(model.nugget),
+        "wsse": float((resid * resid / np.maximum(centres, 1e-12)).sum()),
     }

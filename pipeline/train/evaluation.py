@@ -104,6 +104,12 @@ def evaluate(
         if compare
         else None
     )
+    # per window at the held-out sensors alone (test_windows.npz: benchmarks/holdout.py)
+    unseen_windows = None
+    if comparison is not None and groups:
+        unseen_windows = ComparisonAccumulator(
+            stream.origins, store.shape[1], cfg.data.horizon, ctx.device, names=()
+        )
     loss_sum = torch.zeros(2, dtype=torch.float64, device=ctx.device)
     run.engine.eval()
     with torch.no_grad():
@@ -127,6 +133,9 @@ def evaluate(
             if comparison is not None:
                 points = baseline_points(batch, targets, m, s)  # the data's units
                 comparison.update(batch["origins"], batch["nodes"], mean, std, y, mask, points, s)
+            if unseen_windows is not None:
+                unseen = mask & batch["hidden"][None, None, :, None]
+                unseen_windows.update(batch["origins"], batch["nodes"], mean, std, y, unseen, {}, s)
     run.engine.train()
     engine.all_reduce_sum(acc.state)
     engine.all_reduce_sum(loss_sum)
@@ -159,4 +168,8 @@ def evaluate(
         engine.all_reduce_sum(comparison.nodes)
         result.update(comparison.result(store["neighbours"][:]))
         result["windows"] = comparison.window_losses()  # popped by the caller (not JSON)
+    if unseen_windows is not None:
+        engine.all_reduce_sum(unseen_windows.windows)
+        unseen = unseen_windows.window_losses()
+        result["windows"].update({f"unseen_{k}": v for k, v in unseen.items()})
     return result

@@ -31,6 +31,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.data.geometry import positions_km
 from pipeline.data.store import open_store
 from pipeline.data.stream import target_features
+from pipeline.evaluate import gp
 from pipeline.evaluate.metrics import validation_row
 from pipeline.evaluate.oracle import limit
 from pipeline.model.export import export_model
@@ -286,8 +287,14 @@ def finish(run: Run, fitted: Fitted) -> dict:
         test["ratio_to_oracle"] = oracle.pop("ratio_to_oracle")
         test["dm_vs_oracle"] = oracle.pop("dm_vs_oracle")
         for group in GROUPS if "unseen" in test else ():
-            ratio = test[group]["mean"]["crps"] / oracle["window"][f"{group}_crps"]
+            ratio = test[group]["mean"]["crps"] / oracle["window"][group]["crps"]
             test[group]["ratio_to_oracle"] = ratio
+    fitted_gp = None
+    if ctx.is_main and cfg.train.fitted_gp:  # the geostatistician's baseline (evaluate/gp.py)
+        stream = run.streams["test"]
+        fitted_gp = gp.baseline(store, stream, cfg.data.time_in, cfg.data.horizon, windows, oracle)
+        if "baseline" in fitted_gp:
+            test["baselines"][gp.NAME] = fitted_gp.pop("baseline")
     busy = max(fitted.wait_s + fitted.compute_s, 1e-9)
     metrics = {
         "name": cfg.name,
@@ -309,6 +316,7 @@ def finish(run: Run, fitted: Fitted) -> dict:
         "point_forecast": cfg.model.peer is not None,  # std 0: CRPS = MAE, no coverage
         "truth": store.attrs.get("truth"),
         "oracle": oracle,
+        "fitted_gp": fitted_gp,
         "store": {"path": str(store.path), "fingerprint": store.fingerprint()},
         "timing": {
             "samples_per_s": fitted.samples / busy,
