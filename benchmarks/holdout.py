@@ -93,6 +93,7 @@ def runs_of(name: str, seeds: list[int], budget: Budget, out: Path, models: list
                 f"name={run}", f"train.out_dir={out}", *budget.overrides(per_epoch),
                 f"train.checkpoint_every={budget.max_epochs * per_epoch}",
                 f"train.seed={seed}", "train.resume=never", "tracking.enabled=false",
+                "train.fitted_gp=false",  # computed once below, the same for every run
                 *HOLDOUT, *MODELS[model],
             ])  # fmt: skip
     return runs, todo

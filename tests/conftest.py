@@ -63,3 +63,13 @@ def tracked(synthetic_store, tmp_path_factory):
     proc = train_tracked(synthetic_store, out, "tracked", uri)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, uri
+
+
+@pytest.fixture(scope="session")
+def reference(synthetic_store, tmp_path_factory):
+    """An uninterrupted 2-process run of 12 steps (test_train.py, test_resume.py)."""
+    from tiny import checkpointed, finish, launch
+
+    out = tmp_path_factory.mktemp("runs")
+    finish(launch(checkpointed(synthetic_store, out, "ref", 12)))
+    return out

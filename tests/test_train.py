@@ -1,78 +1,20 @@
-"""DeepSpeed training end to end on CPU: 2 processes, resume after SIGKILL, another world size,
-checkpoints that load with weights_only=True."""
+"""DeepSpeed training end to end on CPU: 2 processes, the test split's baselines and the Bayes
+limit, configuration checks, several features, process groups and loopback-only listeners
+(resuming: test_resume.py)."""
 
 import json
 import os
-import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-from tiny import child_env, listeners, overrides
+from tiny import checkpointed, child_env, finish, launch, listeners, metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
-
-
-def tiny(store, out, name, steps, extra=()):
-    return overrides(
-        store,
-        out,
-        name,
-        steps,
-        [
-            "train.log_every=1",
-            "train.eval_every=4",
-            "train.checkpoint_every=4",
-            "train.warmup_steps=2",
-            "train.lr=0.01",
-            "tracking.enabled=false",
-            *extra,
-        ],
-    )
-
-
-def launch(args, procs=2, **kw):
-    if procs == 1:
-        cmd = [sys.executable, "launch/train.py", *args]
-    else:
-        port = str(29500 + os.getpid() % 1000)
-        cmd = [DEEPSPEED, "--num_gpus", str(procs), "--master_port", port, "launch/train.py", *args]
-    return subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=child_env(),
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        **kw,
-    )
-
-
-def finish(proc, timeout=600):
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out[-4000:]
-    return out
-
-
-def metrics(out, name):
-    return json.loads((Path(out) / name / "metrics.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def reference(synthetic_store, tmp_path_factory):
-    """An uninterrupted 2-process run of 12 steps."""
-    out = tmp_path_factory.mktemp("runs")
-    finish(launch(tiny(synthetic_store, out, "ref", 12)))
-    return out
 
 
 def test_two_processes_train_and_the_loss_goes_down(reference):
@@ -134,201 +76,23 @@ def test_synthetic_runs_report_their_distance_to_the_bayes_limit(reference, synt
     assert open_store(synthetic_store).attrs["synthetic"]["num_sensors"] == 300
 
 
-def test_checkpoints_load_with_weights_only(reference):
-    files = list((reference / "ref" / "checkpoints").rglob("*.pt"))
-    assert len(files) >= 3
-    for f in files:
-        torch.load(f, weights_only=True)
-    torch.load(reference / "ref" / "model" / "weights.pt", weights_only=True)
-
-
-def test_killed_at_any_point_resume_loses_at_most_one_interval(
-    reference, synthetic_store, tmp_path
-):
-    """Both processes SIGKILLed again and again: while a checkpoint's files are being written
-    (before its marker), just after a marker, and mid-write again; each time the same command
-    resumes. Never more than one checkpoint interval is lost, and the finished run equals the
-    uninterrupted one."""
-    every, steps = 2, 12
-    args = tiny(synthetic_store, tmp_path, "ref", steps, [f"train.checkpoint_every={every}"])
-    ckpt = tmp_path / "ref" / "checkpoints"
-
-    def writing(step):  # files of the checkpoint are there, its completion marker is not
-        tag = ckpt / f"step{step:08d}"
-        return lambda: any(tag.glob("*.pt")) and not (tag / "COMPLETE").exists()
-
-    def completed(step):
-        return lambda: (ckpt / f"step{step:08d}" / "COMPLETE").exists()
-
-    out, reached, inside = "", [], []
-    for trigger, step in [(writing, 4), (completed, 6), (writing, 10)]:
-        proc = launch(args)  # resumes from the previous kill, after the first
-        deadline, fired = time.time() + 300, trigger(step)
-        while not fired() and not completed(step)():
-            if proc.poll() is not None or time.time() > deadline:
-                pytest.fail("the run ended before the kill: " + proc.stdout.read()[-2000:])
-            time.sleep(0.005)
-        os.killpg(proc.pid, signal.SIGKILL)
-        out += proc.communicate()[0]
-        inside.append(not completed(step)())
-        reached.append(max(int(d.name[4:]) for d in ckpt.glob("step*")))
-        assert not (tmp_path / "ref" / "metrics.json").exists()
-    out += finish(launch(args))
-    resumes = [int(m) for m in re.findall(r"resumed from step (\d+)", out)]
-    assert len(resumes) == 3, resumes
-    for got, seen in zip(resumes, reached, strict=True):
-        assert seen - every <= got <= seen, (resumes, reached)
-    print(f"kills inside a checkpoint write: {sum(inside)} of 2 attempted")
-    want = torch.load(reference / "ref" / "model" / "weights.pt", weights_only=True)
-    got = torch.load(tmp_path / "ref" / "model" / "weights.pt", weights_only=True)
-    for key in want:
-        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=key)
-    ref_loss = dict(map(tuple, metrics(reference, "ref")["train_loss"]))
-    new_loss = dict(map(tuple, metrics(tmp_path, "ref")["train_loss"]))
-    for step in range(resumes[-1] + 1, steps + 1):
-        assert new_loss[step] == pytest.approx(ref_loss[step], abs=1e-6), step
-
-
-class _Trap:
-    """Pickles as a call of os.system: what a tampered checkpoint would carry."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-def test_a_tampered_checkpoint_is_refused_before_any_code_runs(
-    reference, synthetic_store, tmp_path
-):
-    shutil.copytree(reference / "ref", tmp_path / "ref")
-    (tmp_path / "ref" / "metrics.json").unlink()
-    ckpt = tmp_path / "ref" / "checkpoints"
-    tag = ckpt / (ckpt / "latest").read_text().strip()
-    target = tag / "mp_rank_00_model_states.pt"
-    state = torch.load(target, weights_only=True)
-    marker = tmp_path / "code-ran"
-    torch.save({**state, "extra": _Trap(marker)}, target)
-    complete = json.loads((tag / "COMPLETE").read_text())  # the tamperer fixes the sizes too
-    complete["files"][target.name] = target.stat().st_size
-    (tag / "COMPLETE").write_text(json.dumps(complete))
-    proc = launch(tiny(synthetic_store, tmp_path, "ref", 16), procs=1)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode != 0
-    assert "refused" in out and ("posix.system" in out or "os.system" in out), out[-2000:]
-    assert not marker.exists(), "the pickled code ran"
-
-
-def test_resume_never_moves_earlier_checkpoints_aside(reference, synthetic_store, tmp_path):
-    shutil.copytree(reference / "ref", tmp_path / "ref")
-    before = sorted(p.name for p in (tmp_path / "ref" / "checkpoints").iterdir())
-    args = tiny(synthetic_store, tmp_path, "ref", 4, ["train.resume=never"])
-    out = finish(launch(args, procs=1))
-    assert "resumed" not in out and "moved to" in out
-    kept = list((tmp_path / "ref").glob("checkpoints.replaced-*"))
-    assert len(kept) == 1 and sorted(p.name for p in kept[0].iterdir()) == before
-    assert metrics(tmp_path, "ref")["steps"] == 4
-
-
-def test_resume_takes_the_newest_complete_checkpoint_and_says_what_it_skipped(
-    reference, synthetic_store, tmp_path
-):
-    """A kill while saving leaves a checkpoint without its completion marker (and DeepSpeed's
-    `latest` may already name it); a truncated file breaks another. Resume passes over both,
-    says why, and continues from the newest complete one."""
-    shutil.copytree(reference / "ref", tmp_path / "ref")
-    (tmp_path / "ref" / "metrics.json").unlink()
-    ckpt = tmp_path / "ref" / "checkpoints"
-    assert (ckpt / "step00000012" / "COMPLETE").is_file()
-    partial = ckpt / "step00000016"
-    shutil.copytree(ckpt / "step00000012", partial)
-    (partial / "COMPLETE").unlink()
-    (ckpt / "latest").write_text("step00000016")
-    broken = ckpt / "step00000012" / "mp_rank_00_model_states.pt"
-    broken.write_bytes(broken.read_bytes()[:100])
-    out = finish(launch(tiny(synthetic_store, tmp_path, "ref", 12), procs=2))
-    assert "skipped checkpoint step00000016: no completion marker" in out
-    assert "skipped checkpoint step00000012: mp_rank_00_model_states.pt has 100 bytes" in out
-    assert "resumed from step 8" in out
-    assert metrics(tmp_path, "ref")["steps"] == 12
-
-
-def test_resume_with_another_world_size(reference, synthetic_store, tmp_path):
-    shutil.copytree(reference / "ref", tmp_path / "ref")
-    (tmp_path / "ref" / "metrics.json").unlink()
-    out = finish(launch(tiny(synthetic_store, tmp_path, "ref", 16), procs=1))
-    assert "resumed from step 12" in out and "re-sharded" in out
-    m = metrics(tmp_path, "ref")
-    assert m["steps"] == 16 and m["world_size"] == 1
-
-
-@pytest.fixture(scope="module")
-def other_store(scheduler, tmp_path_factory):
-    """A store of the same shape as the session's synthetic store, of another field (seed)."""
-    from pipeline.config import load_config
-    from pipeline.data.preprocess import preprocess
-
-    path = tmp_path_factory.mktemp("other") / "syn.zarr"
-    keys = ["data.synthetic.num_sensors=300", "data.synthetic.num_steps=400"]
-    keys += ["data.synthetic.seed=1", "data.time_chunk=32", "data.node_chunk=64"]
-    keys += ["data.time_in=6", "data.horizon=3", "data.neighbours=8"]
-    cfg = load_config(None, [f"dask.scheduler={scheduler}", f"data.store={path}", *keys])
-    return preprocess(cfg, progress=False)
-
-
-def test_resume_refuses_another_model_shape_or_store_naming_the_key(
-    reference, other_store, synthetic_store, tmp_path
-):
-    shutil.copytree(reference / "ref", tmp_path / "ref")
-    (tmp_path / "ref" / "metrics.json").unlink()
-    wider = tiny(synthetic_store, tmp_path, "ref", 16, ["model.d_model=32"])
-    proc = launch(wider, procs=1)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 2 and "model.d_model: 16 then, 32 now" in out, out[-3000:]
-    assert "Traceback" not in out
-    proc = launch(tiny(other_store, tmp_path, "ref", 16), procs=1)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 2 and "data.store (content fingerprint)" in out, out[-3000:]
-    assert "Traceback" not in out
-
-
-def test_a_store_replaced_mid_run_stops_it_before_the_next_checkpoint(
-    other_store, synthetic_store, tmp_path
-):
-    from pipeline.config import ConfigError, load_config
-    from pipeline.train.loop import train
-
-    store = tmp_path / "store.zarr"
-    shutil.copytree(synthetic_store, store)
-
-    def replace(step, val):  # another preprocess with data.overwrite=true, after step 4
-        shutil.rmtree(store)
-        shutil.copytree(other_store, store)
-
-    cfg = load_config(None, tiny(store, tmp_path, "mixed", 12))
-    with pytest.raises(ConfigError, match="replaced while this run read it.*at step 4"):
-        train(cfg, report=replace)
-    assert not (tmp_path / "mixed" / "checkpoints" / "step00000004").exists()
-
-
 def test_two_runs_of_one_name_do_not_share_the_run_directory(synthetic_store, tmp_path):
     from pipeline.train.guards import run_lock
 
     with run_lock(tmp_path / "busy", hold=True):  # a run of that name is training
-        proc = launch(tiny(synthetic_store, tmp_path, "busy", 4), procs=1)
+        proc = launch(checkpointed(synthetic_store, tmp_path, "busy", 4), procs=1)
         out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 2 and f"is in use by pid {os.getpid()}" in out, out[-3000:]
     assert "Traceback" not in out
     assert not (tmp_path / "busy" / "checkpoints").exists()
-    finish(launch(tiny(synthetic_store, tmp_path, "busy", 2), procs=1))  # free once it ends
+    finish(launch(checkpointed(synthetic_store, tmp_path, "busy", 2), procs=1))  # free once it ends
 
 
 @pytest.mark.parametrize("procs", [1, 2])
 def test_a_run_on_one_machine_listens_on_loopback_only(synthetic_store, tmp_path, procs):
     """No port of a one-machine run (rendezvous, gloo) is open beyond 127.0.0.1 (torch's
     TCPStore alone would listen on every interface: `*:PORT`)."""
-    proc = launch(tiny(synthetic_store, tmp_path, "local", 12), procs=procs)
+    proc = launch(checkpointed(synthetic_store, tmp_path, "local", 12), procs=procs)
     seen, out = listeners(proc)
     assert proc.returncode == 0, out[-4000:]
     assert seen, "no listening socket of the run was seen (is `ss -ltnp` working?)"
@@ -344,12 +108,12 @@ def test_constraints_between_config_and_store_are_checked_before_any_work(
         (["data.horizon=35"], "data.horizon = 35 with data.time_in = 6: the val split"),
         (["model.knn=16"], "model.knn = 16 exceeds the 8 neighbours"),
     ]:
-        proc = launch(tiny(synthetic_store, tmp_path, "bad", 4, extra), procs=1)
+        proc = launch(checkpointed(synthetic_store, tmp_path, "bad", 4, extra), procs=1)
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 2 and message in out, out[-3000:]
         assert "Traceback" not in out and not (tmp_path / "bad" / "checkpoints").exists()
     dense = ["model.backend=dense", "model.knn=16", "train.eval_batches=null"]  # every batch
-    finish(launch(tiny(synthetic_store, tmp_path, "dense", 2, dense), procs=1))
+    finish(launch(checkpointed(synthetic_store, tmp_path, "dense", 2, dense), procs=1))
 
 
 def test_a_model_with_sensor_embeddings_trains_and_forecasts(synthetic_store, tmp_path):
@@ -359,7 +123,7 @@ def test_a_model_with_sensor_embeddings_trains_and_forecasts(synthetic_store, tm
     from pipeline.model.export import Predictor
 
     overrides = ["model.node_embedding=true", "train.oracle=false"]
-    finish(launch(tiny(synthetic_store, tmp_path, "emb", 2, overrides), procs=1))
+    finish(launch(checkpointed(synthetic_store, tmp_path, "emb", 2, overrides), procs=1))
     m = metrics(tmp_path, "emb")
     assert m["oracle"] is None and "ratio_to_oracle" not in m["test"]
     store = open_store(synthetic_store)
@@ -374,7 +138,7 @@ def test_a_model_with_daily_profiles_trains_and_forecasts(synthetic_store, tmp_p
     from pipeline.data.store import open_store
     from pipeline.model.export import Predictor
 
-    args = tiny(synthetic_store, tmp_path, "profile", 2, ["model.daily_profile=true"])
+    args = checkpointed(synthetic_store, tmp_path, "profile", 2, ["model.daily_profile=true"])
     finish(launch(args, procs=1))
     store = open_store(synthetic_store)
     x = store["values"][100:106][None].astype(np.float32)  # [1, 6, 300, 1]
@@ -385,9 +149,9 @@ def test_a_model_with_daily_profiles_trains_and_forecasts(synthetic_store, tmp_p
 
 
 def test_zero_stage_checkpoint_refuses_another_world_size(synthetic_store, tmp_path):
-    args = tiny(synthetic_store, tmp_path, "z1", 4, ["train.zero_stage=1"])
+    args = checkpointed(synthetic_store, tmp_path, "z1", 4, ["train.zero_stage=1"])
     finish(launch(args))
-    proc = launch(tiny(synthetic_store, tmp_path, "z1", 8, ["train.zero_stage=1"]), procs=1)
+    proc = launch(checkpointed(synthetic_store, tmp_path, "z1", 8, ["train.zero_stage=1"]), procs=1)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0
     assert "resume with 2 processes" in out
@@ -395,7 +159,7 @@ def test_zero_stage_checkpoint_refuses_another_world_size(synthetic_store, tmp_p
 
 def test_a_non_finite_loss_stops_training_with_a_clear_error(synthetic_store, tmp_path):
     extra = ["train.lr=1e30", "train.kernel_lr=1e30", "train.warmup_steps=1"]
-    proc = launch(tiny(synthetic_store, tmp_path, "nan", 6, extra), procs=1)
+    proc = launch(checkpointed(synthetic_store, tmp_path, "nan", 6, extra), procs=1)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0
     assert "step 2: the training loss is not finite" in out and "--verify" in out
@@ -415,7 +179,9 @@ def test_an_empty_validation_split_is_an_error_not_a_perfect_score(scheduler, tm
         for i, s in enumerate(t)
     ]  # train 0-55, validation 56-63 (blank), test 64-79
     store = run(scheduler, write_case(tmp_path, rows))
-    args = tiny(store, tmp_path, "empty", 4, ["data.time_in=4", "data.horizon=2", "model.knn=3"])
+    args = checkpointed(
+        store, tmp_path, "empty", 4, ["data.time_in=4", "data.horizon=2", "model.knn=3"]
+    )
     proc = launch(args, procs=1)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0
@@ -445,7 +211,9 @@ def test_several_features_are_scored_each_on_its_own_and_pooled(scheduler, tmp_p
             "data.source.value_columns=[speed, flow]",
         ],
     )
-    args = tiny(store, tmp_path, "two", 4, ["data.time_in=4", "data.horizon=2", "model.knn=3"])
+    args = checkpointed(
+        store, tmp_path, "two", 4, ["data.time_in=4", "data.horizon=2", "model.knn=3"]
+    )
     proc = launch(args, procs=1)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
@@ -459,7 +227,9 @@ def test_several_features_are_scored_each_on_its_own_and_pooled(scheduler, tmp_p
     assert pooled == pytest.approx(test["mean"]["mae"], rel=1e-9)
     assert "feature speed: MAE" in out and "feature flow: MAE" in out
     # data.target: speed is an input only; flow is forecast and scored, on the same cells
-    args = tiny(store, tmp_path, "flow", 4, ["data.time_in=4", "data.horizon=2", "model.knn=3"])
+    args = checkpointed(
+        store, tmp_path, "flow", 4, ["data.time_in=4", "data.horizon=2", "model.knn=3"]
+    )
     proc = launch([*args, "data.target=[flow]"], procs=1)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
@@ -472,7 +242,9 @@ def test_several_features_are_scored_each_on_its_own_and_pooled(scheduler, tmp_p
     when = np.array([pd.Timestamp("2024-01-05").value])
     got = Predictor(tmp_path / "flow" / "model").predict(x, when)
     assert got["mean"].shape == (1, 2, len(IDS), 1)
-    args = tiny(store, tmp_path, "bad", 4, ["data.time_in=4", "data.horizon=2", "model.knn=3"])
+    args = checkpointed(
+        store, tmp_path, "bad", 4, ["data.time_in=4", "data.horizon=2", "model.knn=3"]
+    )
     proc = launch([*args, "data.target=[speed, pressure]"], procs=1)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0 and "data.target" in out and "['speed', 'flow']" in out
@@ -490,7 +262,7 @@ def test_runs_in_one_process_each_own_their_process_group(synthetic_store, tmp_p
 
     before = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     for name in ("first", "second"):
-        metrics = train(load_config(None, tiny(synthetic_store, tmp_path, name, 2)))
+        metrics = train(load_config(None, checkpointed(synthetic_store, tmp_path, name, 2)))
         assert metrics["steps"] == 2 and metrics["world_size"] == 1
         assert not dist.is_initialized()
         assert {k: os.environ.get(k) for k in before} == before
@@ -500,7 +272,9 @@ def test_compare_two_runs_with_diebold_mariano(reference, synthetic_store, tmp_p
     """launch/compare.py tests the 2-process run against a kernel-`none` run on their common
     test windows; its pooled MAE equals the run's own test MAE (two code paths), and runs of
     different stores, or a directory without results, are refused with a clear error."""
-    finish(launch(tiny(synthetic_store, tmp_path, "none", 12, ["model.kernel=none"]), procs=1))
+    finish(
+        launch(checkpointed(synthetic_store, tmp_path, "none", 12, ["model.kernel=none"]), procs=1)
+    )
     assert metrics(tmp_path, "none")["kernel"] == []  # kernel none learns no range or nugget
     a, b = reference / "ref", tmp_path / "none"
 

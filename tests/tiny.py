@@ -1,5 +1,7 @@
-"""Tiny training runs for the end-to-end tests: config overrides and the child environment."""
+"""Tiny training runs for the end-to-end tests: config overrides, launching and finishing a run,
+its metrics, and the child environment."""
 
+import json
 import os
 import re
 import socket
@@ -10,6 +12,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 
 
 def overrides(store, out, name, steps, extra=()) -> list[str]:
@@ -29,6 +32,56 @@ def overrides(store, out, name, steps, extra=()) -> list[str]:
         "train.eval_batches=2",
         *extra,
     ]
+
+
+def checkpointed(store, out, name, steps, extra=()) -> list[str]:
+    """:func:`overrides` with a checkpoint and a validation every 4 steps, tracking off."""
+    return overrides(
+        store,
+        out,
+        name,
+        steps,
+        [
+            "train.log_every=1",
+            "train.eval_every=4",
+            "train.checkpoint_every=4",
+            "train.warmup_steps=2",
+            "train.lr=0.01",
+            "tracking.enabled=false",
+            *extra,
+        ],
+    )
+
+
+def launch(args, procs=2, **kw) -> subprocess.Popen:
+    """launch/train.py in one process, or under the deepspeed launcher with ``procs``."""
+    if procs == 1:
+        cmd = [sys.executable, "launch/train.py", *args]
+    else:
+        port = str(29500 + os.getpid() % 1000)
+        cmd = [DEEPSPEED, "--num_gpus", str(procs), "--master_port", port, "launch/train.py", *args]
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=child_env(),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
+
+
+def finish(proc, timeout=600) -> str:
+    """The output of a launched run, which must succeed."""
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def metrics(out, name) -> dict:
+    """metrics.json of run ``name`` under ``out``."""
+    return json.loads((Path(out) / name / "metrics.json").read_text())
 
 
 def child_env() -> dict[str, str]:
