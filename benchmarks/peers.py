@@ -357,6 +357,7 @@ def main() -> None:
                 HORIZONS[name],
                 steps_per_epoch(name),
                 load_config(ROOT / CONFIGS[name]).data.holdout_sensors is not None,
+                load_config(ROOT / CONFIGS[name]).data.time_in,
             ),
             "cannot": cannot,
             "family_sweep": sweeps.get(name),
@@ -384,7 +385,7 @@ def main() -> None:
         print(table(result, PEERS))
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     if args.plot:
-        plot(results, Path(args.plot), [*MODELS, "historical_average"])
+        plot(results, Path(args.plot), [*MODELS, "historical_average", "fitted_gp"])
 
 
 if __name__ == "__main__":

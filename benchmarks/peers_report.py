@@ -1,7 +1,8 @@
 """The summary of benchmarks/peers.py's runs (docs/peers.md): per data set, each model's
 scores over seeds, its learning rate, epochs and wall time to convergence, the baselines
-(the historical average computed from the store), Diebold-Mariano tests of ours against each
-model, the verdict per horizon against the best peer, the tables and the plot."""
+(the historical average and the fitted GP computed from the store), Diebold-Mariano tests of
+ours against each model, the verdict per horizon against the best peer, the tables and the
+plot."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ import numpy as np
 
 from pipeline.data.profile import daily_profile, slots, step_ns
 from pipeline.data.store import open_store
+from pipeline.data.stream import WindowStream
+from pipeline.evaluate import gp
 from pipeline.evaluate.compare import compare_runs, load_run
+from pipeline.evaluate.kalman import score
 from pipeline.evaluate.metrics import diebold_mariano
 from pipeline.evaluate.report import dm_text
 
@@ -40,17 +44,47 @@ def historical_average(store_path: Path, origins: np.ndarray, horizon: int) -> d
     }
 
 
+def fitted_gp(store_path: Path, time_in: int, horizon: int, origins: np.ndarray) -> dict:
+    """The fitted Gaussian process (pipeline/evaluate/gp.py, what every run now reports) on
+    the test windows at ``origins``: per horizon step MAE and CRPS [horizon], per window MAE
+    and CRPS [windows], pooled MAE / CRPS, its parameters; or {"skipped": why}."""
+    st = open_store(store_path)
+    stream = WindowStream(st, "test", time_in, horizon, 1, 1, shuffle=False, daily_profile=True)
+    out = gp.forecast(st, stream, time_in, horizon)
+    if "skipped" in out:
+        return out
+    scores = score(
+        out["mean"], out["std"], out["y"], out["seen"], stream.std[:, 0], st["neighbours"][:]
+    )
+    rows = np.searchsorted(stream.origins, origins)
+    return {
+        "per_step_mae": np.asarray(scores["mae"]),
+        "per_step_crps": np.asarray(scores["crps"]),
+        "per_window_mae": scores["_per_window"][rows, 1],
+        "per_window_crps": scores["_per_window"][rows, 2],
+        "mae_all": scores["mean"]["mae"],
+        "crps_all": scores["mean"]["crps"],
+        "fit": out["fit"],
+    }
+
+
 def run_lr(run: Path) -> float | None:
     """The learning rate in a run directory's name (None for runs named before it was)."""
     return float(run.name.split("-lr")[1].split("-s")[0]) if "-lr" in run.name else None
 
 
 def summarise(
-    name: str, runs: dict[str, list[Path]], horizons: dict[str, int], per_epoch: int, holdout: bool
+    name: str,
+    runs: dict[str, list[Path]],
+    horizons: dict[str, int],
+    per_epoch: int,
+    holdout: bool,
+    time_in: int | None = None,
 ) -> dict:
     """One data set's rows (mean +- sd over seeds per model, the baselines) and the
     Diebold-Mariano tests of ours against each; ``horizons``: reporting name -> step;
-    ``per_epoch``: optimiser steps per epoch; ``holdout``: scored at held-out sensors."""
+    ``per_epoch``: optimiser steps per epoch; ``holdout``: scored at held-out sensors;
+    ``time_in``: the input window, for the fitted GP (None: not computed)."""
     rows = {}
     for model, dirs in runs.items():
         ms = [load_run(d)[0] for d in dirs]
@@ -106,6 +140,20 @@ def summarise(
         loss: {"dm": diebold_mariano(o - ha["per_window"], horizon)}
         for loss, o in (("mae", ours_mae), ("crps", ours_crps))
     }
+    if time_in is not None:  # the geostatistician's answer, deterministic (sd 0)
+        gp_ = fitted_gp(ROOT / metrics["store"]["path"], time_in, horizon, windows["origin"])
+        if "skipped" not in gp_:
+            rows["fitted_gp"] = {
+                "mae": {h: [float(gp_["per_step_mae"][s - 1]), 0.0] for h, s in horizons.items()},
+                "crps": {h: [float(gp_["per_step_crps"][s - 1]), 0.0] for h, s in horizons.items()},
+                "mae_all": [gp_["mae_all"], 0.0],
+                "crps_all": [gp_["crps_all"], 0.0],
+                "fit": gp_["fit"],
+            }
+            tests["fitted_gp"] = {
+                loss: {"dm": diebold_mariano(o - gp_[f"per_window_{loss}"], horizon)}
+                for loss, o in (("mae", ours_mae), ("crps", ours_crps))
+            }
     return {"dataset": name, "horizons": horizons, "rows": rows, "dm_ours_vs": tests}
 
 
@@ -213,7 +261,7 @@ def plot(results: list[dict], path: Path, names: list[str]) -> None:
                 continue
             mean = [r["mae"][h][0] for h in hs]
             sd = [r["mae"][h][1] for h in hs]
-            baseline = model == "historical_average"
+            baseline = model in ("historical_average", "fitted_gp")
             ax.errorbar(
                 hs,
                 mean,
