@@ -7,7 +7,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export RAY_USAGE_STATS_ENABLED ?= 0
 export DO_NOT_TRACK ?= 1
 
-.PHONY: setup test lint bench bench-limit bench-peers demo clean
+.PHONY: setup test lint bench bench-limit bench-peers bench-holdout demo clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -37,6 +37,11 @@ bench: setup
 
 bench-limit: setup
 	$(BIN)/python benchmarks/limit.py --json docs/limit.json --plot docs/limit.png
+	$(BIN)/python benchmarks/fitted_gp.py --json docs/fitted_gp.json
+
+# held-out sensors of the real networks (docs/holdout.md): ours, none, the fitted GP, IDW
+bench-holdout: setup
+	$(BIN)/python benchmarks/holdout.py --datasets los_loop aqi36 --json docs/holdout.json
 
 # the peers' extra builds torch-scatter and torch-sparse against the installed torch
 # (about 20 min on 2 cores the first time; pip caches the wheels). The protocol of
