@@ -256,6 +256,8 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--train-only", action="store_true")
     args = parser.parse_args()
+    if "ours" not in args.models and not args.train_only:
+        args.models.insert(0, "ours")  # everything is compared with it
     budget = Budget()
     print(f"# {platform.machine()}, {os.cpu_count()} CPUs; {budget.describe()}", flush=True)
     results = []
