@@ -48,7 +48,8 @@ NAME = "fitted_gp"  # its key among the test's baselines
 MAX_SENSORS = 3000  # an [N, N] eigendecomposition and O(N^2) per filter step
 MAX_DENSE_FLOPS = 1e12  # dense filter steps x N^3 (about a minute of this 2-core CPU)
 FIT_STEPS = 5000  # the latest train steps read for the fit
-SNAPSHOTS = 400  # time steps of the empirical variogram
+SNAPSHOTS = 400  # time steps of the empirical variogram, at most
+PAIRS = 3e7  # sensor pairs over all its time steps, at most (its cost)
 BINS = 20  # its distance bins, up to a third of the network's extent
 PROFILE_DAYS = 14  # train days from which the daily profile is subtracted
 
@@ -81,7 +82,8 @@ def fit(z: np.ndarray, plane: np.ndarray) -> dict:
     extent = float(cdist(plane, plane).max())
     edges = np.linspace(0.0, extent / 3, BINS + 1)
     rows = np.isfinite(z).sum(1) >= 3  # steps with pairs to difference
-    centres, gamma = empirical_variogram(plane, z[rows], edges, snapshots=SNAPSHOTS)
+    snapshots = int(np.clip(PAIRS / (0.5 * len(plane) ** 2), 20, SNAPSHOTS))
+    centres, gamma = empirical_variogram(plane, z[rows], edges, snapshots=snapshots)
     ok = np.isfinite(gamma) & (gamma > 0)
     best = None
     for family in FAMILIES:
