@@ -103,6 +103,10 @@ class ModelConfig(Section):
     """Learn range and nugget (False freezes them at their initial values)."""
     anisotropy: bool = False
     """Learn a geometric anisotropy (angle, axis ratio) per head."""
+    variography: bool = True
+    """Fit the field's variogram beside the forecast (pipeline/model/variogram.py): the run's
+    range and nugget estimate, ``kernel_estimate`` in metrics.json. No effect on the forecast;
+    needs a kernel family (not ``none``)."""
     qk_residual: bool = True
     """Keep the data-driven <q, k> term; False leaves the kernel prior alone."""
     backend: Literal["dense", "knn", "block"] = "knn"

@@ -27,6 +27,8 @@ def test_two_processes_train_and_the_loss_goes_down(reference):
         or m["validation"][-1]["val_loss"] < losses[0]
     )
     assert len(m["test"]["mae"]) == 3 and m["test"]["count"] > 0
+    estimate = m["kernel_estimate"]  # the field's variogram, fitted beside the forecast
+    assert 0 < estimate["range_km"] < 1e3 and 0 <= estimate["nugget"] <= 1, estimate
 
 
 def test_test_split_baselines_and_diagnostics_cover_every_window(reference, synthetic_store):

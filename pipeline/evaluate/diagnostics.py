@@ -33,10 +33,13 @@ def correlation_curves(
     empirical: np.ndarray,
     truth: dict | None,
     fitted: dict | None = None,
+    estimate: dict | None = None,
 ) -> plt.Figure:
     """Learned correlation c_h(d) per head against the empirical correlation of the training
     data (1 - semivariance / variance), its GSTools fit (``fitted``: family, range_km,
-    variance, nugget) and, when known, the true one."""
+    variance, nugget), the run's estimate of the field's covariance (``estimate``: range_km,
+    nugget; model.variography) and, when known, the true one. Anisotropic kernels are drawn
+    along their major axis."""
     fig, ax = plt.subplots(figsize=(6, 4))
     d = np.linspace(0, max(float(centres.max()), 1e-3), 200)
     if family != "none":
@@ -47,6 +50,10 @@ def correlation_curves(
                     d, (1 - tau) * rho, lw=1, label=f"layer {layer['layer']} head {h}: {r:.1f} km"
                 )
     ax.plot(centres, empirical, "ko", ms=4, label="empirical (train split)")
+    if estimate:
+        rho = correlation(family, torch.tensor(d / estimate["range_km"])).numpy()
+        label = f"estimate (variogram in training): {estimate['range_km']:.1f} km"
+        ax.plot(d, (1 - estimate["nugget"]) * rho, "r-", lw=2.5, alpha=0.7, label=label)
     if fitted:
         sill = fitted["variance"] + fitted["nugget"]
         rho = correlation(fitted["family"], torch.tensor(d / fitted["range_km"])).numpy()
@@ -153,7 +160,13 @@ def run_figures(
         fitted = None
     figures = {
         "correlation": correlation_curves(
-            metrics["kernel"], cfg.model.kernel, centres, 1 - gamma, metrics.get("truth"), fitted
+            metrics["kernel"],
+            cfg.model.kernel,
+            centres,
+            1 - gamma,
+            metrics.get("truth"),
+            fitted,
+            metrics.get("kernel_estimate"),
         ),
         "pit": pit_histogram(metrics["test"]["pit_histogram"]),
         "loss": loss_curves(train_losses, metrics["validation"]),

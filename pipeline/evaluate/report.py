@@ -101,10 +101,27 @@ def summary(metrics: dict, tracking_uri: str | None = None) -> str:
         ranges = ", ".join(f"{r:.1f}" for r in layer["range_km"])
         nuggets = ", ".join(f"{t:.2f}" for t in layer["nugget"])
         lines.append(f"learned range (km) layer {layer['layer']}: {ranges}; nugget: {nuggets}")
+    estimate = metrics.get("kernel_estimate")
+    if estimate:
+        shape = (
+            f", major axis {estimate['angle_deg']:.0f} deg, axis ratio {estimate['axis_ratio']:.2f}"
+            if "angle_deg" in estimate
+            else ""
+        )
+        lines.append(
+            f"range estimate (the field's variogram, fitted in training): "
+            f"{estimate['range_km']:.1f} km, nugget fraction {estimate['nugget']:.2f}{shape}"
+        )
     if truth:
+        shape = (
+            f", major axis {truth['anisotropy_angle_deg']:.0f} deg, axis ratio "
+            f"{truth['anisotropy_ratio']:.2f}"
+            if truth.get("anisotropy_ratio", 1.0) < 1.0
+            else ""
+        )
         lines.append(
             f"true range: {truth['range_km']} km ({truth['family']}), nugget fraction "
-            f"{truth['nugget_fraction']:.2f}"
+            f"{truth['nugget_fraction']:.2f}{shape}"
         )
     timing = metrics.get("timing", {})
     if timing:

@@ -19,6 +19,7 @@ from pipeline.config import ModelConfig
 from pipeline.model.attention import GeoAttention
 from pipeline.model.block_attention import block_plan
 from pipeline.model.covariance import CovarianceBias
+from pipeline.model.variogram import FieldVariogram
 
 CALENDAR_FEATURES = 4  # sin/cos of time of day and of day of week
 
@@ -88,12 +89,26 @@ class Forecaster(nn.Module):
         self.norm = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, 2 * horizon * f_out)
         self.checkpoint_layers = checkpoint_layers
+        self.variogram = None  # the field's variogram (model.variography), fitted while training
+        if cfg.variography and cfg.kernel != "none":
+            self.variogram = FieldVariogram(
+                cfg.kernel, cfg.init_range_km, cfg.init_nugget, cfg.anisotropy
+            )
+        self.variogram_loss: Tensor | None = None  # of the last training forward
         if frame is not None:
-            for kernel in self.kernels():
+            for kernel in self.kernels() + self.estimate_kernels():
                 kernel.set_frame(frame)
 
     def kernels(self) -> list[CovarianceBias]:
         return [layer.attn.kernel for layer in self.layers]
+
+    def estimate_kernels(self) -> list[CovarianceBias]:
+        """The field variogram's covariance (model.variography), or none."""
+        return [] if self.variogram is None else [self.variogram.kernel]
+
+    def kernel_estimate(self) -> dict[str, float] | None:
+        """The run's estimate of the field's covariance (range_km, nugget, anisotropy)."""
+        return None if self.variogram is None else self.variogram.describe()
 
     @property
     def hops(self) -> int:
@@ -138,6 +153,11 @@ class Forecaster(nn.Module):
             if node_index is None:
                 raise ValueError("a model with node embeddings needs node_index")
             h = h + self.node_embedding(node_index)[None]
+        self.variogram_loss = None
+        if self.training and self.variogram is not None:
+            tgt = self.targets
+            self.variogram.observe(x[..., tgt], mask[..., tgt], pos, neighbours)
+            self.variogram_loss = self.variogram.loss()
         observed = mask.any(dim=(1, 3))  # [B, N]
         if self.cfg.backend == "block":  # one block structure for every layer
             neighbours = block_plan(pos, observed, self.cfg.block_size, self.cfg.key_blocks)

@@ -77,6 +77,15 @@ def connect(cfg: Config, experiment: bool = True) -> str:
     return uri
 
 
+def estimate_row(estimate: dict[str, float]) -> dict[str, float]:
+    """MLflow metrics of the run's kernel estimate: kernel.range_estimate_km,
+    kernel.nugget_estimate (and kernel.angle_deg_estimate, kernel.axis_ratio_estimate)."""
+    return {
+        f"kernel.{'range_estimate_km' if k == 'range_km' else k + '_estimate'}": v
+        for k, v in estimate.items()
+    }
+
+
 class ForecastPyfunc(mlflow.pyfunc.PythonModel):
     """The registered model. Input: a dict with ``x`` [batch, time_in, sensors, features]
     (data units, NaN = missing, sensors in the order of the model's ``network.npz``) and
@@ -223,6 +232,7 @@ class Tracker:
         self.sender.close()
         with mlflow.start_run(run_id=self.run_id):
             mlflow.log_metrics(test_row(metrics["test"]))
+            mlflow.log_metrics(estimate_row(metrics.get("kernel_estimate") or {}))
             mlflow.log_dict(metrics, "metrics.json")
             self._log_figures(metrics, model_dir, store)
             uri = None

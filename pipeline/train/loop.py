@@ -41,7 +41,16 @@ from pipeline.train import checkpoint, engine
 from pipeline.train.evaluation import GROUPS, baseline_spreads, evaluate
 from pipeline.train.guards import check_fits, pins, run_lock
 from pipeline.train.optimizer import optimizer
-from pipeline.train.run import Run, Tracker, forward, kernel_params, split_stream, to_device
+from pipeline.train.run import (
+    Run,
+    Tracker,
+    auxiliary_loss,
+    forward,
+    kernel_estimate,
+    kernel_params,
+    split_stream,
+    to_device,
+)
 
 Reporter = Callable[[int, dict], None]  # (step, validation metrics) -> None (Ray Tune hook)
 
@@ -180,7 +189,8 @@ def fit(run: Run, report: Reporter | None = None) -> Fitted:
                 t1 = time.perf_counter()
                 mean, std, mask = forward(run.engine, batch)
                 loss = loss_fn(mean, std, batch["y"], mask)
-                run.engine.backward(loss)
+                aux = auxiliary_loss(run.engine)  # the field variogram's fit
+                run.engine.backward(loss if aux is None else loss + aux)
                 run.engine.step()
                 if ctx.device.type == "cuda":
                     torch.cuda.synchronize()  # sync: honest step timing
@@ -259,7 +269,12 @@ def restore_best(run: Run) -> int:
             f"{len(state['history'])} validations: set train.restore_best=false to test the "
             "last weights, or train afresh (train.resume=never)"
         )
-    engine.set_weights(run.engine, best["weights"])
+    weights = best["weights"]
+    if any(k.startswith("variogram.") for k in weights):  # model.variography
+        # the field's variogram is fitted to the whole run's statistics: its last values stand
+        last = engine.full_weights(run.engine)
+        weights = {k: last[k] if k.startswith("variogram.") else v for k, v in weights.items()}
+    engine.set_weights(run.engine, weights)
     if run.ctx.is_main and best["step"] != state["step"]:
         print(
             f"testing the weights of step {best['step']} (best validation "
@@ -312,6 +327,8 @@ def finish(run: Run, fitted: Fitted) -> dict:
         "validation": state["history"],
         "train_loss": state["train_loss"],
         "kernel": kernel_params(run.model),
+        # the field's covariance as the run estimates it (model.variography; README)
+        "kernel_estimate": kernel_estimate(run.model),
         "parameters": sum(p.numel() for p in run.model.parameters()),
         "point_forecast": cfg.model.peer is not None,  # std 0: CRPS = MAE, no coverage
         "truth": store.attrs.get("truth"),

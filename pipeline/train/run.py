@@ -70,6 +70,12 @@ def forward(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return mean.float(), std.float(), mask
 
 
+def auxiliary_loss(engine) -> torch.Tensor | None:
+    """The field variogram's misfit of the last training forward (model.variography; its
+    gradient reaches the variogram's parameters only), or None."""
+    return getattr(engine.module, "variogram_loss", None)
+
+
 def split_stream(run: Run, split: str, **kwargs) -> WindowStream:
     """This rank's share of ``split`` (see pipeline/data/stream.py)."""
     cfg, ctx = run.cfg, run.ctx
@@ -99,3 +105,9 @@ def kernel_params(model: nn.Module) -> list[dict]:
     if not kernels or kernels[0].family == "none":
         return []
     return [{"layer": i, **k.describe()} for i, k in enumerate(kernels)]
+
+
+def kernel_estimate(model: nn.Module) -> dict[str, float] | None:
+    """The run's estimate of the field's covariance (model.variography), or None."""
+    estimate = getattr(model, "kernel_estimate", None)  # none for a peer
+    return None if estimate is None else estimate()

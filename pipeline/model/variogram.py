@@ -1,0 +1,172 @@
+"""The field's variogram, learned beside the forecast: one range per run that means the field's
+range (``kernel_estimate`` in metrics.json; docs/variography.md).
+
+The attention heads' ranges are whatever forecasts best, and docs/variography.md shows that this
+is not the field's range: attention weights proportional to the covariance are the kriging
+weights only when noise dominates, and where the forecast optimum is flat in the range the heads
+drift. So the model carries one more covariance of its family (a one-head
+:class:`~pipeline.model.covariance.CovarianceBias`: range, nugget and, with
+``model.anisotropy``, angle and axis ratio), fitted by gradient descent during training to the
+empirical semivariogram of the training windows: a weighted least-squares variogram fit
+(Cressie 1985 weights, count / gamma^2), with the sill profiled out in closed form. Its
+statistics accumulate over the batches of the run (the last input step of every window, pairs of
+each sensor with its neighbours and with partners a geometric series of shifts away in the
+batch's sensor order, binned by distance and, when anisotropic, by axial direction). The term's
+gradient reaches these parameters only (and is scaled to stay out of the clipped gradient norm),
+so the forecast is unchanged by it.
+
+The statistics are not part of the state: a resumed run accumulates them afresh (the fitted
+parameters are restored). Bins are set on the first batch: equal-count distance classes up to
+half the largest pair distance.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.kernels import LOG_CORRELATIONS
+from pipeline.model.covariance import CovarianceBias
+
+BINS = 24  # distance classes
+SECTORS = 4  # axial direction classes (45 degrees each) of an anisotropic fit
+SHIFTS = 48  # partners per sensor beyond its neighbours: a geometric series of index shifts
+MIN_COUNT = 30  # pair samples a bin needs before it enters the fit
+SCALE = 1e-3
+"""Factor of the misfit in the training loss: Adam's steps do not depend on it, and it keeps
+the term's gradient out of the global gradient norm that ``train.grad_clip`` clips (the
+forecast's gradients are not rescaled because of it)."""
+
+
+def pairs(n: int, neighbours: Tensor | None, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Sensor pairs (left, right) [P] of a batch of n sensors: each with its neighbours
+    (``neighbours`` [n, k], -1 outside a tile) and with the sensors ``s`` places on in the
+    batch's order for a geometric series of shifts ``s`` (every shift when n is small)."""
+    if n - 1 <= SHIFTS:
+        shifts = torch.arange(1, max(n, 1), device=device)
+    else:
+        shifts = torch.unique(torch.logspace(0, math.log10(n // 2), SHIFTS, device=device).round())
+        shifts = shifts.long()
+    node = torch.arange(n, device=device)
+    left = node[:, None].expand(n, len(shifts)).reshape(-1)
+    right = ((node[:, None] + shifts[None]) % n).reshape(-1)  # [n * S]
+    if neighbours is not None:
+        k = neighbours.shape[1]
+        near = neighbours.to(device).long().reshape(-1)  # [n * k]
+        owner = node[:, None].expand(n, k).reshape(-1)
+        keep = (near >= 0) & (near != owner)
+        left, right = torch.cat([left, owner[keep]]), torch.cat([right, near[keep]])
+    return left, right
+
+
+class FieldVariogram(nn.Module):
+    """A covariance of the model's family fitted to the training windows' semivariogram."""
+
+    def __init__(
+        self, family: str, init_range_km: float, init_nugget: float, anisotropy: bool
+    ) -> None:
+        super().__init__()
+        self.kernel = CovarianceBias(family, 1, init_range_km, init_nugget, anisotropy)
+        self.kernel.raw_nugget.requires_grad_(False)  # solved in closed form (``loss``)
+        self.register_buffer("nugget", torch.tensor(float(init_nugget)))  # nugget / sill
+        self.sectors = SECTORS if anisotropy else 1
+        self.edges: Tensor | None = None  # [BINS + 1] km, set on the first batch
+        self.stats: Tensor | None = None  # [sectors * BINS, 6]: sum 0.5 dz^2, count, sum d, offset
+
+    def _canonical(self, offset: Tensor) -> tuple[Tensor, Tensor]:
+        """Offsets [P, 3] turned into the half-plane of axial directions [0, 180) degrees of
+        the local (east, north) frame, and their direction class [P]."""
+        if self.sectors == 1:
+            return offset, torch.zeros(len(offset), dtype=torch.long, device=offset.device)
+        local = offset @ self.kernel.frame.to(offset.dtype).T  # [P, 3] (east, north, up)
+        angle = torch.atan2(local[:, 1], local[:, 0])  # (-pi, pi]
+        flip = (angle < 0) | (angle >= math.pi)
+        offset = torch.where(flip[:, None], -offset, offset)
+        angle = torch.remainder(angle, math.pi)
+        sector = (angle / (math.pi / self.sectors)).long().clamp(max=self.sectors - 1)
+        return offset, sector
+
+    @torch.no_grad()
+    def observe(self, x: Tensor, mask: Tensor, pos: Tensor, neighbours: Tensor | None) -> None:
+        """Adds a batch: x, mask [B, T, N, F] (normalised targets), pos [N, 3] km."""
+        left, right = pairs(x.shape[2], neighbours, x.device)
+        offset = (pos[right] - pos[left]).double()  # [P, 3]
+        d = offset.norm(dim=-1)
+        if self.edges is None:
+            far = d.max() / 2
+            near = d[(d > 0) & (d <= far)]
+            if near.numel() < BINS:
+                return  # too few pairs to set the classes: wait for a larger batch
+            q = torch.linspace(0, 1, BINS + 1, dtype=near.dtype, device=near.device)
+            self.edges = torch.quantile(near, q)
+            self.edges[0] = 0.0
+            self.stats = torch.zeros(self.sectors * BINS, 6, dtype=torch.float64, device=x.device)
+        edges = self.edges.to(x.device)
+        inside = (d > 0) & (d <= edges[-1])
+        left, right, offset, d = left[inside], right[inside], offset[inside], d[inside]
+        offset, sector = self._canonical(offset)
+        key = sector * BINS + torch.bucketize(d, edges[1:-1])  # [P]
+        z, seen = x[:, -1].double(), mask[:, -1]  # [B, N, F]: the last input step
+        both = seen[:, right] & seen[:, left]  # [B, P, F]
+        dz = torch.where(both, z[:, right] - z[:, left], torch.zeros_like(z[:, left]))
+        half_sq = 0.5 * (dz * dz).sum(dim=(0, 2))  # [P]
+        count = both.sum(dim=(0, 2)).double()  # [P]
+        rows = torch.cat(
+            [half_sq[:, None], count[:, None], (d * count)[:, None], offset * count[:, None]], 1
+        )  # [P, 6]
+        self.stats = self.stats.to(x.device).index_add_(0, key, rows)
+
+    def loss(self) -> Tensor | None:
+        """The weighted least-squares misfit of the fitted variogram (relative, in [0, 1], times
+        ``SCALE``);
+        None before three classes have enough pairs. Nugget and partial sill enter linearly,
+        gamma(d) = nugget + partial * (1 - rho(d / range)): they are solved in closed form for
+        the current range (and anisotropy), and the nugget fraction is kept in ``nugget``."""
+        if self.stats is None:
+            return None
+        use = self.stats[:, 1] >= MIN_COUNT
+        if int(use.sum()) < 3:
+            return None
+        stats = self.stats[use]
+        n = stats[:, 1]
+        gamma = (stats[:, 0] / n).float()  # [K] empirical semivariance
+        dist = stats[:, 2] / n  # [K] mean distance of the class
+        offset = stats[:, 3:] / n[:, None]  # [K, 3] mean (canonical) offset
+        if self.sectors == 1:
+            offset = torch.zeros_like(offset)
+            offset[:, 0] = dist  # isotropic: only the distance matters
+        else:  # the class's mean direction at its mean distance
+            offset = offset / offset.norm(dim=-1, keepdim=True).clamp_min(1e-12) * dist[:, None]
+        k = self.kernel
+        h = k.distance(offset.float())[0] / k.range_km[0].float()  # [K]
+        rise = 1 - LOG_CORRELATIONS[k.family](h).exp()  # [K] 1 - rho
+        weight = (n / gamma.double().clamp_min(1e-12) ** 2).float()  # Cressie (1985)
+        weight = weight / weight.sum()
+        nugget, partial = _linear_fit(weight, rise, gamma)
+        with torch.no_grad():
+            fraction = nugget / (nugget + partial).clamp_min(1e-12)
+            self.nugget.copy_(fraction.to(self.nugget.dtype))
+        misfit = (weight * (gamma - nugget - partial * rise) ** 2).sum()
+        return SCALE * misfit / (weight * gamma * gamma).sum().clamp_min(1e-12)
+
+    def describe(self) -> dict[str, float]:
+        """The estimate: ``range_km``, ``nugget`` (fraction of the sill) and, anisotropic,
+        ``angle_deg`` and ``axis_ratio`` (of the major axis)."""
+        out = {key: values[0] for key, values in self.kernel.describe().items()}
+        return {**out, "nugget": float(self.nugget)}
+
+
+def _linear_fit(weight: Tensor, rise: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor]:
+    """The non-negative weighted least-squares (nugget, partial sill) of
+    gamma ~ nugget + partial * rise."""
+    sw, sr, sg = weight.sum(), (weight * rise).sum(), (weight * gamma).sum()
+    srr, srg = (weight * rise * rise).sum(), (weight * rise * gamma).sum()
+    det = (sw * srr - sr * sr).clamp_min(1e-12)
+    nugget, partial = (srr * sg - sr * srg) / det, (sw * srg - sr * sg) / det
+    if nugget < 0:  # no nugget: the partial sill alone
+        nugget, partial = torch.zeros_like(nugget), srg / srr.clamp_min(1e-12)
+    if partial < 0:  # no spatial structure: a flat variogram
+        nugget, partial = sg / sw, torch.zeros_like(partial)
+    return nugget, partial

@@ -1,0 +1,89 @@
+"""The field's variogram fitted beside the forecast (pipeline/model/variogram.py): it recovers a
+known range, nugget and anisotropy from training windows, and leaves the forecast alone."""
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import ModelConfig
+from pipeline.config_sources import SyntheticConfig
+from pipeline.data.neighbours import k_nearest
+from pipeline.data.synthetic import SyntheticField
+from pipeline.model.forecaster import Forecaster
+from pipeline.model.variogram import FieldVariogram
+
+
+def _estimate(init_km: float = 10.0, anisotropy: bool = False, **field) -> dict:
+    """Fits the variogram to batches of 8 windows of a 400-sensor synthetic field."""
+    torch.manual_seed(0)
+    n, t = 400, 560
+    src = SyntheticField(SyntheticConfig(num_sensors=n, num_steps=t, **field))
+    sensors = np.arange(n)
+    values = src.values(0, t, sensors)  # [T, N]
+    z = (values - values.mean(0)) / values.std(0)
+    pos = torch.tensor(np.c_[src.coords(sensors), np.zeros(n)], dtype=torch.float32)  # [N, 3]
+    neighbours = torch.as_tensor(k_nearest(pos.numpy(), 16)[0])
+    vg = FieldVariogram(field.get("family", "matern32"), init_km, 0.1, anisotropy)
+    opt = torch.optim.Adam([p for p in vg.parameters() if p.requires_grad], lr=0.03)
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        origins = rng.integers(12, t, 8)
+        x = torch.tensor(np.stack([z[o - 12 : o] for o in origins]), dtype=torch.float32)
+        x = x[..., None]  # [B, time_in, N, 1]
+        vg.observe(x, torch.ones_like(x, dtype=torch.bool), pos, neighbours)
+        loss = vg.loss()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return vg.describe()
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        {"family": "matern32", "range_km": 15.0, "nugget": 1.5},  # noise-dominated
+        {"family": "exponential", "range_km": 5.0, "nugget": 0.1},  # 2x below the start
+        {"family": "matern32", "range_km": 10.0, "nugget": 0.1, "init_km": 40.0},  # 4x above
+    ],
+)
+def test_the_estimate_recovers_a_known_range_and_nugget(field):
+    est = _estimate(**field)
+    field.pop("init_km", None)
+    assert est["range_km"] == pytest.approx(field["range_km"], rel=0.15), est
+    truth_fraction = field["nugget"] / (1.0 + field["nugget"])
+    assert est["nugget"] == pytest.approx(truth_fraction, abs=0.05), est
+
+
+def test_the_estimate_recovers_a_geometric_anisotropy():
+    field = {"range_km": 25.0, "nugget": 0.5, "anisotropy_angle_deg": 30.0}
+    est = _estimate(anisotropy=True, anisotropy_ratio=0.3, **field)
+    assert est["range_km"] == pytest.approx(25.0, rel=0.15), est
+    assert est["angle_deg"] == pytest.approx(30.0, abs=5.0), est
+    assert est["axis_ratio"] == pytest.approx(0.3, abs=0.1), est
+
+
+def test_the_variogram_term_leaves_the_forecast_alone():
+    """Same initial weights with and without it, and its gradient reaches its own
+    parameters only."""
+    cfg = ModelConfig(d_model=16, heads=2, layers=1, knn=4)
+    outputs = []
+    for variography in (True, False):
+        torch.manual_seed(0)
+        model = Forecaster(cfg.model_copy(update={"variography": variography}), 6, 3, 1)
+        model.train()
+        x = torch.randn(4, 6, 30, 1)
+        pos = torch.cat([torch.rand(30, 2) * 50, torch.zeros(30, 1)], dim=1)
+        neighbours = torch.as_tensor(k_nearest(pos.numpy(), 4)[0])
+        mean, std = model(
+            x, torch.ones_like(x, dtype=torch.bool), torch.zeros(4, 4), pos, neighbours
+        )
+        outputs.append((mean, std))
+    assert torch.equal(outputs[0][0], outputs[1][0]) and torch.equal(outputs[0][1], outputs[1][1])
+    model.train()
+    torch.manual_seed(0)
+    model = Forecaster(cfg, 6, 3, 1)
+    for _ in range(3):  # the classes fill with a few batches
+        model(x, torch.ones_like(x, dtype=torch.bool), torch.zeros(4, 4), pos, neighbours)
+    model.variogram_loss.backward()
+    moved = {name for name, p in model.named_parameters() if p.grad is not None}
+    assert moved == {"variogram.kernel.log_range"}, moved
