@@ -30,13 +30,13 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/attention.py
-	$(BIN)/python benchmarks/variography.py
 	$(BIN)/python benchmarks/preprocess.py
 	$(BIN)/python benchmarks/loader.py
 	$(BIN)/python benchmarks/train.py
 
 bench-limit: setup
-	$(BIN)/python benchmarks/limit.py --json docs/limit.json --plot docs/limit.png
+	$(BIN)/python benchmarks/limit.py --jobs 2 --json docs/limit.json --plot docs/limit.png
+	$(BIN)/python benchmarks/variography.py --json docs/variography.json
 	$(BIN)/python benchmarks/fitted_gp.py --json docs/fitted_gp.json
 
 # held-out sensors of the real networks (docs/holdout.md): ours, none, the fitted GP, IDW

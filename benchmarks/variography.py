@@ -1,113 +1,97 @@
-"""Deep variography: does the learned range recover the true range of the field?
+"""The range estimate on real networks beside classical variography (docs/variography.md).
 
-For true range in {5, 10, 20} km x family in {matern32, exponential}: train the forecaster on a
-synthetic field from a wrong initial range, and print the learned range per head beside the
-range a classical GSTools variogram fit finds on the same training data, with the relative
-error of each. Two settings:
+For each data set (``configs/los_loop.yaml``, ``configs/aqi36.yaml``), several seeds of the
+product's training job (``launch/train.py``, one process, tracking off, ``--steps`` steps)
+with the config's model; per run, its ``kernel_estimate`` (the field's variogram fitted in
+training, pipeline/model/variogram.py) beside two GSTools fits of the same train split: of the
+normalised values (the estimate's data; the run's correlation figure) and of the fitted GP's
+deviations from the daily profile (pipeline/evaluate/gp.py). No truth exists here: the table
+shows whether the estimators agree and where they part.
 
-- ``prior``: one head, kernel prior alone (no <q, k> residual), one-step input window, in the
-  noise-dominated regime (nugget = 10 x sill) where kriging weights are proportional to the
-  covariance (see docs/variography.md);
-- ``full``: the default model (4 heads, <q, k> residual, 12-step window) on a field with a
-  small nugget (0.1 x sill).
-
-Usage: python benchmarks/variography.py [--steps 300] [--quick]
+Usage: python benchmarks/variography.py [--datasets los_loop aqi36] [--seeds 0 1 2]
+       [--steps 400] [--out runs/variography] [--jobs 1] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.quickfit
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from benchmarks.quickfit import fit_synthetic  # noqa: E402
+from benchmarks.peers import CONFIGS, Budget, plan, train_all  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.evaluate.variography import empirical_variogram, fit_variogram  # noqa: E402
-
-SETTINGS = {
-    "prior": [
-        "model.heads=1",
-        "model.qk_residual=false",
-        "model.knn=64",
-        "data.time_in=1",
-        "data.horizon=1",
-        "data.synthetic.nugget=10",
-        "train.kernel_lr=0.1",
-    ],
-    "full": ["model.knn=32", "data.synthetic.nugget=0.1"],
-}
+from pipeline.data.store import open_store  # noqa: E402
+from pipeline.evaluate.compare import load_run  # noqa: E402
+from pipeline.evaluate.variography import train_variogram  # noqa: E402
 
 
-def run(family: str, true_range: float, setting: str, steps: int) -> dict:
-    init = 4.0 * true_range
-    cfg = load_config(
-        None,
-        [
-            f"data.synthetic.family={family}",
-            f"data.synthetic.range_km={true_range}",
-            f"model.kernel={family}",
-            f"model.init_range_km={init}",
-            "model.layers=1",
-            "data.synthetic.num_sensors=400",
-            "data.synthetic.num_steps=1500",
-            "data.synthetic.domain_km=100",
-            f"train.steps={steps}",
-            *SETTINGS[setting],
-        ],
-    )
-    t0 = time.perf_counter()
-    result = fit_synthetic(cfg, progress=False)
-    learned = result.learned()[0]["range_km"]
-    edges = np.linspace(0, 3 * true_range, 16)
-    centres, gamma = empirical_variogram(result.coords, result.train_values, edges, snapshots=30)
-    classical = fit_variogram(family, centres, gamma)["range_km"]
+def summarise(name: str, runs: list[Path]) -> dict:
+    cfg = load_config(ROOT / CONFIGS[name])
+    store = open_store(ROOT / cfg.data.store)
+    _, _, normalised = train_variogram(store, cfg.model.kernel)
+    metrics = [load_run(run)[0] for run in runs]
+    gp = next((m["fitted_gp"]["fit"] for m in metrics if "fit" in (m["fitted_gp"] or {})), None)
     return {
-        "family": family,
-        "setting": setting,
-        "true": true_range,
-        "init": init,
-        "learned": learned,
-        "classical": classical,
-        "seconds": time.perf_counter() - t0,
+        "dataset": name,
+        "family": cfg.model.kernel,
+        "sensors": store.shape[1],
+        "estimates": [m["kernel_estimate"] for m in metrics],
+        "heads": [m["kernel"] for m in metrics],
+        "test_mae": [m["test"]["mean"]["mae"] for m in metrics],
+        "gstools_normalised": normalised,
+        "fitted_gp": gp,
     }
+
+
+def table(results: list[dict]) -> str:
+    lines = [
+        "| data set | range estimate km (seeds) | nugget fraction | GSTools, normalised values: "
+        "range km, nugget fraction | fitted GP, deviations: family, range km, nugget share |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results:
+        ranges = ", ".join(f"{e['range_km']:.1f}" for e in r["estimates"])
+        nuggets = ", ".join(f"{e['nugget']:.2f}" for e in r["estimates"])
+        g = r["gstools_normalised"]
+        gs_cell = (
+            f"{g['range_km']:.1f}, {g['nugget'] / (g['nugget'] + g['variance']):.2f}" if g else "-"
+        )
+        f = r["fitted_gp"]
+        gp_cell = "-"
+        if f:
+            share = (f["nugget"] + f["micro"]) / (f["sill"] + f["micro"] + f["nugget"])
+            gp_cell = f"{f['family']}, {f['range_km']:.1f}, {share:.2f}"
+        lines.append(f"| {r['dataset']} | {ranges} | {nuggets} | {gs_cell} | {gp_cell} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--quick", action="store_true", help="one range, prior setting only")
+    parser.add_argument("--datasets", nargs="+", default=["los_loop", "aqi36"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--out", default="runs/variography")
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    torch.set_num_threads(1)  # small tensors: one thread is faster than two here
-    ranges = [10.0] if args.quick else [5.0, 10.0, 20.0]
-    settings = ["prior"] if args.quick else ["prior", "full"]
-    print(
-        f"# machine: {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
-    )
-    print(
-        "| setting | family | true km | init km | learned km per head | rel. err (best head) "
-        "| GSTools fit km | rel. err | s |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
-    for setting in settings:
-        for family in ("matern32", "exponential"):
-            for true_range in ranges:
-                r = run(family, true_range, setting, args.steps)
-                errs = [abs(x - r["true"]) / r["true"] for x in r["learned"]]
-                heads = ", ".join(f"{x:.1f}" for x in r["learned"])
-                print(
-                    f"| {setting} | {family} | {r['true']:.0f} | {r['init']:.0f} | {heads} | "
-                    f"{min(errs):.0%} | {r['classical']:.1f} | "
-                    f"{abs(r['classical'] - r['true']) / r['true']:.0%} | {r['seconds']:.0f} |",
-                    flush=True,
-                )
+    out = (ROOT / args.out).resolve()
+    print(f"# {platform.machine()}; {args.steps} steps; seeds {args.seeds}", flush=True)
+    results = []
+    for name in args.datasets:
+        runs, todo, _ = plan(name, ["ours"], args.seeds, Budget(steps=args.steps), out)
+        train_all(todo, args.jobs)
+        results.append(summarise(name, runs["ours"]))
+    print(table(results))
+    print("mean test MAE:", {r["dataset"]: float(np.mean(r["test_mae"])) for r in results})
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

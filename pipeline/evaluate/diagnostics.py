@@ -15,10 +15,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline.config import Config  # noqa: E402
-from pipeline.data.geometry import positions_km  # noqa: E402
 from pipeline.data.store import Store  # noqa: E402
 from pipeline.evaluate.maps import forecast_grid, map_figure  # noqa: E402
-from pipeline.evaluate.variography import empirical_variogram, fit_variogram  # noqa: E402
+from pipeline.evaluate.variography import train_variogram  # noqa: E402
 from pipeline.kernels import correlation  # noqa: E402
 from pipeline.model.export import Predictor  # noqa: E402
 
@@ -139,25 +138,8 @@ def run_figures(
     cfg: Config, metrics: dict, store: Store, model_dir: Path, train_losses: list
 ) -> dict[str, plt.Figure]:
     """The figures of a finished run, by name."""
-    rng = np.random.default_rng(0)
-    a, b = store.split("train")
-    t, n, _ = store.shape
-    nodes = np.sort(rng.choice(n, min(n, 1500), replace=False))
-    steps = np.linspace(a, b - 1, min(20, b - a)).round().astype(int)
-    vals = store["values"].oindex[steps, nodes, 0]  # [S, n]
-    vals = (vals - store["mean"][:][nodes, 0]) / store["std"][:][nodes, 0]
-    pos, frame = positions_km(store["coords"][:][nodes], store.attrs["crs"])
-    plane = (pos @ frame.T)[:, :2]
-    span = float(np.ptp(plane, axis=0).max())
-    edges = np.linspace(0, span / 3 if span > 0 else 1.0, 16)
-    centres, gamma = empirical_variogram(plane, vals, edges, snapshots=len(steps))
     family = cfg.model.kernel if cfg.model.kernel != "none" else "matern32"
-    try:  # a variogram GSTools cannot fit (flat, too few pairs) leaves the figure without it
-        fitted = {"family": family, **fit_variogram(family, centres, gamma)}
-    except (RuntimeError, ValueError):
-        fitted = None
-    if fitted and not np.isfinite([fitted["range_km"], fitted["variance"], fitted["nugget"]]).all():
-        fitted = None
+    centres, gamma, fitted = train_variogram(store, family)
     figures = {
         "correlation": correlation_curves(
             metrics["kernel"],
@@ -177,6 +159,7 @@ def run_figures(
     x = store["values"][origin - ti : origin][None]  # [1, time_in, n, F]
     predictor = Predictor(model_dir)
     out = predictor.predict(x, store["time"][origin : origin + 1])
+    n = store.shape[1]
     pick = [0, n // 2, n - 1]
     future = store["values"][origin : origin + h]  # [h, n, F]
     figures["fan_chart"] = fan_chart(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gstools as gs
 import numpy as np
 
+from pipeline.data.geometry import positions_km
 from pipeline.kernels import FAMILIES
 
 
@@ -76,3 +77,29 @@ def fit_variogram(
         "nugget": float(model.nugget),
         "wsse": float((resid * resid / np.maximum(centres, 1e-12)).sum()),
     }
+
+
+def train_variogram(store, family: str) -> tuple[np.ndarray, np.ndarray, dict | None]:
+    """The empirical variogram of a store's train split (normalised values of up to 1,500
+    sensors at 20 time steps, bins to a third of the network's extent) and its GSTools fit of
+    ``family`` (None where GSTools cannot fit it: flat, too few pairs): the classical
+    counterpart of the run's ``kernel_estimate``, on the same normalised values."""
+    rng = np.random.default_rng(0)
+    a, b = store.split("train")
+    n = store.shape[1]
+    nodes = np.sort(rng.choice(n, min(n, 1500), replace=False))
+    steps = np.linspace(a, b - 1, min(20, b - a)).round().astype(int)
+    vals = store["values"].oindex[steps, nodes, 0]  # [S, n]
+    vals = (vals - store["mean"][:][nodes, 0]) / store["std"][:][nodes, 0]
+    pos, frame = positions_km(store["coords"][:][nodes], store.attrs["crs"])
+    plane = (pos @ frame.T)[:, :2]
+    span = float(np.ptp(plane, axis=0).max())
+    edges = np.linspace(0, span / 3 if span > 0 else 1.0, 16)
+    centres, gamma = empirical_variogram(plane, vals, edges, snapshots=len(steps))
+    try:
+        fitted = {"family": family, **fit_variogram(family, centres, gamma)}
+    except (RuntimeError, ValueError):
+        return centres, gamma, None
+    if not np.isfinite([fitted["range_km"], fitted["variance"], fitted["nugget"]]).all():
+        return centres, gamma, None
+    return centres, gamma, fitted

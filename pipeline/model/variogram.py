@@ -108,11 +108,14 @@ class FieldVariogram(nn.Module):
         left, right, offset, d = left[inside], right[inside], offset[inside], d[inside]
         offset, sector = self._canonical(offset)
         key = sector * BINS + torch.bucketize(d, edges[1:-1])  # [P]
-        z, seen = x[:, -1].double(), mask[:, -1]  # [B, N, F]: the last input step
-        both = seen[:, right] & seen[:, left]  # [B, P, F]
-        dz = torch.where(both, z[:, right] - z[:, left], torch.zeros_like(z[:, left]))
-        half_sq = 0.5 * (dz * dz).sum(dim=(0, 2))  # [P]
-        count = both.sum(dim=(0, 2)).double()  # [P]
+        n = x.shape[2]
+        z = x[:, -1].float().permute(1, 0, 2).reshape(n, -1)  # [N, B * F]: the last input step
+        seen = mask[:, -1].permute(1, 0, 2).reshape(n, -1)  # [N, B * F]
+        both = seen.index_select(0, right) & seen.index_select(0, left)  # [P, B * F]
+        dz = z.index_select(0, right) - z.index_select(0, left)
+        dz = torch.where(both, dz, torch.zeros_like(dz))
+        half_sq = 0.5 * (dz * dz).sum(dim=1).double()  # [P]
+        count = both.sum(dim=1).double()  # [P]
         rows = torch.cat(
             [half_sq[:, None], count[:, None], (d * count)[:, None], offset * count[:, None]], 1
         )  # [P, 6]
