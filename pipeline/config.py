@@ -105,8 +105,14 @@ class ModelConfig(Section):
     """Learn a geometric anisotropy (angle, axis ratio) per head."""
     variography: bool = True
     """Fit the field's variogram beside the forecast (pipeline/model/variogram.py): the run's
-    range and nugget estimate, ``kernel_estimate`` in metrics.json. No effect on the forecast;
-    needs a kernel family (not ``none``)."""
+    range and nugget estimate, ``kernel_estimate`` in metrics.json. No effect on the forecast
+    at observed sensors (``kriging_variance``: sensors without a window); needs a kernel family
+    (not ``none``)."""
+    kriging_variance: bool = True
+    """Add the estimate's simple-kriging variance from the observed neighbours to the forecast
+    variance of every sensor without an input window (held-out sensors, query points, outages;
+    with ``model.variography``): the forecast std grows with the distance to the network, as a
+    geostatistician's does. Observed sensors are unchanged."""
     qk_residual: bool = True
     """Keep the data-driven <q, k> term; False leaves the kernel prior alone."""
     backend: Literal["dense", "knn", "block"] = "knn"

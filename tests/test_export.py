@@ -103,6 +103,28 @@ def test_query_points_forecast_tile_by_tile_as_in_one_piece(synthetic_store, tmp
         assert (np.abs(after - whole["query_mean"][:, :, :1]).max() > 1e-4) == moves
 
 
+def test_the_forecast_std_grows_away_from_the_network(reference, synthetic_store):
+    """Uncertainty behaves geostatistically: with the trained model's kriging variance, a
+    point 5 estimated ranges outside the network has a larger forecast std than a sensor and
+    than a point at that sensor's coordinates, at every horizon step."""
+    from pipeline.data.store import open_store
+
+    store = open_store(synthetic_store)
+    predictor = Predictor(reference / "ref" / "model")
+    reach = 5 * predictor.model.kernel_estimate()["range_km"]
+    coords = store["coords"][:]  # x/y km
+    sensor = int(np.argmin(coords[:, 0]))
+    far = coords[sensor] - np.array([reach, 0.0])  # 5 ranges west of the westernmost sensor
+    x = store["values"][100:106][None].astype(np.float32)  # [1, 6, 300, 1]
+    out = predictor.predict(x, store["time"][106:107], query=np.stack([coords[sensor], far]))
+    at_sensor, at_point, outside = (
+        out["std"][0, :, sensor, 0],
+        out["query_std"][0, :, 0, 0],
+        out["query_std"][0, :, 1, 0],
+    )  # [horizon] each
+    assert (outside > at_sensor).all() and (outside > at_point).all(), (outside, at_sensor)
+
+
 def test_query_points_that_cannot_be_forecast_are_clear_errors(synthetic_store, tmp_path):
     path, _, store = export_untrained(synthetic_store, tmp_path / "model", 1)
     x = store["values"][100:106][None].astype(np.float32)

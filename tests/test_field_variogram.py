@@ -87,3 +87,31 @@ def test_the_variogram_term_leaves_the_forecast_alone():
     model.variogram_loss.backward()
     moved = {name for name, p in model.named_parameters() if p.grad is not None}
     assert moved == {"variogram.kernel.log_range"}, moved
+
+
+def test_the_kriging_variance_is_simple_kriging_under_the_estimate():
+    """Against the textbook formula at one unobserved sensor; the sill far from any observed
+    neighbour; nothing at observed sensors."""
+    torch.manual_seed(0)
+    vg = FieldVariogram("exponential", 10.0, 0.2, False)
+    vg.sill.fill_(0.8)
+    pos = torch.cat([torch.rand(12, 2) * 30, torch.zeros(12, 1)], dim=1)  # [N, 3] km
+    pos[11] = torch.tensor([500.0, 500.0, 0.0])  # far from everything
+    neighbours = torch.as_tensor(k_nearest(pos.numpy(), 6)[0])
+    observed = torch.ones(1, 12, dtype=torch.bool)
+    observed[0, [0, 11]] = False
+    observed[0, neighbours[0, 2]] = False  # one of sensor 0's neighbours has no window either
+    kv = vg.kriging_variance(observed, pos, neighbours)[0]
+    assert (kv[observed[0]] == 0).all()
+
+    near = [int(j) for j in neighbours[0] if j != 0 and observed[0, j]]
+    d = torch.cdist(pos, pos).double()
+
+    def cov(dist):
+        return 0.8 * torch.where(dist == 0, torch.ones_like(dist), 0.8 * torch.exp(-dist / 10))
+
+    big = cov(d[near][:, near])
+    small = 0.8 * 0.8 * torch.exp(-d[0, near] / 10)
+    expect = 0.8 - small @ torch.linalg.solve(big, small)
+    assert float(kv[0]) == pytest.approx(float(expect), rel=1e-4)
+    assert float(kv[11]) == pytest.approx(0.8, rel=1e-5)  # no correlated neighbour: the sill

@@ -159,6 +159,7 @@ class Forecaster(nn.Module):
             self.variogram.observe(x[..., tgt], mask[..., tgt], pos, neighbours)
             self.variogram_loss = self.variogram.loss()
         observed = mask.any(dim=(1, 3))  # [B, N]
+        graph = neighbours  # the k-nearest graph (the kriging variance's neighbourhoods)
         if self.cfg.backend == "block":  # one block structure for every layer
             neighbours = block_plan(pos, observed, self.cfg.block_size, self.cfg.key_blocks)
         for layer in self.layers:
@@ -171,6 +172,10 @@ class Forecaster(nn.Module):
         last = _last_observed(x, mask)[..., self.targets]  # [B, N, F_t]
         mean = last[:, None] + out[..., 0]
         std = F.softplus(out[..., 1]) + 1e-3
+        if self.cfg.kriging_variance and self.variogram is not None and graph is not None:
+            # sensors without an input window: the estimate's kriging variance added
+            extra = self.variogram.kriging_variance(observed, pos, graph)  # [B, N]
+            std = torch.sqrt(std * std + extra[:, None, :, None].to(std.dtype))
         return mean, std
 
 

@@ -71,6 +71,7 @@ class FieldVariogram(nn.Module):
         self.kernel = CovarianceBias(family, 1, init_range_km, init_nugget, anisotropy)
         self.kernel.raw_nugget.requires_grad_(False)  # solved in closed form (``loss``)
         self.register_buffer("nugget", torch.tensor(float(init_nugget)))  # nugget / sill
+        self.register_buffer("sill", torch.tensor(1.0))  # nugget + partial sill (normalised)
         self.sectors = SECTORS if anisotropy else 1
         self.edges: Tensor | None = None  # [BINS + 1] km, set on the first batch
         self.stats: Tensor | None = None  # [sectors * BINS, 6]: sum 0.5 dz^2, count, sum d, offset
@@ -151,8 +152,42 @@ class FieldVariogram(nn.Module):
         with torch.no_grad():
             fraction = nugget / (nugget + partial).clamp_min(1e-12)
             self.nugget.copy_(fraction.to(self.nugget.dtype))
+            self.sill.copy_((nugget + partial).to(self.sill.dtype))
         misfit = (weight * (gamma - nugget - partial * rise) ** 2).sum()
         return SCALE * misfit / (weight * gamma * gamma).sum().clamp_min(1e-12)
+
+    @torch.no_grad()
+    def kriging_variance(self, observed: Tensor, pos: Tensor, neighbours: Tensor) -> Tensor:
+        """The simple-kriging variance [B, N] (normalised units; 0 at observed sensors) of each
+        sensor without an input window (``observed`` [B, N] False) from its observed
+        neighbours (``neighbours`` [N, k], -1 outside a tile), under the estimated covariance:
+        sill * (1 - k' K^-1 k) with K_jl = (1 - tau) rho(d_jl) + tau [j == l] and
+        k_j = (1 - tau) rho(d_ij). It is the sill where no neighbour is observed."""
+        out = torch.zeros(observed.shape, dtype=torch.float32, device=observed.device)
+        b_idx, i_idx = (~observed).nonzero(as_tuple=True)  # [U] each
+        if len(i_idx) == 0:
+            return out
+        near = neighbours.to(observed.device).long()[i_idx]  # [U, k]
+        safe = near.clamp_min(0)
+        valid = (near >= 0) & (near != i_idx[:, None]) & observed[b_idx[:, None], safe]
+        p = pos.float()[safe]  # [U, k, 3]
+        to_query = self._covariance(p - pos.float()[i_idx][:, None])  # [U, k]
+        between = self._covariance(p[:, :, None] - p[:, None, :])  # [U, k, k]
+        both = valid[:, :, None] & valid[:, None, :]
+        eye = torch.eye(near.shape[1], dtype=torch.bool, device=near.device)
+        between = torch.where(eye, torch.ones_like(between), between * both)
+        to_query = to_query * valid
+        chol = torch.linalg.cholesky(between + 1e-6 * eye)
+        weights = torch.cholesky_solve(to_query[..., None], chol)[..., 0]  # [U, k]
+        kriged = (1 - (weights * to_query).sum(-1)).clamp(0, 1)  # [U]
+        out[b_idx, i_idx] = kriged * self.sill.float().clamp_min(0)
+        return out
+
+    def _covariance(self, offset: Tensor) -> Tensor:
+        """(1 - tau) rho(d / range) of offsets [..., 3] km (tau, the nugget fraction)."""
+        k = self.kernel
+        h = k.distance(offset)[0] / k.range_km[0].float()
+        return (1 - self.nugget.float()) * LOG_CORRELATIONS[k.family](h).exp()
 
     def describe(self) -> dict[str, float]:
         """The estimate: ``range_km``, ``nugget`` (fraction of the sill) and, anisotropic,
