@@ -27,6 +27,8 @@ def test_run_holds_params_metrics_and_figures(tracked):
     run = client.get_run(version.run_id)
     assert run.data.params["model.kernel"] == "matern32"
     assert "test_crps" in run.data.metrics and "range_km_l0_h0" in run.data.metrics
+    assert run.data.metrics["kernel.range_estimate_km"] > 0  # the field's range, estimated
+    assert 0 <= run.data.metrics["kernel.nugget_estimate"] <= 1
     assert run.data.tags["store_fingerprint"]
     history = client.get_metric_history(run.info.run_id, "train_loss")
     assert len(history) >= 2

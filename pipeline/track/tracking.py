@@ -78,8 +78,7 @@ def connect(cfg: Config, experiment: bool = True) -> str:
 
 
 def estimate_row(estimate: dict[str, float]) -> dict[str, float]:
-    """MLflow metrics of the run's kernel estimate: kernel.range_estimate_km,
-    kernel.nugget_estimate (and kernel.angle_deg_estimate, kernel.axis_ratio_estimate)."""
+    """The kernel estimate as kernel.range_estimate_km, kernel.nugget_estimate, ..."""
     return {
         f"kernel.{'range_estimate_km' if k == 'range_km' else k + '_estimate'}": v
         for k, v in estimate.items()
