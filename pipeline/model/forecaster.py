@@ -96,15 +96,12 @@ class Forecaster(nn.Module):
             )
         self.variogram_loss: Tensor | None = None  # of the last training forward
         if frame is not None:
-            for kernel in self.kernels() + self.estimate_kernels():
+            estimate = [] if self.variogram is None else [self.variogram.kernel]
+            for kernel in self.kernels() + estimate:
                 kernel.set_frame(frame)
 
     def kernels(self) -> list[CovarianceBias]:
         return [layer.attn.kernel for layer in self.layers]
-
-    def estimate_kernels(self) -> list[CovarianceBias]:
-        """The field variogram's covariance (model.variography), or none."""
-        return [] if self.variogram is None else [self.variogram.kernel]
 
     def kernel_estimate(self) -> dict[str, float] | None:
         """The run's estimate of the field's covariance (range_km, nugget, anisotropy)."""

@@ -6,14 +6,17 @@ is not the field's range: attention weights proportional to the covariance are t
 weights only when noise dominates, and where the forecast optimum is flat in the range the heads
 drift. So the model carries one more covariance of its family (a one-head
 :class:`~pipeline.model.covariance.CovarianceBias`: range, nugget and, with
-``model.anisotropy``, angle and axis ratio), fitted by gradient descent during training to the
-empirical semivariogram of the training windows: a weighted least-squares variogram fit
-(Cressie 1985 weights, count / gamma^2), with the sill profiled out in closed form. Its
-statistics accumulate over the batches of the run (the last input step of every window, pairs of
-each sensor with its neighbours and with partners a geometric series of shifts away in the
-batch's sensor order, binned by distance and, when anisotropic, by axial direction). The term's
-gradient reaches these parameters only (and is scaled to stay out of the clipped gradient norm),
-so the forecast is unchanged by it.
+``model.anisotropy``, angle and axis ratio), fitted during training to the empirical
+semivariogram of the training windows: a weighted least-squares variogram fit (Cressie 1985
+weights, count / gamma^2) in which the nugget and the partial sill, which enter linearly, are
+solved in closed form for the current range, and the range (and anisotropy) move by gradient
+descent with the other kernel parameters. Its statistics accumulate over the batches of the run
+(the last input step of every window, pairs of each sensor with its neighbours and with partners
+a geometric series of shifts away in the batch's sensor order, binned by distance and, when
+anisotropic, by axial direction). The term's gradient reaches these parameters only (and is
+scaled to stay out of the clipped gradient norm), so the forecast at observed sensors is
+unchanged by it; at sensors without an input window the estimate's kriging variance widens the
+forecast (:meth:`FieldVariogram.kriging_variance`, ``model.kriging_variance``).
 
 The statistics are not part of the state: a resumed run accumulates them afresh (the fitted
 parameters are restored). Bins are set on the first batch: equal-count distance classes up to
@@ -124,10 +127,9 @@ class FieldVariogram(nn.Module):
 
     def loss(self) -> Tensor | None:
         """The weighted least-squares misfit of the fitted variogram (relative, in [0, 1], times
-        ``SCALE``);
-        None before three classes have enough pairs. Nugget and partial sill enter linearly,
-        gamma(d) = nugget + partial * (1 - rho(d / range)): they are solved in closed form for
-        the current range (and anisotropy), and the nugget fraction is kept in ``nugget``."""
+        ``SCALE``); None before three classes have enough pairs. Nugget and partial sill enter
+        linearly, gamma(d) = nugget + partial * (1 - rho(d / range)): they are solved in closed
+        form for the current range (and anisotropy); ``nugget`` and ``sill`` keep them."""
         if self.stats is None:
             return None
         use = self.stats[:, 1] >= MIN_COUNT
@@ -203,8 +205,11 @@ def _linear_fit(weight: Tensor, rise: Tensor, gamma: Tensor) -> tuple[Tensor, Te
     srr, srg = (weight * rise * rise).sum(), (weight * rise * gamma).sum()
     det = (sw * srr - sr * sr).clamp_min(1e-12)
     nugget, partial = (srr * sg - sr * srg) / det, (sw * srg - sr * sg) / det
-    if nugget < 0:  # no nugget: the partial sill alone
-        nugget, partial = torch.zeros_like(nugget), srg / srr.clamp_min(1e-12)
-    if partial < 0:  # no spatial structure: a flat variogram
-        nugget, partial = sg / sw, torch.zeros_like(partial)
-    return nugget, partial
+    zero = torch.zeros_like(nugget)
+    no_nugget = nugget < 0  # then the partial sill alone
+    nugget, partial = (
+        torch.where(no_nugget, zero, nugget),
+        torch.where(no_nugget, srg / srr.clamp_min(1e-12), partial),
+    )
+    flat = partial < 0  # no spatial structure: a flat variogram
+    return torch.where(flat, sg / sw, nugget), torch.where(flat, zero, partial)
