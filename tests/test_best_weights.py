@@ -56,6 +56,8 @@ def test_the_best_validation_weights_are_tested_and_exported(best_run):
     assert saved["step"] == best["step"]
     assert exported.keys() == saved["weights"].keys()
     for key, value in exported.items():
+        if key.startswith("variogram."):  # the field's variogram keeps its last values
+            continue
         assert torch.equal(value, saved["weights"][key].float()), key
     if best["step"] != m["steps"]:
         assert f"testing the weights of step {best['step']}" in stdout
