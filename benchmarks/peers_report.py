@@ -219,9 +219,10 @@ def table(result: dict, peer_names: tuple[str, ...]) -> str:
             cells = [pm(r["rmse"][h]) for h in hs] + [pm(r["crps"][h]) for h in hs]
             lines.append("| " + " | ".join([model, *cells]) + " |")
     lines.append("")
+    seeds = ", ".join(str(s) for s in result.get("lr_seeds", [0]))  # before lr_seeds: seed 0
     for model, grid in (result.get("lr_grid") or {}).items():
         scores = ", ".join(f"{lr}: {v:.3f}" for lr, v in grid.items())
-        lines.append(f"{model}: best validation MAE by learning rate (seed 0): {scores}")
+        lines.append(f"{model}: best validation MAE by learning rate (seeds {seeds}): {scores}")
     lines.append("")
     for h, verdict in verdicts(result, peer_names).items():
         lines.append(f"{h}: {verdict}")

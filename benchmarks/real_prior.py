@@ -6,8 +6,8 @@ neighbour), and the empirical variogram of the train split, on the values standa
 sensor and with each sensor's daily profile removed (what is left for space to explain once
 the model has the profile as an input), fitted with GSTools (the config's family, with a
 nugget); then, from ``benchmarks/peers.py``'s converged runs of ours (``--runs``), the learned
-range and nugget per head, mean over seeds, and how much of each head's prior weight stays on
-the sensor itself at the learned nugget.
+range and nugget per seed and head, and how many heads end below the nearest-neighbour
+distance (heads that attend to the sensor itself).
 
 Usage: python benchmarks/real_prior.py [--datasets los_loop aqi36] [--runs runs/peers]
        [--json docs/real_prior.json]
@@ -34,44 +34,62 @@ from pipeline.evaluate.compare import load_run  # noqa: E402
 from pipeline.evaluate.variography import empirical_variogram, fit_variogram  # noqa: E402
 
 
+def anomalies(store, split: str) -> np.ndarray:
+    """A split's first feature standardised per sensor, minus each sensor's daily profile
+    (what is left for space to explain once the model has the profile): [T, N], NaN where
+    missing."""
+    a, b = store.split(split)
+    values = store["values"][a:b, :, 0].astype(np.float64)  # [T, N]
+    mask = store["mask"][a:b, :, 0]
+    z = (values - store["mean"][:, 0]) / store["std"][:, 0]
+    step = step_ns(store.attrs["freq"], str(store.path))
+    profile = daily_profile(store)[:, :, 0]  # [slot, N] normalised
+    return np.where(mask, z - profile[slots(store["time"][a:b], step)], np.nan)
+
+
 def field(name: str, snapshots: int) -> dict:
-    """Distances and the fitted variogram of the train split's profile-free anomalies."""
+    """Distances, the fitted variogram of the train split's profile-free anomalies, and the
+    anomalies' correlation by distance (1 - semivariance / variance) in each split (is the
+    spatial structure the kernel learns on train the one it meets on test?)."""
     cfg = load_config(ROOT / CONFIGS[name])
     store = open_store(ROOT / cfg.data.store)
     pos, frame = positions_km(store["coords"][:], store.attrs["crs"])
     xy = pos @ frame[:2].T  # [N, 2] km in the network's local east/north plane
-    a, b = store.split("train")
-    values = store["values"][a:b, :, 0].astype(np.float64)  # [T, N] the first feature
-    mask = store["mask"][a:b, :, 0]
-    z = (values - store["mean"][:, 0]) / store["std"][:, 0]  # standardised per sensor
-    step = step_ns(store.attrs["freq"], str(store.path))
-    profile = daily_profile(store)[:, :, 0]  # [slot, N] normalised
-    anomaly = np.where(mask, z - profile[slots(store["time"][a:b], step)], np.nan)  # [T, N]
     d = np.linalg.norm(xy[:, None] - xy[None], axis=-1)  # [N, N] km
     np.fill_diagonal(d, np.inf)
     nearest = np.sort(d, axis=1)
     k = min(cfg.model.knn, len(xy) - 1)
     top = np.percentile(d[np.isfinite(d)], 50)  # bins to the median pair distance
     edges = np.linspace(0, top, 13)
-    full = np.isfinite(anomaly).mean(1) >= 0.5  # time steps with most sensors observed
-    centres, gamma = empirical_variogram(xy, anomaly[full], edges, snapshots=snapshots)
-    fit = fit_variogram(cfg.model.kernel, centres, gamma)
-    lag1 = np.nanmean(anomaly[1:] * anomaly[:-1]) / np.nanmean(anomaly**2)  # per-step memory
+    correlation, fit, lag1 = {}, None, None
+    for split in ("train", "val", "test"):
+        anomaly = anomalies(store, split)
+        full = np.isfinite(anomaly).mean(1) >= 0.5  # time steps with most sensors observed
+        centres, gamma = empirical_variogram(xy, anomaly[full], edges, snapshots=snapshots)
+        correlation[split] = (1 - gamma / np.nanvar(anomaly)).tolist()
+        if split == "train":
+            train_gamma = gamma
+            fit = fit_variogram(cfg.model.kernel, centres, gamma)
+            lag1 = np.nanmean(anomaly[1:] * anomaly[:-1]) / np.nanmean(anomaly**2)  # memory
     return {
         "sensors": len(xy),
         "nearest_km": float(np.median(nearest[:, 0])),
         "kth_nearest_km": float(np.median(nearest[:, k - 1])),
         "k": k,
         "family": cfg.model.kernel,
-        "variogram": {"centres_km": centres.tolist(), "gamma": gamma.tolist()},
+        "variogram": {"centres_km": centres.tolist(), "gamma": train_gamma.tolist()},
+        "correlation_by_split": correlation,
         "fit": fit,
         "nugget_share": fit["nugget"] / (fit["nugget"] + fit["variance"]),
         "anomaly_lag1_autocorrelation": float(lag1),
     }
 
 
-def learned(name: str, runs: Path) -> dict | None:
-    """Learned range and nugget per layer and head, mean over the converged seeds of ours."""
+def learned(name: str, runs: Path, nearest_km: float) -> dict | None:
+    """Learned range and nugget per seed, layer and head of the converged runs of ours, and
+    how many heads per layer end with a range below the median nearest-neighbour distance
+    (heads that attend to the sensor itself: the prior weight of its nearest neighbour is
+    then a few percent of its own)."""
     dirs = sorted(runs.glob(f"{name}-ours-{Budget().tag}-lr*-s*"))  # the protocol's runs
     chosen = [d for d in dirs if (d / "metrics.json").exists()]
     if not chosen:
@@ -80,15 +98,21 @@ def learned(name: str, runs: Path) -> dict | None:
     for d in chosen:
         by_lr.setdefault(d.name.split("-lr")[1].split("-s")[0], []).append(d)
     lr, seeds = max(by_lr.items(), key=lambda kv: len(kv[1]))  # the chosen rate has 3 seeds
-    kernels = [load_run(d)[0]["kernel"] for d in seeds]
-    out = {"lr": lr, "seeds": len(seeds), "layers": []}
-    for layer in range(len(kernels[0])):
-        ranges = np.array([k[layer]["range_km"] for k in kernels])  # [seeds, heads]
-        nuggets = np.array([k[layer]["nugget"] for k in kernels])
-        out["layers"].append(
-            {"range_km": ranges.mean(0).tolist(), "nugget": nuggets.mean(0).tolist()}
-        )
-    return out
+    kernels = [load_run(d)[0]["kernel"] for d in seeds]  # [seed][layer] -> per-head lists
+    return {
+        "lr": lr,
+        "seeds": [
+            {
+                "run": d.name,
+                "range_km": [layer["range_km"] for layer in k],
+                "nugget": [layer["nugget"] for layer in k],
+                "heads_below_nearest": [
+                    int(sum(r < nearest_km for r in layer["range_km"])) for layer in k
+                ],
+            }
+            for d, k in zip(seeds, kernels, strict=True)
+        ],
+    }
 
 
 def main() -> None:
@@ -102,8 +126,10 @@ def main() -> None:
     for name in args.datasets:
         results[name] = {
             "field": field(name, args.snapshots),
-            "learned": learned(name, ROOT / args.runs),
         }
+        results[name]["learned"] = learned(
+            name, ROOT / args.runs, results[name]["field"]["nearest_km"]
+        )
         f, l = results[name]["field"], results[name]["learned"]
         print(f"## {name}: {f['sensors']} sensors")
         print(
@@ -118,12 +144,23 @@ def main() -> None:
         )
         gamma = ", ".join(f"{c:.1f}:{g:.2f}" for c, g in zip(*f["variogram"].values(), strict=True))
         print(f"  empirical (km: semivariance): {gamma}")
+        for split, corr in f["correlation_by_split"].items():
+            at = ", ".join(
+                f"{c:.0f}:{r:.2f}" for c, r in zip(f["variogram"]["centres_km"], corr, strict=True)
+            )
+            print(f"  correlation by distance, {split} (km: correlation): {at}")
         if l:
-            for i, layer in enumerate(l["layers"]):
-                ranges = ", ".join(f"{r:.2f}" for r in layer["range_km"])
-                nuggets = ", ".join(f"{n:.2f}" for n in layer["nugget"])
-                head = f"learned (lr {l['lr']}, {l['seeds']} seeds) layer {i}"
-                print(f"{head}: range {ranges} km; nugget {nuggets}")
+            for seed in l["seeds"]:
+                for i, (ranges, nuggets) in enumerate(
+                    zip(seed["range_km"], seed["nugget"], strict=True)
+                ):
+                    print(
+                        f"{seed['run']} layer {i}: range "
+                        + ", ".join(f"{r:.1f}" for r in ranges)
+                        + " km; nugget "
+                        + ", ".join(f"{n:.2f}" for n in nuggets)
+                        + f"; {seed['heads_below_nearest'][i]} below the nearest neighbour"
+                    )
         print()
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
