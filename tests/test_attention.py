@@ -5,6 +5,7 @@ from torch.nn import functional as F
 
 from pipeline.data.geometry import positions_km
 from pipeline.data.neighbours import k_nearest, morton_order
+from pipeline.model import attention
 from pipeline.model.attention import GeoAttention
 from pipeline.model.covariance import CovarianceBias
 
@@ -40,6 +41,33 @@ def test_knn_with_all_neighbours_equals_dense(family):
     got = _run(attn, "knn", x, pos, observed, torch.from_numpy(idx))
     torch.testing.assert_close(got[0], ref[0], rtol=0, atol=1e-10)
     torch.testing.assert_close(got[1], ref[1], rtol=0, atol=1e-10)
+    for name in ref[2]:
+        torch.testing.assert_close(got[2][name], ref[2][name], rtol=0, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("family", ["matern32", "exponential", "none"])
+@pytest.mark.parametrize("use_qk", [True, False])
+def test_masked_knn_equals_gathered_knn(family, use_qk, monkeypatch):
+    """Small problems run knn as all pairs under the neighbour mask: the same outputs and
+    gradients as the gathers, with padding (-1, outside a tile), rows whose own sensor is not
+    among their neighbours, missing sensors and anisotropy."""
+    attn, x, pos, _ = _setup(family)
+    observed = torch.rand(2, N, generator=torch.Generator().manual_seed(4)) > 0.3
+    idx = torch.from_numpy(k_nearest(pos.numpy(), 8)[0])
+    idx[::5, -3:] = -1  # padded rows
+    idx[3] = torch.roll(idx[3], -1)  # the self still present, elsewhere in the row
+    outside = [j for j in range(N) if j not in idx[7].tolist()][0]
+    idx[7][idx[7] == 7] = outside  # row 7 without its own sensor
+    assert 7 not in idx[7].tolist() and len(set(idx[3].tolist())) == 8
+    attn.qk_residual = use_qk
+    runs = {}
+    for name, limit in [("masked", 2**62), ("gathered", 0)]:
+        monkeypatch.setattr(attention, "MASKED_SCORES", limit)
+        runs[name] = _run(attn, "knn", x, pos, observed, idx)
+    ref, got = runs["gathered"], runs["masked"]
+    torch.testing.assert_close(got[0], ref[0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(got[1], ref[1], rtol=0, atol=1e-10)
+    assert ref[2].keys() == got[2].keys()
     for name in ref[2]:
         torch.testing.assert_close(got[2][name], ref[2][name], rtol=0, atol=1e-10, msg=name)
 

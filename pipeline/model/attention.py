@@ -62,9 +62,60 @@ def knn_attention(
     use_qk: bool,
 ) -> Tensor:
     """Like :func:`dense_attention` over each query's neighbours [N, k] only; entries -1
-    (outside a spatial tile) are masked."""
+    (outside a spatial tile) are masked. Small problems (at most :data:`MASKED_SCORES`
+    scores) run as all pairs under a neighbour mask, the same math without the gathers,
+    whose backward (a scatter-add per key) dominates a CPU step at a few hundred sensors."""
     if neighbours is None:
         raise ValueError("the knn backend needs a neighbour index [node, k]")
+    b, h, n, _ = q.shape
+    if b * h * n * n <= MASKED_SCORES:
+        return masked_knn_attention(q, k, v, pos, observed, kernel, neighbours, use_qk)
+    return gathered_knn_attention(q, k, v, pos, observed, kernel, neighbours, use_qk)
+
+
+# all-pairs scores [B, H, N, N] up to this many (64 MB in float32) replace the gathers
+MASKED_SCORES = 2**24
+
+
+def masked_knn_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    pos: Tensor,
+    observed: Tensor,
+    kernel: CovarianceBias,
+    neighbours: Tensor,
+    use_qk: bool,
+) -> Tensor:
+    """:func:`knn_attention` as dense attention under the neighbour mask [N, N] (distinct
+    neighbours per row, as the KD-tree gives them; -1 entries masked)."""
+    n = q.shape[2]
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # [B, H, N, N]
+    if not use_qk:
+        scores = torch.zeros_like(scores)
+    index = torch.where(neighbours >= 0, neighbours, n)  # -1 -> a spare column n
+    allowed = torch.zeros(n, n + 1, dtype=torch.bool, device=q.device)
+    allowed = allowed.scatter_(1, index, True)[:, :n]  # [N, N] j among i's neighbours
+    is_self = torch.eye(n, dtype=torch.bool, device=q.device) & allowed  # [N, N]
+    bias = kernel.log_bias(pos[:, None, :] - pos[None, :, :], is_self)  # [H, N, N]
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
+    keep = (observed[:, None, None, :] & allowed) | is_self  # [B, 1, N, N]
+    weights = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
+    return weights @ v
+
+
+def gathered_knn_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    pos: Tensor,
+    observed: Tensor,
+    kernel: CovarianceBias,
+    neighbours: Tensor,
+    use_qk: bool,
+) -> Tensor:
+    """:func:`knn_attention` on gathered keys and values [B, H, N, k, dh]: O(N k) memory."""
     valid = neighbours >= 0  # [N, k]
     neighbours = neighbours.clamp_min(0)
     b, h, n, dh = q.shape
