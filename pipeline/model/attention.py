@@ -38,15 +38,33 @@ def dense_attention(
     use_qk: bool,
 ) -> Tensor:
     """q, k, v [B, H, N, dh]; pos [N, 3]; observed [B, N] -> [B, H, N, dh]."""
+    return _all_pairs(q, k, v, pos, observed, kernel, use_qk)
+
+
+def _all_pairs(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    pos: Tensor,
+    observed: Tensor,
+    kernel: CovarianceBias,
+    use_qk: bool,
+    allowed: Tensor | None = None,
+) -> Tensor:
+    """Attention over all N x N pairs, or those of ``allowed`` [N, N] (j may be attended by
+    i; the self only where allowed)."""
     n = q.shape[2]
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # [B, H, N, N]
     if not use_qk:
         scores = torch.zeros_like(scores)
     is_self = torch.eye(n, dtype=torch.bool, device=q.device)  # [N, N]
+    if allowed is not None:
+        is_self = is_self & allowed
     bias = kernel.log_bias(pos[:, None, :] - pos[None, :, :], is_self)  # [H, N, N]
     if bias is not None:
         scores = scores + bias.to(scores.dtype)
-    keep = observed[:, None, None, :] | is_self  # [B, 1, N, N]
+    visible = observed[:, None, None, :]  # [B, 1, 1, N]
+    keep = (visible if allowed is None else visible & allowed) | is_self  # [B, 1, N, N]
     weights = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
     return weights @ v
 
@@ -90,19 +108,10 @@ def masked_knn_attention(
     """:func:`knn_attention` as dense attention under the neighbour mask [N, N] (distinct
     neighbours per row, as the KD-tree gives them; -1 entries masked)."""
     n = q.shape[2]
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # [B, H, N, N]
-    if not use_qk:
-        scores = torch.zeros_like(scores)
     index = torch.where(neighbours >= 0, neighbours, n)  # -1 -> a spare column n
     allowed = torch.zeros(n, n + 1, dtype=torch.bool, device=q.device)
     allowed = allowed.scatter_(1, index, True)[:, :n]  # [N, N] j among i's neighbours
-    is_self = torch.eye(n, dtype=torch.bool, device=q.device) & allowed  # [N, N]
-    bias = kernel.log_bias(pos[:, None, :] - pos[None, :, :], is_self)  # [H, N, N]
-    if bias is not None:
-        scores = scores + bias.to(scores.dtype)
-    keep = (observed[:, None, None, :] & allowed) | is_self  # [B, 1, N, N]
-    weights = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
-    return weights @ v
+    return _all_pairs(q, k, v, pos, observed, kernel, use_qk, allowed)
 
 
 def gathered_knn_attention(
