@@ -66,11 +66,12 @@ def kernel_gain(config: str, overrides: list[str]) -> str:
         return "kernel against none: measured for configs/small.yaml as shipped only"
     r = json.loads(recorded.read_text())
     ours, none, dm = r["ours"]["crps"], r["none"]["crps"], r["dm"]["crps"]
-    gain = 100 * (1 - ours["mean"] / none["mean"])
+    change = 100 * (ours["mean"] / none["mean"] - 1)
     return (
         f"kernel against none on this field ({len(r['seeds'])} seeds, {r['date']}, "
         f"docs/demo_gain.json): test CRPS {ours['mean']:.4f} +- {ours['sd']:.4f} against "
-        f"{none['mean']:.4f} +- {none['sd']:.4f} ({gain:+.1f} %; DM over seeds "
+        f"{none['mean']:.4f} +- {none['sd']:.4f} ({abs(change):.1f} % "
+        f"{'lower' if change < 0 else 'higher'}; DM over seeds "
         f"{dm['statistic']:+.2f}, p {dm['p_value']:.2g})"
     )
 
