@@ -61,23 +61,23 @@ def field(name: str, snapshots: int) -> dict:
     k = min(cfg.model.knn, len(xy) - 1)
     top = np.percentile(d[np.isfinite(d)], 50)  # bins to the median pair distance
     edges = np.linspace(0, top, 13)
-    correlation, fit, lag1 = {}, None, None
+    curves, correlation = {}, {}
     for split in ("train", "val", "test"):
         anomaly = anomalies(store, split)
         full = np.isfinite(anomaly).mean(1) >= 0.5  # time steps with most sensors observed
-        centres, gamma = empirical_variogram(xy, anomaly[full], edges, snapshots=snapshots)
-        correlation[split] = (1 - gamma / np.nanvar(anomaly)).tolist()
-        if split == "train":
-            train_gamma = gamma
-            fit = fit_variogram(cfg.model.kernel, centres, gamma)
-            lag1 = np.nanmean(anomaly[1:] * anomaly[:-1]) / np.nanmean(anomaly**2)  # memory
+        curves[split] = empirical_variogram(xy, anomaly[full], edges, snapshots=snapshots)
+        correlation[split] = (1 - curves[split][1] / np.nanvar(anomaly)).tolist()
+    centres, gamma = curves["train"]
+    fit = fit_variogram(cfg.model.kernel, centres, gamma)
+    train = anomalies(store, "train")
+    lag1 = np.nanmean(train[1:] * train[:-1]) / np.nanmean(train**2)  # per-step memory
     return {
         "sensors": len(xy),
         "nearest_km": float(np.median(nearest[:, 0])),
         "kth_nearest_km": float(np.median(nearest[:, k - 1])),
         "k": k,
         "family": cfg.model.kernel,
-        "variogram": {"centres_km": centres.tolist(), "gamma": train_gamma.tolist()},
+        "variogram": {"centres_km": centres.tolist(), "gamma": gamma.tolist()},
         "correlation_by_split": correlation,
         "fit": fit,
         "nugget_share": fit["nugget"] / (fit["nugget"] + fit["variance"]),
@@ -86,18 +86,15 @@ def field(name: str, snapshots: int) -> dict:
 
 
 def learned(name: str, runs: Path, nearest_km: float) -> dict | None:
-    """Learned range and nugget per seed, layer and head of the converged runs of ours, and
-    how many heads per layer end with a range below the median nearest-neighbour distance
-    (heads that attend to the sensor itself: the prior weight of its nearest neighbour is
-    then a few percent of its own)."""
-    dirs = sorted(runs.glob(f"{name}-ours-{Budget().tag}-lr*-s*"))  # the protocol's runs
-    chosen = [d for d in dirs if (d / "metrics.json").exists()]
-    if not chosen:
+    """Learned range and nugget per seed, layer and head of the converged runs of ours at the
+    config's learning rate, and how many heads per layer end with a range below the median
+    nearest-neighbour distance (heads that attend to the sensor itself: the prior weight of
+    its nearest neighbour is then a few percent of its own)."""
+    lr = f"{load_config(ROOT / CONFIGS[name]).train.lr:g}"
+    dirs = sorted(runs.glob(f"{name}-ours-{Budget().tag}-lr{lr}-s*"))  # the protocol's runs
+    seeds = [d for d in dirs if (d / "metrics.json").exists()]
+    if not seeds:
         return None
-    by_lr: dict[str, list[Path]] = {}
-    for d in chosen:
-        by_lr.setdefault(d.name.split("-lr")[1].split("-s")[0], []).append(d)
-    lr, seeds = max(by_lr.items(), key=lambda kv: len(kv[1]))  # the chosen rate has 3 seeds
     kernels = [load_run(d)[0]["kernel"] for d in seeds]  # [seed][layer] -> per-head lists
     return {
         "lr": lr,
