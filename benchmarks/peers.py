@@ -60,6 +60,9 @@ MODELS = {
     "ours_no_profile": [FLAT],  # what the profile adds
     "none_no_profile": ["model.kernel=none", FLAT],
     "ours_emb": ["model.node_embedding=true", FLAT],  # an embedding per sensor, as STID's
+    "ours_nemb": ["model.node_embedding=true"],  # the same, with the daily profile
+    "ours_t1": ["model.temporal_layers=1"],  # attention over the window's steps
+    "ours_kh2": ["model.kernel_heads=2"],  # the kernel in 2 heads of each layer, 2 plain
     "stid": ["model.peer=stid", "train.loss=mae", FLAT],
     "graph_wavenet": ["model.peer=graph_wavenet", "train.loss=mae", FLAT],
     "dcrnn": ["model.peer=dcrnn", "train.loss=mae", FLAT],

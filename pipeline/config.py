@@ -103,6 +103,9 @@ class ModelConfig(Section):
     """Learn range and nugget (False freezes them at their initial values)."""
     anisotropy: bool = False
     """Learn a geometric anisotropy (angle, axis ratio) per head."""
+    kernel_heads: int | None = Field(None, ge=1)
+    """Heads of each layer that carry the kernel's bias (the first ones); the others are plain
+    <q, k> heads with no spatial prior. None: every head."""
     variography: bool = True
     """Fit the field's variogram beside the forecast (pipeline/model/variogram.py): the run's
     range and nugget estimate, ``kernel_estimate`` in metrics.json. No effect on the forecast
@@ -134,7 +137,18 @@ class ModelConfig(Section):
     daily profile, pipeline/data/profile.py): the daily cycle of each sensor without a
     parameter per sensor. Needs a time step that divides a day (docs/peers.md)."""
     node_embedding: bool = False
-    """Learn an embedding per sensor (ties the model to the sensors it was trained on)."""
+    """Learn an embedding per sensor (its identity: what the daily profile and the inputs do
+    not say about it). A sensor without an input window (held out, a query point, hidden by
+    ``train.sensor_dropout``, a whole-window outage) gets one learned unknown-sensor vector
+    instead, so held-out sensors and query points are forecast as without embeddings (train
+    with ``train.sensor_dropout`` for them)."""
+    temporal_layers: int = Field(0, ge=0)
+    """Self-attention layers over the steps of each sensor's input window
+    (pipeline/model/temporal.py), added to the flat window embedding; 0: the flat embedding
+    alone."""
+    temporal_width: int = Field(16, ge=4)
+    """Width of the step tokens of ``temporal_layers`` (one head per 16; there are time_in
+    times more step tokens than sensor tokens, so this width sets their cost)."""
     peer: Literal["graph_wavenet", "dcrnn", "agcrn", "stid"] | None = None
     """A published model from torch-spatiotemporal instead of ours (pipeline/model/peers.py,
     docs/peers.md; ``pip install --no-build-isolation -e ".[peers]"``): a point forecast,
@@ -144,6 +158,10 @@ class ModelConfig(Section):
     def _heads_divide(self) -> ModelConfig:
         if self.d_model % self.heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by heads={self.heads}")
+        if self.kernel_heads is not None and self.kernel_heads > self.heads:
+            raise ValueError(
+                f"kernel_heads={self.kernel_heads} is more than heads={self.heads}: lower it"
+            )
         if self.block_size % 16:
             raise ValueError(f"block_size={self.block_size} must be a multiple of 16")
         if self.peer is not None and self.daily_profile:

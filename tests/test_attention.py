@@ -72,6 +72,28 @@ def test_masked_knn_equals_gathered_knn(family, use_qk, monkeypatch):
         torch.testing.assert_close(got[2][name], ref[2][name], rtol=0, atol=1e-10, msg=name)
 
 
+@pytest.mark.parametrize("anisotropy", [False, True])
+def test_kernel_heads_leave_the_other_heads_plain(anisotropy):
+    """model.kernel_heads=2 of 4: heads 0-1 attend as with the kernel on every head, heads 2-3
+    as with kernel none, and only the kernel heads' parameters learn."""
+    full, x, pos, _ = _setup("matern32", anisotropy=anisotropy)
+    part = CovarianceBias("matern32", H, 8.0, 0.2, anisotropy=anisotropy, kernel_heads=2)
+    part.load_state_dict(full.kernel.state_dict())
+    part = part.double()
+    plain = CovarianceBias("none", H)
+    observed = torch.rand(2, N, generator=torch.Generator().manual_seed(6)) > 0.3
+    q, k, v = full.qkv(x).view(2, N, 3, H, D // H).permute(2, 0, 3, 1, 4)  # [B, H, N, dh] each
+    got = attention.dense_attention(q, k, v, pos, observed, part, None, True)
+    with_kernel = attention.dense_attention(q, k, v, pos, observed, full.kernel, None, True)
+    without = attention.dense_attention(q, k, v, pos, observed, plain, None, True)
+    torch.testing.assert_close(got[:, :2], with_kernel[:, :2], rtol=0, atol=1e-12)
+    torch.testing.assert_close(got[:, 2:], without[:, 2:], rtol=0, atol=1e-12)
+    got.sum().backward()
+    assert (part.log_range.grad[:2] != 0).all() and (part.log_range.grad[2:] == 0).all()
+    assert (part.raw_nugget.grad[2:] == 0).all()
+    assert len(part.describe()["range_km"]) == 2  # only the heads that carry the kernel
+
+
 def test_kernel_none_equals_plain_sdpa():
     attn, x, pos, _ = _setup("none")
     observed = torch.ones(2, N, dtype=torch.bool)

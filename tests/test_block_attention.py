@@ -19,7 +19,14 @@ D, H = 32, 4
 
 
 def _setup(
-    n, family="matern32", anisotropy=False, seed=0, device="cpu", dtype=torch.float64, head=None
+    n,
+    family="matern32",
+    anisotropy=False,
+    seed=0,
+    device="cpu",
+    dtype=torch.float64,
+    head=None,
+    kernel_heads=None,
 ):
     """Heads of ``head`` dimensions: by default D / H = 8 on CPU, 32 on CUDA (FlexAttention
     needs at least 16 there; 64 runs with the backend's tuned Triton settings)."""
@@ -27,7 +34,7 @@ def _setup(
     torch.manual_seed(seed)
     coords = np.random.default_rng(seed).uniform(0, 40, (n, 2))
     pos, frame = positions_km(coords[hilbert_order(*positions_km(coords, "xy"))], "xy")
-    kernel = CovarianceBias(family, H, 8.0, 0.2, anisotropy=anisotropy)
+    kernel = CovarianceBias(family, H, 8.0, 0.2, anisotropy=anisotropy, kernel_heads=kernel_heads)
     if anisotropy:  # away from isotropy, where the angle's gradient is exactly zero
         with torch.no_grad():
             kernel.log_ratio.copy_(torch.linspace(0.4, 1.2, H))
@@ -81,6 +88,15 @@ def test_all_blocks_equal_dense_on_cpu(family, anisotropy):
     assert plan.padded == 224 and plan.key_index.shape == (7, 7)
     got, _, _ = _run(attn, "block", x, pos, observed, plan)
     assert got.shape == ref.shape
+    assert torch.allclose(got, ref, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("anisotropy", [False, True])
+def test_kernel_heads_in_blocks_equal_dense_on_cpu(anisotropy):
+    """model.kernel_heads: the heads without the bias get none in score_mod either."""
+    attn, x, pos, observed = _setup(100, "matern52", anisotropy, kernel_heads=1)
+    ref, _, _ = _run(attn, "dense", x, pos, observed)
+    got, _, _ = _run(attn, "block", x, pos, observed, block_plan(pos, observed, 32, 10**6))
     assert torch.allclose(got, ref, atol=1e-12, rtol=1e-10)
 
 
@@ -170,14 +186,27 @@ def test_hilbert_curve_moves_one_cell_at_a_time():
 
 @cuda
 @pytest.mark.parametrize(
-    ("family", "anisotropy", "head"),
-    [("matern32", False, 32), ("spherical", True, 32), ("matern32", False, 64)],
+    ("family", "anisotropy", "head", "kernel_heads"),
+    [
+        ("matern32", False, 32, None),
+        ("spherical", True, 32, None),
+        ("matern32", False, 64, None),
+        ("matern32", True, 32, 2),
+    ],
 )
-def test_all_blocks_equal_dense_on_gpu_outputs_and_gradients(family, anisotropy, head):
+def test_all_blocks_equal_dense_on_gpu_outputs_and_gradients(
+    family, anisotropy, head, kernel_heads
+):
     torch.backends.cuda.matmul.allow_tf32 = False
     n = 1000
     attn, x, pos, observed = _setup(
-        n, family, anisotropy, device="cuda", dtype=torch.float32, head=head
+        n,
+        family,
+        anisotropy,
+        device="cuda",
+        dtype=torch.float32,
+        head=head,
+        kernel_heads=kernel_heads,
     )
     ref = _run(attn, "dense", x, pos, observed, grad=True)
     plan = block_plan(pos, observed, 128, key_blocks=10**6)

@@ -54,6 +54,8 @@ def test_cross_field_validation():
         load_config(None, ["data.train_fraction=0.8", "data.val_fraction=0.2"])
     with pytest.raises(ConfigError, match="spherical"):
         load_config(None, ["data.synthetic.family=spherical"])
+    with pytest.raises(ConfigError, match="kernel_heads=5 is more than heads=4"):
+        load_config(None, ["model.heads=4", "model.kernel_heads=5"])
 
 
 def test_negative_value_is_rejected():

@@ -134,8 +134,3 @@ def test_query_points_that_cannot_be_forecast_are_clear_errors(synthetic_store, 
         predictor.predict(x, origin, query=np.zeros(3))
     with pytest.raises(ValueError, match="finite coordinates"):
         predictor.predict(x, origin, query=np.array([[np.nan, 1.0]]))
-    path, _, _ = export_untrained(
-        synthetic_store, tmp_path / "emb", 1, ["model.node_embedding=true"]
-    )
-    with pytest.raises(ValueError, match="a parameter per sensor"):
-        Predictor(path).predict(x, origin, query=np.zeros((1, 2)))

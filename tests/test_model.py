@@ -57,14 +57,38 @@ def test_forecasts_at_unseen_sensors():
         assert model(x, mask, cal, pos, nb)[0].shape == (2, 3, n, 2)
 
 
-def test_missing_inputs_do_not_leak():
-    """Values under a False mask do not change the forecast."""
-    cfg = load_config(None, ["model.d_model=16"])
+@pytest.mark.parametrize("temporal", [0, 1])
+def test_missing_inputs_do_not_leak(temporal):
+    """Values under a False mask do not change the forecast (with attention over time too)."""
+    cfg = load_config(None, ["model.d_model=16", f"model.temporal_layers={temporal}"])
     model = Forecaster(cfg.model, time_in=6, horizon=3, features=2)
     x, mask, cal, pos, nb, _ = _inputs()
+    if temporal:  # its residual starts at zero: make it count
+        torch.nn.init.normal_(model.temporal.out.weight)
     a = model(x, mask, cal, pos, nb)[0]
     b = model(torch.where(mask, x, torch.full_like(x, 1e6)), mask, cal, pos, nb)[0]
     torch.testing.assert_close(a, b)
+
+
+def test_temporal_layers_start_flat_and_learn():
+    """model.temporal_layers: a fresh model forecasts as the flat one with the same weights;
+    one optimiser step makes the attention over time part of the forecast."""
+    flat_cfg = load_config(None, ["model.d_model=16"])
+    cfg = load_config(None, ["model.d_model=16", "model.temporal_layers=1"])
+    flat = Forecaster(flat_cfg.model, time_in=6, horizon=3, features=2)
+    model = Forecaster(cfg.model, time_in=6, horizon=3, features=2)
+    missing = model.load_state_dict(flat.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith("temporal.") for k in missing)
+    x, mask, cal, pos, nb, _ = _inputs()
+    torch.testing.assert_close(model(x, mask, cal, pos, nb)[0], flat(x, mask, cal, pos, nb)[0])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    mean, std = model(x, mask, cal, pos, nb)
+    y = torch.randn_like(mean)
+    gaussian_crps(mean, std, y, torch.ones_like(y, dtype=torch.bool)).backward()
+    assert model.temporal.out.weight.grad.abs().sum() > 0
+    opt.step()
+    steps = torch.cat([torch.where(mask, x, 0.0), mask.float()], dim=-1)  # [B, T, N, 2F]
+    assert model.temporal(steps).abs().amax() > 0
 
 
 @pytest.mark.parametrize("calendar", [True, False])

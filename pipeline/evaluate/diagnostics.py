@@ -169,7 +169,7 @@ def run_figures(
         future[:, pick, 0],
         [str(store["sensor_id"][i]) for i in pick],
     )
-    if cfg.model.backend in MAP_BACKENDS and not cfg.model.node_embedding:
+    if cfg.model.backend in MAP_BACKENDS:
         grid = forecast_grid(predictor, store, origin, MAP_GRID)
         figures["map"] = map_figure(grid, store)
     return figures

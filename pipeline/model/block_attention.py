@@ -137,11 +137,15 @@ def _score_mod(kernel: CovarianceBias, plan: BlockPlan, use_qk: bool, dtype: tor
         # Inductor's lowering happy (strided views of one tensor fail there)
         return values[:, None].expand(heads, padded).contiguous()
 
-    log_keep = per_row(torch.log1p(-kernel.nugget.to(dtype)))
+    # a head without the bias (model.kernel_heads): no nugget and every scaled distance 0,
+    # where every family's log rho is 0; no per-pair work added
+    gate = kernel.gate.to(dtype)
+    log_keep = per_row(torch.log1p(-kernel.nugget.to(dtype)) * gate)
     proj = kernel.scaled_projection(dtype)  # [H, 3, 3] or None (isotropic)
     if proj is None:
-        inv_range = per_row(1.0 / kernel.range_km.to(dtype))
+        inv_range = per_row(gate / kernel.range_km.to(dtype))
     else:
+        proj = proj * gate[:, None, None]
         m = [per_row(proj[:, r, c]) for r in range(3) for c in range(3)]
 
     def score_mod(score, b, h, q_idx, kv_idx):

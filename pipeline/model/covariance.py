@@ -35,6 +35,10 @@ class CovarianceBias(nn.Module):
     and its minor-axis component divided by ``ratio = exp(log_ratio)`` before taking the norm.
     Range and ratio are learned in log space, so a step of the optimiser changes them by a
     factor, the same at 2 km as at 200 km: the initial range is a start, not the answer.
+
+    ``kernel_heads``: only the first this many heads carry the bias (model.kernel_heads); the
+    others get none at all (bias 0, nugget included: plain <q, k> heads), and their parameters
+    no gradient. None: every head.
     """
 
     def __init__(
@@ -45,11 +49,17 @@ class CovarianceBias(nn.Module):
         init_nugget: float = 0.1,
         anisotropy: bool = False,
         learnable: bool = True,
+        kernel_heads: int | None = None,
     ) -> None:
         super().__init__()
         if family != "none" and family not in LOG_CORRELATIONS:
             raise ValueError(f"unknown covariance family {family!r}")
         self.family, self.heads, self.anisotropy = family, heads, anisotropy
+        self.kernel_heads = heads if kernel_heads is None else kernel_heads
+        if not 1 <= self.kernel_heads <= heads:
+            raise ValueError(f"kernel_heads={kernel_heads} must be between 1 and heads={heads}")
+        # which heads carry the bias; from the config, so not in the state dict
+        self.register_buffer("gate", torch.arange(heads) < self.kernel_heads, persistent=False)
         self.log_range = nn.Parameter(
             torch.full((heads,), math.log(init_range_km)), requires_grad=learnable
         )
@@ -114,21 +124,24 @@ class CovarianceBias(nn.Module):
         h = d / self.range_km.view(shape).to(d.dtype)
         log_rho = LOG_CORRELATIONS[self.family](h)
         log_off = torch.log1p(-self.nugget).view(shape).to(d.dtype) + log_rho
+        log_off = torch.where(self.gate.view(shape), log_off, torch.zeros_like(log_off))
         return torch.where(is_self, torch.zeros_like(log_off), log_off)
 
     def forward(self, offset: Tensor, is_self: Tensor) -> Tensor | None:
         return self.log_bias(offset, is_self)
 
     def describe(self) -> dict[str, list[float]]:
-        """Learned parameters per head, as plain floats (for metrics and logging)."""
+        """Learned parameters per head that carries the bias, as plain floats (for metrics and
+        logging)."""
+        kh = self.kernel_heads
         out = {
-            "range_km": self.range_km.detach().cpu().tolist(),
-            "nugget": self.nugget.detach().cpu().tolist(),
+            "range_km": self.range_km[:kh].detach().cpu().tolist(),
+            "nugget": self.nugget[:kh].detach().cpu().tolist(),
         }
         if self.anisotropy:
             # canonical form: ratio <= 1 and the angle of the major axis in [0, 180)
-            swapped = self.log_ratio > 0
-            angle = torch.rad2deg(self.angle) + 90.0 * swapped
+            swapped = self.log_ratio[:kh] > 0
+            angle = torch.rad2deg(self.angle[:kh]) + 90.0 * swapped
             out["angle_deg"] = torch.remainder(angle, 180.0).detach().cpu().tolist()
-            out["axis_ratio"] = torch.exp(-self.log_ratio.abs()).detach().cpu().tolist()
+            out["axis_ratio"] = torch.exp(-self.log_ratio[:kh].abs()).detach().cpu().tolist()
         return out

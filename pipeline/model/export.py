@@ -216,7 +216,7 @@ class Predictor:
             cal,
             pos.to(d),
             torch.from_numpy(neighbours).to(d),
-            torch.from_numpy(nodes).to(d),  # model.node_embedding (sensors only)
+            torch.from_numpy(nodes).to(d),  # model.node_embedding (the sensors' rows; none beyond)
             None if levels is None else torch.from_numpy(levels).to(d),
         )
 
@@ -281,11 +281,6 @@ class Predictor:
 
     def _query_positions(self, query) -> np.ndarray:
         """``query`` [M, 2] in the network's coordinates as positions [M, 3] km."""
-        if self.model.cfg.node_embedding:
-            raise ValueError(
-                "this model has a parameter per sensor (model.node_embedding): it cannot "
-                "forecast where there is no sensor"
-            )
         if self.model.cfg.backend == "block":
             raise ValueError(
                 "query points need the knn or dense backend: the block backend forms its blocks "

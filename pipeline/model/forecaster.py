@@ -1,11 +1,13 @@
 """The probabilistic spatially-informed forecaster (docs/design.md, section 1).
 
 One token per sensor: the sensor's input window (values and their mask, flattened over time and
-feature) plus calendar features of the forecast origin are embedded to ``d_model``; L pre-norm
-layers of geostatistical attention across sensors + MLP follow; a Gaussian head gives, per
-horizon step and feature, a mean (a correction of the last observed value) and a scale.
-No per-sensor embedding by default: the model forecasts at sensors it never saw, given their
-coordinates.
+feature; with ``model.temporal_layers``, plus attention over the window's steps,
+pipeline/model/temporal.py) and calendar features of the forecast origin are embedded to
+``d_model``; L pre-norm layers of geostatistical attention across sensors + MLP follow; a
+Gaussian head gives, per horizon step and feature, a mean (a correction of the last observed
+value) and a scale. With ``model.node_embedding`` a sensor with an input window also adds its
+own learned vector, and one without (held out, a query point) a shared unknown-sensor vector:
+the model still forecasts at sensors it never saw, given their coordinates.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pipeline.config import ModelConfig
 from pipeline.model.attention import GeoAttention
 from pipeline.model.block_attention import block_plan
 from pipeline.model.covariance import CovarianceBias
+from pipeline.model.temporal import TemporalEncoder
 from pipeline.model.variogram import FieldVariogram
 
 CALENDAR_FEATURES = 4  # sin/cos of time of day and of day of week
@@ -36,6 +39,7 @@ class Layer(nn.Module):
             cfg.init_nugget,
             anisotropy=cfg.anisotropy,
             learnable=cfg.learn_kernel,
+            kernel_heads=cfg.kernel_heads,
         )
         self.norm1 = nn.LayerNorm(cfg.d_model)
         self.attn = GeoAttention(
@@ -79,12 +83,26 @@ class Forecaster(nn.Module):
         self.features = f_out = len(self.targets)
         inputs = 2 * time_in * features + (horizon * f_out if cfg.daily_profile else 0)
         self.embed = nn.Linear(inputs, cfg.d_model)
+        self.temporal = None
+        if cfg.temporal_layers:
+            self.temporal = TemporalEncoder(
+                time_in,
+                features,
+                cfg.temporal_width,
+                cfg.d_model,
+                cfg.temporal_layers,
+                cfg.mlp_ratio,
+                cfg.dropout,
+            )
         self.calendar = nn.Linear(CALENDAR_FEATURES, cfg.d_model) if cfg.calendar else None
         self.node_embedding = None
         if cfg.node_embedding:
             if num_nodes is None:
                 raise ValueError("model.node_embedding needs the number of sensors")
             self.node_embedding = nn.Embedding(num_nodes, cfg.d_model)
+            # in place of the identity of a sensor without an input window (held out, a query
+            # point, hidden by train.sensor_dropout, a whole-window outage)
+            self.unknown_sensor = nn.Parameter(torch.zeros(cfg.d_model))
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, 2 * horizon * f_out)
@@ -129,33 +147,42 @@ class Forecaster(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """x, mask [B, T_in, N, F] (x normalised, any value where mask is False);
         calendar [B, 4]; pos [N, 3] km (curve order for the block backend); neighbours [N, k]
-        (knn backend; -1 outside a tile); node_index [N] (node embedding); profile
+        (knn backend; -1 outside a tile); node_index [N] or fewer (model.node_embedding: each row's
+        sensor, -1 or rows beyond it for points without one; a sensor without an input window
+        gets the learned unknown-sensor vector instead of its own); profile
         [B, horizon, N, F_t] (model.daily_profile: each target's daily-profile level, normalised).
 
         Returns mean and std, each [B, horizon, N, F_t] (F_t: the target features).
         """
         b, t, n, f = x.shape
         x = torch.where(mask, x, torch.zeros_like(x))
-        tokens = torch.cat([x, mask.to(x.dtype)], dim=-1)  # [B, T, N, 2F]
-        tokens = tokens.permute(0, 2, 1, 3).reshape(b, n, t * 2 * f)  # [B, N, T * 2F]
+        steps = torch.cat([x, mask.to(x.dtype)], dim=-1)  # [B, T, N, 2F]
+        tokens = steps.permute(0, 2, 1, 3).reshape(b, n, t * 2 * f)  # [B, N, T * 2F]
         if self.cfg.daily_profile:
             if profile is None:
                 raise ValueError("a model with model.daily_profile needs the profile input")
             levels = profile.to(x.dtype).permute(0, 2, 1, 3).reshape(b, n, -1)  # [B, N, H * F]
             tokens = torch.cat([tokens, levels], dim=-1)
         h = self.embed(tokens)  # [B, N, D]
+        if self.temporal is not None:
+            h = h + self.temporal(steps)
         if self.calendar is not None:
             h = h + self.calendar(calendar)[:, None, :]
+        observed = mask.any(dim=(1, 3))  # [B, N]
         if self.node_embedding is not None:
             if node_index is None:
                 raise ValueError("a model with node embeddings needs node_index")
-            h = h + self.node_embedding(node_index)[None]
+            index = node_index.to(torch.long)
+            if index.shape[0] < n:  # rows beyond the sensors (query points): no identity
+                index = F.pad(index, (0, n - index.shape[0]), value=-1)
+            known = observed & (index >= 0)[None]  # [B, N]
+            ident = self.node_embedding(index.clamp_min(0))[None]  # [1, N, D]
+            h = h + torch.where(known[..., None], ident, self.unknown_sensor)
         self.variogram_loss = None
         if self.training and self.variogram is not None:
             tgt = self.targets
             self.variogram.observe(x[..., tgt], mask[..., tgt], pos, neighbours)
             self.variogram_loss = self.variogram.loss()
-        observed = mask.any(dim=(1, 3))  # [B, N]
         graph = neighbours  # the k-nearest graph (the kriging variance's neighbourhoods)
         if self.cfg.backend == "block":  # one block structure for every layer
             neighbours = block_plan(pos, observed, self.cfg.block_size, self.cfg.key_blocks)

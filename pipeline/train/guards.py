@@ -25,10 +25,13 @@ PINNED_KEYS = (
     "model.mlp_ratio",
     "model.kernel",
     "model.anisotropy",
+    "model.kernel_heads",
     "model.qk_residual",
     "model.calendar",
     "model.daily_profile",
     "model.node_embedding",
+    "model.temporal_layers",
+    "model.temporal_width",
     "model.peer",
     "model.backend",
     "model.knn",  # the neighbourhood each sensor attends to
