@@ -10,7 +10,12 @@ from pipeline.data.geometry import positions_km
 from pipeline.data.neighbours import hilbert_index, hilbert_order, k_nearest
 from pipeline.model import block_attention
 from pipeline.model.attention import GeoAttention
-from pipeline.model.block_attention import BlockBackendError, block_plan, select_key_blocks
+from pipeline.model.block_attention import (
+    BlockBackendError,
+    block_plan,
+    merge_self,
+    select_key_blocks,
+)
 from pipeline.model.covariance import CovarianceBias
 from pipeline.model.forecaster import Forecaster
 
@@ -98,6 +103,41 @@ def test_kernel_heads_in_blocks_equal_dense_on_cpu(anisotropy):
     ref, _, _ = _run(attn, "dense", x, pos, observed)
     got, _, _ = _run(attn, "block", x, pos, observed, block_plan(pos, observed, 32, 10**6))
     assert torch.allclose(got, ref, atol=1e-12, rtol=1e-10)
+
+
+def test_merge_self_is_the_softmax_over_both_with_its_gradients():
+    """The self pair merged from the other keys' output and log-sum-exp (what the block
+    backend does after FlexAttention) is the softmax over all keys, values and gradients,
+    also for rows where no other key is visible (log-sum-exp -inf: the self alone)."""
+    torch.manual_seed(3)
+    b, h, n, dh = 2, 3, 9, 4
+    scores = torch.randn(b, h, n, n, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(b, h, n, dh, dtype=torch.float64, requires_grad=True)
+    visible = torch.rand(b, 1, n, n) > 0.4
+    visible[:, :, 2] = False  # row 2: no key but the self
+    eye = torch.eye(n, dtype=torch.bool)
+    full = torch.softmax(scores.masked_fill(~(visible | eye), float("-inf")), -1) @ v
+    others = scores.masked_fill(~(visible & ~eye), float("-inf"))  # [B, H, N, N]
+    lse = torch.logsumexp(others, -1)  # [B, H, N]
+    rest = torch.nan_to_num(torch.softmax(others, -1)) @ v  # rows without a key: 0
+    got = merge_self(rest, lse, scores.diagonal(dim1=-2, dim2=-1), v)
+    assert torch.isinf(lse[:, :, 2]).all() and torch.allclose(got[:, :, 2], v[:, :, 2])
+    assert torch.allclose(got, full, atol=1e-12)
+    w = torch.randn_like(full)
+    ref = torch.autograd.grad((full * w).sum(), (scores, v))
+    mine = torch.autograd.grad((got * w).sum(), (scores, v))
+    for a, r in zip(mine, ref, strict=True):
+        assert torch.isfinite(a).all() and torch.allclose(a, r, atol=1e-12)
+
+
+def test_block_row_with_no_visible_key_is_its_own_value():
+    """A window where no sensor is observed: every row attends to itself only, in blocks as
+    in dense (FlexAttention sees fully masked rows; the merge gives the self back)."""
+    attn, x, pos, _ = _setup(64, "matern32")
+    observed = torch.zeros(2, 64, dtype=torch.bool)
+    ref, _, _ = _run(attn, "dense", x, pos, observed)
+    got, _, _ = _run(attn, "block", x, pos, observed, block_plan(pos, observed, 32, 10**6))
+    assert torch.isfinite(got).all() and torch.allclose(got, ref, atol=1e-12)
 
 
 def test_selected_blocks_equal_dense_restricted_to_them():

@@ -13,6 +13,15 @@ restricted to the selected blocks:
     score_ij = <q_i, k_j> / sqrt(d_head) + log c_h(d_ij),   j in the key blocks of i's block,
     keys of unobserved sensors masked, every sensor always attending to itself.
 
+The self pair is taken out of the FlexAttention call (``mask_mod`` drops j = i) and merged
+back afterwards from the call's log-sum-exp (:func:`merge_self`): softmax is unchanged by a
+constant per row, so shifting row i by -log(1 - nugget_h) leaves the kernel on every other
+pair as log rho(d_ij / range_h) alone and puts the nugget on the self score,
+<q_i, k_i> / sqrt(d_head) - log(1 - nugget_h), an O(N) term outside the kernel. The
+per-pair work of ``score_mod`` is then the distance and the family's log rho: no
+nugget load, no self test, and no per-pair gradient for the nugget (it flows through the
+merge, in plain tensor ops).
+
 Learnable per-head parameters (1 / range, log(1 - nugget), the anisotropic projection) enter
 ``score_mod`` expanded per query row ([head, node], read at ``[h, q_idx]``): read as per-head
 scalars, their gradients pile up as atomics on a handful of addresses (15 s instead of 0.3 s
@@ -25,12 +34,13 @@ sparsity, so the block selection enters the mask there); for tests and small inf
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 
 from pipeline.errors import UserError
 from pipeline.kernels import LOG_CORRELATIONS
@@ -54,8 +64,9 @@ class BlockPlan:
     """Block structure of one forward pass, shared by every layer.
 
     ``n`` sensors padded to ``padded``; ``key_index`` [blocks, key_blocks] selected key blocks
-    of each query block; ``block_mask`` the FlexAttention mask (selection + observed keys +
-    self; on CPU the selection too, as eager FlexAttention ignores block sparsity);
+    of each query block; ``block_mask`` the FlexAttention mask (selection + observed keys, the
+    self excluded: :func:`merge_self` adds it; on CPU the selection too, as eager FlexAttention
+    ignores block sparsity);
     ``coords`` three [padded] tensors of the positions (km).
     """
 
@@ -106,7 +117,7 @@ def block_plan(pos: Tensor, observed: Tensor, block_size: int, key_blocks: int) 
     if device.type == "cuda":
 
         def mask_mod(b, h, q_idx, kv_idx):
-            return obs_p[b, kv_idx] | (q_idx == kv_idx)
+            return obs_p[b, kv_idx] & (q_idx != kv_idx)
 
     else:
         selected = torch.zeros(nb, nb, dtype=torch.bool, device=device)
@@ -114,7 +125,7 @@ def block_plan(pos: Tensor, observed: Tensor, block_size: int, key_blocks: int) 
 
         def mask_mod(b, h, q_idx, kv_idx):
             chosen = selected[q_idx // block_size, kv_idx // block_size]
-            return chosen & (obs_p[b, kv_idx] | (q_idx == kv_idx))
+            return chosen & obs_p[b, kv_idx] & (q_idx != kv_idx)
 
     mask = BlockMask.from_kv_blocks(
         kv_num, kv_idx, BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(padded, padded)
@@ -124,7 +135,9 @@ def block_plan(pos: Tensor, observed: Tensor, block_size: int, key_blocks: int) 
 
 
 def _score_mod(kernel: CovarianceBias, plan: BlockPlan, use_qk: bool, dtype: torch.dtype):
-    """FlexAttention ``score_mod`` adding log c_h(d_ij) (or None for the family ``none``)."""
+    """FlexAttention ``score_mod`` adding log rho_h(d_ij) to every pair but the self (which
+    the mask excludes; the nugget enters with it in :func:`merge_self`), or None for the
+    family ``none``."""
     heads, padded = kernel.heads, plan.padded
     if kernel.family == "none":
         return None if use_qk else (lambda score, b, h, q_idx, kv_idx: torch.zeros_like(score))
@@ -137,10 +150,9 @@ def _score_mod(kernel: CovarianceBias, plan: BlockPlan, use_qk: bool, dtype: tor
         # Inductor's lowering happy (strided views of one tensor fail there)
         return values[:, None].expand(heads, padded).contiguous()
 
-    # a head without the bias (model.kernel_heads): no nugget and every scaled distance 0,
-    # where every family's log rho is 0; no per-pair work added
+    # a head without the bias (model.kernel_heads): every scaled distance 0, where every
+    # family's log rho is 0; no per-pair work added
     gate = kernel.gate.to(dtype)
-    log_keep = per_row(torch.log1p(-kernel.nugget.to(dtype)) * gate)
     proj = kernel.scaled_projection(dtype)  # [H, 3, 3] or None (isotropic)
     if proj is None:
         inv_range = per_row(gate / kernel.range_km.to(dtype))
@@ -160,11 +172,40 @@ def _score_mod(kernel: CovarianceBias, plan: BlockPlan, use_qk: bool, dtype: tor
             v = m[3][h, q_idx] * dx + m[4][h, q_idx] * dy + m[5][h, q_idx] * dz
             w = m[6][h, q_idx] * dx + m[7][h, q_idx] * dy + m[8][h, q_idx] * dz
             scaled = torch.sqrt(torch.clamp(u * u + v * v + w * w, min=1e-30))
-        bias = log_keep[h, q_idx] + log_rho(scaled)
-        bias = torch.where(q_idx == kv_idx, torch.zeros_like(bias), bias)
+        bias = log_rho(scaled)
         return score + bias if use_qk else bias
 
     return score_mod
+
+
+def self_logit(q: Tensor, k: Tensor, kernel: CovarianceBias, use_qk: bool) -> Tensor:
+    """The self pair's score in the shifted row of the module docstring, [B, H, N] (float32
+    or float64): <q_i, k_i> / sqrt(d_head) - log(1 - nugget_h) (heads with the bias only)."""
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    b, h, n, dh = q.shape
+    if use_qk:
+        logit = (q.to(dtype) * k.to(dtype)).sum(-1) / math.sqrt(dh)  # [B, H, N]
+    else:
+        logit = q.new_zeros(b, h, n, dtype=dtype)
+    if kernel.family == "none":
+        return logit
+    shift = torch.log1p(-kernel.nugget.to(dtype)) * kernel.gate.to(dtype)  # [H]
+    return logit - shift[:, None]
+
+
+def merge_self(rest: Tensor, rest_lse: Tensor, logit: Tensor, v: Tensor) -> Tensor:
+    """Attention over every key but the self (``rest`` [B, H, N, dh], its log-sum-exp
+    ``rest_lse`` [B, H, N], -inf where no other key is visible) joined with the self pair of
+    score ``logit`` [B, H, N] and value ``v`` [B, H, N, dh]: the softmax over both, exactly,
+    differentiable in all four."""
+    top = torch.maximum(rest_lse, logit)  # finite: the self logit is
+    w_rest = torch.exp(rest_lse - top)  # [B, H, N]; 0 where no other key
+    w_self = torch.exp(logit - top)
+    total = w_rest + w_self
+    out = (w_rest / total)[..., None] * rest.to(total.dtype) + (w_self / total)[..., None] * v.to(
+        total.dtype
+    )
+    return out.to(v.dtype)
 
 
 _compiled_flex = None
@@ -229,21 +270,29 @@ def block_attention(
 
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     score_mod = _score_mod(kernel, plan, use_qk, dtype)
+    lse = AuxRequest(lse=True)
     if q.device.type == "cuda":
         if kernel_options is None:
             kernel_options = TUNED_KERNEL_OPTIONS.get(dh)
-        out = _flex()(
+        rest, aux = _flex()(
             padded(q),
             padded(k),
             padded(v),
             score_mod=score_mod,
             block_mask=plan.block_mask,
             kernel_options=kernel_options,
+            return_aux=lse,
         )
     else:  # eager on purpose (see the module docstring): silence its advice to compile
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            out = flex_attention(
-                padded(q), padded(k), padded(v), score_mod=score_mod, block_mask=plan.block_mask
+            rest, aux = flex_attention(
+                padded(q),
+                padded(k),
+                padded(v),
+                score_mod=score_mod,
+                block_mask=plan.block_mask,
+                return_aux=lse,
             )
-    return out[:, :, :n]
+    # [B, H, N, dh] and [B, H, N]: the padded rows dropped before the self is merged
+    return merge_self(rest[:, :, :n], aux.lse[:, :, :n], self_logit(q, k, kernel, use_qk), v)
