@@ -8,6 +8,7 @@ import torch
 from pipeline.config import load_config
 from pipeline.data.geometry import positions_km
 from pipeline.data.neighbours import hilbert_index, hilbert_order, k_nearest
+from pipeline.kernels import KERNELS
 from pipeline.model import block_attention
 from pipeline.model.attention import GeoAttention
 from pipeline.model.block_attention import (
@@ -83,7 +84,7 @@ def _rel(a, b):
 # CPU: forward pass (eager FlexAttention)
 
 
-@pytest.mark.parametrize("family", ["matern32", "spherical", "rational_quadratic", "none"])
+@pytest.mark.parametrize("family", KERNELS)  # every family, and none
 @pytest.mark.parametrize("anisotropy", [False, True])
 def test_all_blocks_equal_dense_on_cpu(family, anisotropy):
     n = 200  # not a multiple of the block size: the last block is padded
