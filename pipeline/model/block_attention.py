@@ -270,29 +270,15 @@ def block_attention(
 
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     score_mod = _score_mod(kernel, plan, use_qk, dtype)
-    lse = AuxRequest(lse=True)
+    args = (padded(q), padded(k), padded(v))
+    kwargs = dict(score_mod=score_mod, block_mask=plan.block_mask, return_aux=AuxRequest(lse=True))
     if q.device.type == "cuda":
         if kernel_options is None:
             kernel_options = TUNED_KERNEL_OPTIONS.get(dh)
-        rest, aux = _flex()(
-            padded(q),
-            padded(k),
-            padded(v),
-            score_mod=score_mod,
-            block_mask=plan.block_mask,
-            kernel_options=kernel_options,
-            return_aux=lse,
-        )
+        rest, aux = _flex()(*args, **kwargs, kernel_options=kernel_options)
     else:  # eager on purpose (see the module docstring): silence its advice to compile
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            rest, aux = flex_attention(
-                padded(q),
-                padded(k),
-                padded(v),
-                score_mod=score_mod,
-                block_mask=plan.block_mask,
-                return_aux=lse,
-            )
+            rest, aux = flex_attention(*args, **kwargs)
     # [B, H, N, dh] and [B, H, N]: the padded rows dropped before the self is merged
     return merge_self(rest[:, :, :n], aux.lse[:, :, :n], self_logit(q, k, kernel, use_qk), v)
