@@ -116,6 +116,12 @@ class ModelConfig(Section):
     variance of every sensor without an input window (held-out sensors, query points, outages;
     with ``model.variography``): the forecast std grows with the distance to the network, as a
     geostatistician's does. Observed sensors are unchanged."""
+    kriged_inputs: bool = False
+    """Fill every unobserved value of the input window (held-out sensors, query points,
+    outages, ``train.sensor_dropout``, missing readings) by simple kriging from the neighbours
+    observed at that step, under the run's field estimate (``model.variography``; no effect
+    with kernel ``none``); the mask still tells the model which values were kriged, and a
+    sensor without its own observation forecasts as a correction of its kriged last value."""
     qk_residual: bool = True
     """Keep the data-driven <q, k> term; False leaves the kernel prior alone."""
     backend: Literal["dense", "knn", "block"] = "knn"

@@ -115,3 +115,60 @@ def test_the_kriging_variance_is_simple_kriging_under_the_estimate():
     expect = 0.8 - small @ torch.linalg.solve(big, small)
     assert float(kv[0]) == pytest.approx(float(expect), rel=1e-4)
     assert float(kv[11]) == pytest.approx(0.8, rel=1e-5)  # no correlated neighbour: the sill
+
+
+def test_kriged_inputs_are_simple_kriging_of_the_neighbours_observed_at_that_step():
+    """model.kriged_inputs: each unobserved cell gets the textbook simple-kriging estimate from
+    the neighbours observed at its own step (they differ by step); observed cells are
+    untouched; a sensor with no observed neighbour keeps 0 and is not marked filled."""
+    torch.manual_seed(0)
+    vg = FieldVariogram("exponential", 10.0, 0.2, False)
+    pos = torch.cat([torch.rand(12, 2) * 30, torch.zeros(12, 1)], dim=1)  # [N, 3] km
+    pos[11] = torch.tensor([500.0, 500.0, 0.0])  # its neighbours: all far and unobserved
+    neighbours = torch.as_tensor(k_nearest(pos.numpy(), 6)[0])
+    x = torch.randn(2, 3, 12, 1)  # [B, T, N, F]
+    mask = torch.ones_like(x, dtype=torch.bool)
+    mask[:, :, 0] = False  # sensor 0: no window at all
+    mask[1, 2, neighbours[0, 2]] = False  # one of its neighbours missing at one step only
+    mask[:, :, 11] = False
+    for j in neighbours[11, 1:]:
+        mask[:, :, j] = False
+    out, filled = vg.krige(x * mask, mask, pos, neighbours)
+    assert torch.equal(out[mask], x[mask])
+    assert not filled[mask].any() and not filled[:, :, 11].any()
+    assert (out[:, :, 11] == 0).all()
+
+    d = torch.cdist(pos, pos).double()
+    for b, t in [(0, 0), (1, 2)]:
+        near = [int(j) for j in neighbours[0] if j != 0 and mask[b, t, j, 0]]
+        big = torch.where(d[near][:, near] == 0, 1.0, 0.8 * torch.exp(-d[near][:, near] / 10))
+        small = 0.8 * torch.exp(-d[0, near] / 10)
+        expect = small @ torch.linalg.solve(big, x[b, t, near, 0].double())
+        assert bool(filled[b, t, 0, 0])
+        assert float(out[b, t, 0, 0]) == pytest.approx(float(expect), rel=1e-4, abs=1e-6)
+
+
+def test_kriged_inputs_change_the_forecast_only_where_inputs_are_missing():
+    """With model.kriged_inputs a window without gaps forecasts as without it; a sensor without
+    a window forecasts from its kriged last value (so its mean moves with its neighbours')."""
+    torch.manual_seed(0)
+    n = 30
+    pos = torch.cat([torch.rand(n, 2) * 40, torch.zeros(n, 1)], dim=1)
+    neighbours = torch.as_tensor(k_nearest(pos.numpy(), 8)[0])
+    base = ModelConfig(d_model=16, heads=2, layers=1, calendar=False)
+    plain = Forecaster(base, 4, 2, 1, n).eval()
+    kriged = Forecaster(base.model_copy(update={"kriged_inputs": True}), 4, 2, 1, n).eval()
+    kriged.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 4, n, 1)
+    full = torch.ones_like(x, dtype=torch.bool)
+    cal = torch.zeros(1, 4)
+    with torch.no_grad():
+        a, b = plain(x, full, cal, pos, neighbours), kriged(x, full, cal, pos, neighbours)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        gap = full.clone()
+        gap[:, :, 0] = False
+        m0 = kriged(x, gap, cal, pos, neighbours)[0][0, :, 0]
+        m1 = kriged(x + 1.0, gap, cal, pos, neighbours)[0][0, :, 0]
+        m_plain = plain(x + 1.0, gap, cal, pos, neighbours)[0][0, :, 0]
+    assert (m1 - m0).abs().min() > 0.1  # the neighbours' level reaches the unobserved sensor
+    assert not torch.allclose(m_plain, m1)

@@ -176,19 +176,20 @@ def test_sensor_dropout_hides_whole_input_windows_and_keeps_targets(poisoned_sto
         assert next(iter(one_pass))["x_mask"].any(dim=(0, 1, 3)).all()
 
 
-@pytest.mark.parametrize("embedding", [False, True])
-def test_a_query_at_a_held_out_sensor_is_its_held_out_forecast(poisoned_store, tmp_path, embedding):
+@pytest.mark.parametrize("variant", ["plain", "node_embedding", "kriged_inputs"])
+def test_a_query_at_a_held_out_sensor_is_its_held_out_forecast(poisoned_store, tmp_path, variant):
     """Forecast anywhere = forecast a held-out sensor: a query point at a held-out sensor's
     coordinates gets, to float32 tolerance, the forecast the test path makes for that sensor
     (its inputs removed, its statistics and daily profile from seen neighbours), though the
     exported model is asked only for a point. With model.node_embedding too: a sensor without
-    an input window gets the unknown-sensor vector, not its own (untrained) embedding."""
+    an input window gets the unknown-sensor vector, not its own (untrained) embedding. With
+    model.kriged_inputs: its window is kriged from the same neighbours on both paths."""
     from tiny import export_untrained
 
     from pipeline.model.export import Predictor
 
     extra = ["model.daily_profile=true", f"data.holdout_sensors={json.dumps(HELD)}"]
-    extra += [f"model.node_embedding={str(embedding).lower()}"]
+    extra += [] if variant == "plain" else [f"model.{variant}=true"]
     path, model, store = export_untrained(poisoned_store, tmp_path / "model", 2, extra)
     stream = WindowStream(
         store, "test", 6, 3, 1, 8, hops=2, shuffle=False, holdout=HELD, daily_profile=True

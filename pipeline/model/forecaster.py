@@ -156,7 +156,14 @@ class Forecaster(nn.Module):
         """
         b, t, n, f = x.shape
         x = torch.where(mask, x, torch.zeros_like(x))
-        steps = torch.cat([x, mask.to(x.dtype)], dim=-1)  # [B, T, N, 2F]
+        graph = neighbours  # the k-nearest graph (kriging's neighbourhoods)
+        filled, valued = x, mask  # the window with kriged values, where it has a value
+        if self.cfg.kriged_inputs and self.variogram is not None and graph is not None:
+            tgt = self.targets
+            kriged, got = self.variogram.krige(x[..., tgt], mask[..., tgt], pos, graph)
+            filled, valued = x.clone(), mask.clone()
+            filled[..., tgt], valued[..., tgt] = kriged, mask[..., tgt] | got
+        steps = torch.cat([filled, mask.to(x.dtype)], dim=-1)  # [B, T, N, 2F]
         tokens = steps.permute(0, 2, 1, 3).reshape(b, n, t * 2 * f)  # [B, N, T * 2F]
         if self.cfg.daily_profile:
             if profile is None:
@@ -183,7 +190,6 @@ class Forecaster(nn.Module):
             tgt = self.targets
             self.variogram.observe(x[..., tgt], mask[..., tgt], pos, neighbours)
             self.variogram_loss = self.variogram.loss()
-        graph = neighbours  # the k-nearest graph (the kriging variance's neighbourhoods)
         if self.cfg.backend == "block":  # one block structure for every layer
             neighbours = block_plan(pos, observed, self.cfg.block_size, self.cfg.key_blocks)
         for layer in self.layers:
@@ -193,7 +199,7 @@ class Forecaster(nn.Module):
                 h = layer(h, pos, observed, neighbours)
         out = self.head(self.norm(h)).view(b, n, self.horizon, self.features, 2)  # [B,N,H,F_t,2]
         out = out.permute(0, 2, 1, 3, 4)  # [B, H, N, F_t, 2]
-        last = _last_observed(x, mask)[..., self.targets]  # [B, N, F_t]
+        last = _last_observed(filled, valued)[..., self.targets]  # [B, N, F_t]
         mean = last[:, None] + out[..., 0]
         std = F.softplus(out[..., 1]) + 1e-3
         if self.cfg.kriging_variance and self.variogram is not None and graph is not None:

@@ -37,6 +37,8 @@ BINS = 24  # distance classes
 SECTORS = 4  # axial direction classes (45 degrees each) of an anisotropic fit
 SHIFTS = 48  # partners per sensor beyond its neighbours: a geometric series of index shifts
 MIN_COUNT = 30  # pair samples a bin needs before it enters the fit
+KRIGE_NEIGHBOURS = 16  # nearest observed neighbours of a kriged input value (model.kriged_inputs)
+KRIGE_CHUNK = 2**16  # kriged cells per batched solve (memory: chunk * k^2 floats)
 SCALE = 1e-3
 """Factor of the misfit in the training loss: Adam's steps do not depend on it, and it keeps
 the term's gradient out of the global gradient norm that ``train.grad_clip`` clips (the
@@ -172,18 +174,55 @@ class FieldVariogram(nn.Module):
         near = neighbours.to(observed.device).long()[i_idx]  # [U, k]
         safe = near.clamp_min(0)
         valid = (near >= 0) & (near != i_idx[:, None]) & observed[b_idx[:, None], safe]
-        p = pos.float()[safe]  # [U, k, 3]
-        to_query = self._covariance(p - pos.float()[i_idx][:, None])  # [U, k]
+        weights, to_query = self._weights(pos, i_idx, safe, valid)  # [U, k] each
+        kriged = (1 - (weights * to_query).sum(-1)).clamp(0, 1)  # [U]
+        out[b_idx, i_idx] = kriged * self.sill.float().clamp_min(0)
+        return out
+
+    @torch.no_grad()
+    def krige(
+        self, x: Tensor, mask: Tensor, pos: Tensor, neighbours: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Every unobserved value of the window filled by simple kriging (model.kriged_inputs).
+
+        x, mask [B, T, N, F] (normalised targets; zero mean per sensor, so simple kriging),
+        pos [N, 3] km, neighbours [N, k] (itself first, -1 outside a tile). A cell (b, t, n, f)
+        with ``mask`` False gets sum_j w_j x[b, t, j, f] over the first ``KRIGE_NEIGHBOURS``
+        of n's neighbours observed at that step and feature, w = K^-1 k under the estimated
+        covariance (as :meth:`kriging_variance`). Returns the filled x and ``filled`` [B, T,
+        N, F] (True where a value was kriged: some neighbour observed); cells without an
+        observed neighbour stay 0. Observed cells are returned unchanged."""
+        n = x.shape[2]
+        near = neighbours.to(x.device).long()[:, : KRIGE_NEIGHBOURS + 1]  # [N, k']
+        usable = (near >= 0) & (near != torch.arange(n, device=x.device)[:, None])  # not itself
+        safe = near.clamp_min(0)
+        out, filled = x.clone(), torch.zeros_like(mask)
+        cells = (~mask).nonzero()  # [U, 4]: b, t, n, f
+        for c0 in range(0, len(cells), KRIGE_CHUNK):
+            b, t, i, f = cells[c0 : c0 + KRIGE_CHUNK].unbind(1)  # [u] each
+            nb = safe[i]  # [u, k']
+            valid = usable[i] & mask[b[:, None], t[:, None], nb, f[:, None]]  # [u, k']
+            weights, _ = self._weights(pos, i, nb, valid)
+            values = x[b[:, None], t[:, None], nb, f[:, None]].float()  # [u, k']
+            some = valid.any(-1)
+            kriged = torch.where(some, (weights * values * valid).sum(-1), 0.0)
+            out[b, t, i, f] = kriged.to(out.dtype)
+            filled[b, t, i, f] = some
+        return out, filled
+
+    def _weights(
+        self, pos: Tensor, query: Tensor, near: Tensor, valid: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Simple-kriging weights K^-1 k [U, k] of the sensors ``near`` [U, k] for the sensors
+        ``query`` [U] from the neighbours marked ``valid`` [U, k] (the others get 0), and k."""
+        p = pos.float()[near]  # [U, k, 3]
+        to_query = self._covariance(p - pos.float()[query][:, None]) * valid  # [U, k]
         between = self._covariance(p[:, :, None] - p[:, None, :])  # [U, k, k]
         both = valid[:, :, None] & valid[:, None, :]
         eye = torch.eye(near.shape[1], dtype=torch.bool, device=near.device)
         between = torch.where(eye, torch.ones_like(between), between * both)
-        to_query = to_query * valid
         chol = torch.linalg.cholesky(between + 1e-6 * eye)
-        weights = torch.cholesky_solve(to_query[..., None], chol)[..., 0]  # [U, k]
-        kriged = (1 - (weights * to_query).sum(-1)).clamp(0, 1)  # [U]
-        out[b_idx, i_idx] = kriged * self.sill.float().clamp_min(0)
-        return out
+        return torch.cholesky_solve(to_query[..., None], chol)[..., 0], to_query
 
     def _covariance(self, offset: Tensor) -> Tensor:
         """(1 - tau) rho(d / range) of offsets [..., 3] km (tau, the nugget fraction)."""
