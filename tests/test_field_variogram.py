@@ -172,3 +172,24 @@ def test_kriged_inputs_change_the_forecast_only_where_inputs_are_missing():
         m_plain = plain(x + 1.0, gap, cal, pos, neighbours)[0][0, :, 0]
     assert (m1 - m0).abs().min() > 0.1  # the neighbours' level reaches the unobserved sensor
     assert not torch.allclose(m_plain, m1)
+
+
+def test_kriging_deep_inside_an_outage_reaches_the_nearest_observed_neighbours():
+    """Where the nearest neighbours are all missing, the fill uses the 16 nearest observed
+    ones of the graph further out (textbook simple kriging over exactly those)."""
+    torch.manual_seed(1)
+    vg = FieldVariogram("exponential", 20.0, 0.1, False)
+    n = 40
+    pos = torch.cat([torch.rand(n, 2) * 50, torch.zeros(n, 1)], dim=1)  # [N, 3] km
+    neighbours = torch.as_tensor(k_nearest(pos.numpy(), 30)[0])
+    x = torch.randn(1, 1, n, 1)
+    mask = torch.ones_like(x, dtype=torch.bool)
+    mask[0, 0, neighbours[0, :8]] = False  # sensor 0 and its 7 nearest
+    out, filled = vg.krige(x * mask, mask, pos, neighbours)
+    near = [int(j) for j in neighbours[0, 8:24]]  # the 16 nearest observed
+    d = torch.cdist(pos.double(), pos.double())
+    big = torch.where(torch.eye(16, dtype=torch.bool), 1.0, 0.9 * torch.exp(-d[near][:, near] / 20))
+    small = 0.9 * torch.exp(-d[0, near] / 20)
+    expect = small @ torch.linalg.solve(big, x[0, 0, near, 0].double())
+    assert bool(filled[0, 0, 0, 0])
+    assert float(out[0, 0, 0, 0]) == pytest.approx(float(expect), rel=1e-4, abs=1e-6)

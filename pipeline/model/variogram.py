@@ -37,7 +37,7 @@ BINS = 24  # distance classes
 SECTORS = 4  # axial direction classes (45 degrees each) of an anisotropic fit
 SHIFTS = 48  # partners per sensor beyond its neighbours: a geometric series of index shifts
 MIN_COUNT = 30  # pair samples a bin needs before it enters the fit
-KRIGE_NEIGHBOURS = 16  # nearest observed neighbours of a kriged input value (model.kriged_inputs)
+KRIGE_NEIGHBOURS = 16  # nearest observed neighbours of a kriged input (model.kriged_inputs)
 KRIGE_CHUNK = 2**16  # kriged cells per batched solve (memory: chunk * k^2 floats)
 SCALE = 1e-3
 """Factor of the misfit in the training loss: Adam's steps do not depend on it, and it keeps
@@ -187,21 +187,25 @@ class FieldVariogram(nn.Module):
 
         x, mask [B, T, N, F] (normalised targets; zero mean per sensor, so simple kriging),
         pos [N, 3] km, neighbours [N, k] (itself first, -1 outside a tile). A cell (b, t, n, f)
-        with ``mask`` False gets sum_j w_j x[b, t, j, f] over the first ``KRIGE_NEIGHBOURS``
-        of n's neighbours observed at that step and feature, w = K^-1 k under the estimated
+        with ``mask`` False gets sum_j w_j x[b, t, j, f] over the ``KRIGE_NEIGHBOURS`` nearest
+        of n's neighbours observed at that step and feature (so deep inside an outage the
+        nearest observed ones further out), w = K^-1 k under the estimated
         covariance (as :meth:`kriging_variance`). Returns the filled x and ``filled`` [B, T,
         N, F] (True where a value was kriged: some neighbour observed); cells without an
         observed neighbour stay 0. Observed cells are returned unchanged."""
         n = x.shape[2]
-        near = neighbours.to(x.device).long()[:, : KRIGE_NEIGHBOURS + 1]  # [N, k']
+        near = neighbours.to(x.device).long()  # [N, k], nearest first
         usable = (near >= 0) & (near != torch.arange(n, device=x.device)[:, None])  # not itself
         safe = near.clamp_min(0)
+        keep = min(KRIGE_NEIGHBOURS, near.shape[1])
         out, filled = x.clone(), torch.zeros_like(mask)
         cells = (~mask).nonzero()  # [U, 4]: b, t, n, f
         for c0 in range(0, len(cells), KRIGE_CHUNK):
             b, t, i, f = cells[c0 : c0 + KRIGE_CHUNK].unbind(1)  # [u] each
-            nb = safe[i]  # [u, k']
-            valid = usable[i] & mask[b[:, None], t[:, None], nb, f[:, None]]  # [u, k']
+            seen = usable[i] & mask[b[:, None], t[:, None], safe[i], f[:, None]]  # [u, k]
+            # the nearest ``keep`` observed neighbours, in distance order
+            first = torch.argsort((~seen).to(torch.int8), dim=1, stable=True)[:, :keep]
+            nb, valid = safe[i].gather(1, first), seen.gather(1, first)  # [u, keep]
             weights, _ = self._weights(pos, i, nb, valid)
             values = x[b[:, None], t[:, None], nb, f[:, None]].float()  # [u, k']
             some = valid.any(-1)
