@@ -203,10 +203,17 @@ class FieldVariogram(nn.Module):
         for c0 in range(0, len(cells), KRIGE_CHUNK):
             b, t, i, f = cells[c0 : c0 + KRIGE_CHUNK].unbind(1)  # [u] each
             seen = usable[i] & mask[b[:, None], t[:, None], safe[i], f[:, None]]  # [u, k]
+            # one solve per distinct (sensor, observed neighbours): whole windows missing
+            # repeat one pattern over every step
+            inverse = _group(i, seen)  # [u] group of each cell
+            one = torch.zeros(int(inverse.max()) + 1, dtype=torch.long, device=x.device)
+            one = one.scatter_(0, inverse, torch.arange(len(i), device=x.device))  # a member
+            di, dseen = i[one], seen[one]
             # the nearest ``keep`` observed neighbours, in distance order
-            first = torch.argsort((~seen).to(torch.int8), dim=1, stable=True)[:, :keep]
-            nb, valid = safe[i].gather(1, first), seen.gather(1, first)  # [u, keep]
-            weights, _ = self._weights(pos, i, nb, valid)
+            first = torch.argsort((~dseen).to(torch.int8), dim=1, stable=True)[:, :keep]
+            dnb, dvalid = safe[di].gather(1, first), dseen.gather(1, first)  # [distinct, keep]
+            dweights, _ = self._weights(pos, di, dnb, dvalid)
+            nb, valid, weights = dnb[inverse], dvalid[inverse], dweights[inverse]  # [u, keep]
             values = x[b[:, None], t[:, None], nb, f[:, None]].float()  # [u, k']
             some = valid.any(-1)
             kriged = torch.where(some, (weights * values * valid).sum(-1), 0.0)
@@ -239,6 +246,17 @@ class FieldVariogram(nn.Module):
         ``angle_deg`` and ``axis_ratio`` (of the major axis)."""
         out = {key: values[0] for key, values in self.kernel.describe().items()}
         return {**out, "nugget": float(self.nugget)}
+
+
+def _group(sensor: Tensor, seen: Tensor) -> Tensor:
+    """Group ids [u] of the rows of (``sensor`` [u], ``seen`` [u, k] bool) that are equal, by
+    1-D uniques over 31-bit words of ``seen`` (much faster than a unique over rows)."""
+    group = torch.unique(sensor, return_inverse=True)[1]
+    bits = 1 << torch.arange(31, device=seen.device)
+    for w0 in range(0, seen.shape[1], 31):
+        word = (seen[:, w0 : w0 + 31].long() * bits[: min(31, seen.shape[1] - w0)]).sum(1)
+        group = torch.unique((group << 31) | word, return_inverse=True)[1]
+    return group
 
 
 def _linear_fit(weight: Tensor, rise: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor]:
