@@ -18,35 +18,20 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-PATHS = {"gathered": 0, "masked": 2**62}  # MASKED_SCORES: never / always all pairs
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-CHILD = """
-import runpy, sys
-from pipeline.model import attention
-attention.MASKED_SCORES = int(sys.argv[1])
-sys.argv = ["launch/train.py", *sys.argv[2:]]
-runpy.run_path("launch/train.py", run_name="__main__")
-"""
+from benchmarks.step_runs import train_steps  # noqa: E402
+
+PATHS = {"gathered": 0, "masked": 2**62}  # MASKED_SCORES: never / always all pairs
 
 
 def measure(config: str, path: str, steps: int, out: Path, threads: int) -> dict:
-    run = f"knn-{path}"
-    cmd = [sys.executable, "-c", CHILD, str(PATHS[path]), "--config", config, f"name={run}"]
-    cmd += [f"train.out_dir={out}", f"train.steps={steps}", f"train.eval_every={steps}"]
-    cmd += [f"train.checkpoint_every={steps}", "train.resume=never", "tracking.enabled=false"]
-    cmd += ["train.oracle=false", "train.fitted_gp=false", "model.backend=knn"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MLFLOW_DISABLE_TELEMETRY": "true"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{path} failed:\n{proc.stderr[-3000:]}")
-    timing = json.loads((out / run / "metrics.json").read_text())["timing"]
-    return {"step_s": timing["step_s"], "samples_per_s": timing["samples_per_s"]}
+    patch = ("pipeline.model.attention", "MASKED_SCORES", PATHS[path])
+    return train_steps(config, f"knn-{path}", steps, out, threads, ["model.backend=knn"], patch)
 
 
 def main() -> None:

@@ -18,38 +18,21 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-HELD_OUT = ["data.holdout_sensors=0.2", "train.sensor_dropout=0.2"]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-CHILD = """
-import resource, runpy, sys
-sys.argv = ["launch/train.py", *sys.argv[1:]]
-try:
-    runpy.run_path("launch/train.py", run_name="__main__")
-finally:
-    print("PEAK_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
-"""
+from benchmarks.step_runs import train_steps  # noqa: E402
+
+HELD_OUT = ["data.holdout_sensors=0.2", "train.sensor_dropout=0.2"]
 
 
 def measure(config: str, kriged: bool, steps: int, out: Path, threads: int) -> dict:
-    run = f"kriged-{str(kriged).lower()}"
-    cmd = [sys.executable, "-c", CHILD, "--config", config, f"name={run}"]
-    cmd += [f"train.out_dir={out}", f"train.steps={steps}", f"train.eval_every={steps}"]
-    cmd += [f"train.checkpoint_every={steps}", "train.resume=never", "tracking.enabled=false"]
-    cmd += ["train.oracle=false", "train.fitted_gp=false", *HELD_OUT]
-    cmd += [f"model.kriged_inputs={str(kriged).lower()}"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MLFLOW_DISABLE_TELEMETRY": "true"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{run} failed:\n{proc.stderr[-3000:]}")
-    peak_kb = [int(line.split()[1]) for line in proc.stderr.splitlines() if "PEAK_KB" in line]
-    timing = json.loads((out / run / "metrics.json").read_text())["timing"]
-    return {"step_s": timing["step_s"], "peak_mb": peak_kb[-1] / 1024}
+    flag = str(kriged).lower()
+    overrides = [*HELD_OUT, f"model.kriged_inputs={flag}"]
+    return train_steps(config, f"kriged-{flag}", steps, out, threads, overrides)
 
 
 def main() -> None:
