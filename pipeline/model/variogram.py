@@ -16,7 +16,9 @@ a geometric series of shifts away in the batch's sensor order, binned by distanc
 anisotropic, by axial direction). The term's gradient reaches these parameters only (and is
 scaled to stay out of the clipped gradient norm), so the forecast at observed sensors is
 unchanged by it; at sensors without an input window the estimate's kriging variance widens the
-forecast (:meth:`FieldVariogram.kriging_variance`, ``model.kriging_variance``).
+forecast (:meth:`FieldVariogram.kriging_variance`, ``model.kriging_variance``), and with
+``model.kriged_inputs`` its simple-kriging estimate fills the unobserved input values
+(:meth:`FieldVariogram.krige`).
 
 The statistics are not part of the state: a resumed run accumulates them afresh (the fitted
 parameters are restored). Bins are set on the first batch: equal-count distance classes up to
@@ -214,7 +216,7 @@ class FieldVariogram(nn.Module):
             dnb, dvalid = safe[di].gather(1, first), dseen.gather(1, first)  # [distinct, keep]
             dweights, _ = self._weights(pos, di, dnb, dvalid)
             nb, valid, weights = dnb[inverse], dvalid[inverse], dweights[inverse]  # [u, keep]
-            values = x[b[:, None], t[:, None], nb, f[:, None]].float()  # [u, k']
+            values = x[b[:, None], t[:, None], nb, f[:, None]].float()  # [u, keep]
             some = valid.any(-1)
             kriged = torch.where(some, (weights * values * valid).sum(-1), 0.0)
             out[b, t, i, f] = kriged.to(out.dtype)
