@@ -1,14 +1,18 @@
-"""One training job in its own process, for the benchmarks that compare variants of a training
-step (benchmarks/knn_step.py, benchmarks/kriged_step.py): the config trained for a few steps
-(one validation, tracking, the oracle and the fitted GP off), then its timing and the
-process's peak resident memory."""
+"""Two variants of a training step, measured in the same run (benchmarks/knn_step.py,
+benchmarks/kriged_step.py): each trains the config for a few steps in its own process (one
+validation, tracking, the oracle and the fitted GP off); its timing and the process's peak
+resident memory."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import platform
+import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,3 +59,50 @@ def train_steps(
         "samples_per_s": timing["samples_per_s"],
         "peak_mb": peak_kb[-1] / 1024,
     }
+
+
+def compare(description: str, variants: dict[str, dict], label: str = "") -> None:
+    """The command line of a step benchmark: each of ``variants`` (name -> keyword arguments
+    of :func:`train_steps` beyond the config and budget: ``overrides``, ``patch``) trained in
+    its own process, alternating over ``--repeats`` because the machine is shared; prints and
+    (``--json``) writes the medians of seconds per step and peak memory, and the ratios of the
+    second variant to the first."""
+    parser = argparse.ArgumentParser(description=description.strip().splitlines()[0])
+    parser.add_argument("--config", default="configs/los_loop.yaml")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    rows: dict[str, list[dict]] = {name: [] for name in variants}
+    with tempfile.TemporaryDirectory(prefix="sit-step-") as tmp:
+        for _ in range(args.repeats):
+            for name, kw in variants.items():
+                run = train_steps(
+                    args.config, f"step-{name}", args.steps, Path(tmp), args.threads, **kw
+                )
+                rows[name].append(run)
+                print(name, run, flush=True)
+    median = {
+        k: {name: statistics.median(r[k] for r in rs) for name, rs in rows.items()}
+        for k in ("step_s", "peak_mb")
+    }
+    base, other = list(variants)
+    ratio = {k: v[other] / v[base] for k, v in median.items()}
+    result = {
+        "config": args.config,
+        "steps": args.steps,
+        "threads": args.threads,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "runs": rows,
+        "median": median,
+        f"{other}_over_{base}": ratio,
+    }
+    step, peak = median["step_s"], median["peak_mb"]
+    print(
+        f"{args.config}{label}: s/step {base} {step[base]:.4f}, {other} {step[other]:.4f} "
+        f"({ratio['step_s']:.2f}x); peak MB {base} {peak[base]:.0f}, {other} {peak[other]:.0f} "
+        f"({ratio['peak_mb']:.2f}x); median of {args.repeats}"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
