@@ -13,6 +13,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,19 +62,29 @@ def train_steps(
     }
 
 
-def compare(description: str, variants: dict[str, dict], label: str = "") -> None:
+def compare(
+    description: str,
+    variants: dict[str, dict] | Callable[[argparse.Namespace], dict[str, dict]],
+    label: str = "",
+    options: dict[str, dict] | None = None,
+) -> None:
     """The command line of a step benchmark: each of ``variants`` (name -> keyword arguments
-    of :func:`train_steps` beyond the config and budget: ``overrides``, ``patch``) trained in
-    its own process, alternating over ``--repeats`` because the machine is shared; prints and
-    (``--json``) writes the medians of seconds per step and peak memory, and the ratios of the
-    second variant to the first."""
+    of :func:`train_steps` beyond the config and budget: ``overrides``, ``patch``; or a function
+    of the parsed command line that gives them) trained in its own process, alternating over
+    ``--repeats`` because the machine is shared; prints and (``--json``) writes the medians of
+    seconds per step and peak memory, and the ratios of the second variant to the first.
+    ``options``: the benchmark's own arguments (flag -> keyword arguments of add_argument)."""
     parser = argparse.ArgumentParser(description=description.strip().splitlines()[0])
     parser.add_argument("--config", default="configs/los_loop.yaml")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None)
+    for flag, kw in (options or {}).items():
+        parser.add_argument(flag, **kw)
     args = parser.parse_args()
+    if callable(variants):
+        variants = variants(args)
     rows: dict[str, list[dict]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory(prefix="sit-step-") as tmp:
         for _ in range(args.repeats):
@@ -94,6 +105,7 @@ def compare(description: str, variants: dict[str, dict], label: str = "") -> Non
         "steps": args.steps,
         "threads": args.threads,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "variants": variants,
         "runs": rows,
         "median": median,
         f"{other}_over_{base}": ratio,

@@ -122,6 +122,11 @@ class ModelConfig(Section):
     observed at that step, under the run's field estimate (``model.variography``; no effect
     with kernel ``none``); the mask still tells the model which values were kriged, and a
     sensor without its own observation forecasts as a correction of its kriged last value."""
+    kriged_smoothing: bool = False
+    """Give the model, beside its window, the simple-kriging estimate of the field without its
+    nugget at every sensor and step (from its own value and its nearest observed neighbours,
+    under the run's field estimate; as ``kriged_inputs``), and forecast as a correction of its
+    last one instead of the last observed value."""
     qk_residual: bool = True
     """Keep the data-driven <q, k> term; False leaves the kernel prior alone."""
     backend: Literal["dense", "knn", "block"] = "knn"
@@ -192,6 +197,11 @@ class TrainConfig(Section):
     """Share of the sensors of each training batch whose whole input window is hidden (their
     targets kept), so that the model learns to forecast a sensor from its neighbours alone:
     what it must do for held-out sensors (data.holdout_sensors) and long outages."""
+    val_hidden: float = Field(0.0, ge=0, lt=1)
+    """Share of the seen sensors whose input windows validation hides (targets kept, also in
+    the pooled metrics; the same sensors in every run, a hash of their ids) and scores apart as
+    ``val_hidden_<metric>``: forecasts from the neighbours alone, as for held-out sensors and
+    query points (``train.monitor: hidden_mae`` follows it). 0: none."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay (not applied to kernel parameters, biases and norms)."""
     warmup_steps: int = Field(20, ge=0)
@@ -236,9 +246,10 @@ class TrainConfig(Section):
     patience: int | None = Field(None, ge=1)
     """Early stopping: validations without improvement of ``monitor`` before stopping (None:
     never)."""
-    monitor: Literal["mae", "crps", "loss"] = "mae"
+    monitor: Literal["mae", "crps", "loss", "hidden_mae", "hidden_crps"] = "mae"
     """The validation metric that early stopping and the best weights follow (lower is
-    better): the pooled MAE, CRPS, or the training loss on the validation split."""
+    better): the pooled MAE, CRPS, the training loss on the validation split, or the MAE or
+    CRPS at the sensors whose windows it hides (``train.val_hidden``)."""
     restore_best: bool = True
     """Test and export the weights of the best validation (``monitor``), not the last step's
     (they are kept beside the checkpoints, ``checkpoints/best.pt``, and survive a resume)."""
@@ -253,6 +264,15 @@ class TrainConfig(Section):
     """Outputs go to ``<out_dir>/<name>/`` (checkpoints, metrics.json, the exported model)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train (``auto``: CUDA when available)."""
+
+    @model_validator(mode="after")
+    def _monitor(self) -> TrainConfig:
+        if self.monitor.startswith("hidden_") and not self.val_hidden:
+            raise ValueError(
+                f"train.monitor={self.monitor} follows the sensors whose windows validation "
+                "hides: set train.val_hidden (e.g. 0.2), or monitor mae"
+            )
+        return self
 
 
 class TrackingConfig(Section):

@@ -193,3 +193,54 @@ def test_kriging_deep_inside_an_outage_reaches_the_nearest_observed_neighbours()
     expect = small @ torch.linalg.solve(big, x[0, 0, near, 0].double())
     assert bool(filled[0, 0, 0, 0])
     assert float(out[0, 0, 0, 0]) == pytest.approx(float(expect), rel=1e-4, abs=1e-6)
+
+
+def test_kriged_smoothing_is_simple_kriging_of_the_noise_free_field():
+    """model.kriged_smoothing: every cell gets the textbook simple-kriging estimate of the field
+    without its nugget from its own observation and its nearest observed neighbours (unobserved
+    cells: from the neighbours alone); no nugget leaves the observations as they are."""
+    torch.manual_seed(2)
+    vg = FieldVariogram("exponential", 10.0, 0.2, False)
+    pos = torch.cat([torch.rand(12, 2) * 30, torch.zeros(12, 1)], dim=1)  # [N, 3] km
+    neighbours = torch.as_tensor(k_nearest(pos.numpy(), 6)[0])
+    x = torch.randn(2, 3, 12, 1)  # [B, T, N, F]
+    mask = torch.ones_like(x, dtype=torch.bool)
+    mask[1, 2, 0] = False  # sensor 0 unobserved at one step
+    mask[1, 2, neighbours[0, 3]] = False  # and one of its neighbours with it
+    out, filled = vg.krige(x * mask, mask, pos, neighbours, smooth=True)
+    assert filled.all()
+    d = torch.cdist(pos, pos).double()
+    for b, t in [(0, 0), (1, 2)]:
+        near = [int(j) for j in neighbours[0] if mask[b, t, j, 0]]  # itself first if observed
+        big = torch.where(d[near][:, near] == 0, 1.0, 0.8 * torch.exp(-d[near][:, near] / 10))
+        small = 0.8 * torch.exp(-d[0, near] / 10)
+        expect = small @ torch.linalg.solve(big, x[b, t, near, 0].double())
+        assert float(out[b, t, 0, 0]) == pytest.approx(float(expect), rel=1e-4, abs=1e-6)
+    assert not torch.allclose(out[mask], x[mask])  # the nugget shrunk away
+    vg.nugget.fill_(0.0)
+    clean, _ = vg.krige(x * mask, mask, pos, neighbours, smooth=True)
+    assert torch.allclose(clean[mask], x[mask], atol=1e-3)
+
+
+def test_kriged_smoothing_forecasts_from_the_smoothed_last_value():
+    """A model with model.kriged_smoothing reads the smoothed window and forecasts as a
+    correction of its last smoothed value: with the network's weights zeroed, the mean is that
+    value; it needs the neighbour graph."""
+    torch.manual_seed(0)
+    n = 20
+    pos = torch.cat([torch.rand(n, 2) * 40, torch.zeros(n, 1)], dim=1)
+    neighbours = torch.as_tensor(k_nearest(pos.numpy(), 8)[0])
+    cfg = ModelConfig(d_model=16, heads=2, layers=1, calendar=False, kriged_smoothing=True)
+    model = Forecaster(cfg, 4, 2, 1, n).eval()
+    assert model.embed.in_features == 4 * 2 + 4  # the window, its mask, the smoothed window
+    torch.nn.init.zeros_(model.head.weight)
+    torch.nn.init.zeros_(model.head.bias)
+    x = torch.randn(1, 4, n, 1)
+    mask = torch.ones_like(x, dtype=torch.bool)
+    smoothed, _ = model.variogram.krige(x, mask, pos, neighbours, smooth=True)
+    with torch.no_grad():
+        mean, _ = model(x, mask, torch.zeros(1, 4), pos, neighbours)
+        assert torch.allclose(mean[0], smoothed[0, -1][None].expand(2, n, 1))
+        assert not torch.allclose(mean[0, 0], x[0, -1])
+        with pytest.raises(ValueError, match="kriged_smoothing needs the neighbour graph"):
+            model(x, mask, torch.zeros(1, 4), pos, None)

@@ -137,11 +137,17 @@ def test_training_with_held_out_sensors_reports_them_apart(poisoned_store, tmp_p
             "train.eval_every=8",
             "train.checkpoint_every=8",
             f"data.holdout_sensors=[{', '.join(HELD)}]",
+            "train.val_hidden=0.25",
+            "train.monitor=hidden_mae",
         ],
     )
     out = run_train(args)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     m = json.loads((tmp_path / "holdout" / "metrics.json").read_text())
+    # validation scores its own hidden sensors apart, and the best weights follow them
+    rows = m["validation"]
+    assert all(r["val_hidden_mae"] != r["val_mae"] for r in rows)
+    assert m["monitor"]["best"] == min(r["val_hidden_mae"] for r in rows)
     assert max(loss for _, loss in m["train_loss"]) < 10
     test = m["test"]
     assert test["unseen"]["sensors"] == len(HELD) and test["seen"]["sensors"] == N - len(HELD)
@@ -176,14 +182,44 @@ def test_sensor_dropout_hides_whole_input_windows_and_keeps_targets(poisoned_sto
         assert next(iter(one_pass))["x_mask"].any(dim=(0, 1, 3)).all()
 
 
-@pytest.mark.parametrize("variant", ["plain", "node_embedding", "kriged_inputs"])
+def test_validation_hides_a_fixed_share_of_the_seen_sensors_windows(poisoned_store):
+    """train.val_hidden: every validation batch hides the input windows of the same seen
+    sensors (never held-out ones; the same for every seed), keeps their targets and marks
+    them; training and test batches are untouched; monitoring them needs the share."""
+    ids = open_store(poisoned_store)["sensor_id"][:]
+    val = _stream(poisoned_store, "val", val_hidden=0.3)
+    probe = val.val_hidden
+    assert 0.1 < probe.mean() < 0.5 and not (probe & val.hidden).any()
+    other = _stream(poisoned_store, "val", val_hidden=0.3, seed=5)
+    assert np.array_equal(other.val_hidden, probe)
+    for _, batch in zip(range(len(val.shard_batches(0, 0, 1))), val, strict=False):
+        hidden = batch["val_hidden"]
+        assert torch.equal(hidden, torch.from_numpy(probe[batch["nodes"]]))
+        assert not batch["x_mask"][:, :, hidden].any()
+        assert batch["y_mask"][:, :, hidden].all()
+        seen = ~hidden & ~batch["hidden"]
+        assert batch["x_mask"][:, :, seen].all()
+    for split in ("train", "test"):
+        stream = _stream(poisoned_store, split, val_hidden=0.3)
+        assert stream.val_hidden is None and "val_hidden" not in next(iter(stream))
+    assert sorted(ids[probe]) != sorted(HELD)
+    from pipeline.config import load_config
+
+    with pytest.raises(ConfigError, match="train.val_hidden"):
+        load_config(None, ["train.monitor=hidden_mae"])
+
+
+@pytest.mark.parametrize(
+    "variant", ["plain", "node_embedding", "kriged_inputs", "kriged_smoothing"]
+)
 def test_a_query_at_a_held_out_sensor_is_its_held_out_forecast(poisoned_store, tmp_path, variant):
     """Forecast anywhere = forecast a held-out sensor: a query point at a held-out sensor's
     coordinates gets, to float32 tolerance, the forecast the test path makes for that sensor
     (its inputs removed, its statistics and daily profile from seen neighbours), though the
     exported model is asked only for a point. With model.node_embedding too: a sensor without
     an input window gets the unknown-sensor vector, not its own (untrained) embedding. With
-    model.kriged_inputs: its window is kriged from the same neighbours on both paths."""
+    model.kriged_inputs (and model.kriged_smoothing): its window is kriged from the same
+    neighbours on both paths."""
     from tiny import export_untrained
 
     from pipeline.model.export import Predictor

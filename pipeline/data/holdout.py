@@ -1,7 +1,8 @@
 """The spatial split and its training aid: which sensors are held out of training
 (``data.holdout_sensors``), their normalisation and daily profile taken from seen neighbours,
-their values removed from batches, and ``train.sensor_dropout`` (whole input windows hidden so
-that the model learns to forecast a sensor from its neighbours)."""
+their values removed from batches, ``train.sensor_dropout`` (whole input windows hidden so
+that the model learns to forecast a sensor from its neighbours) and ``train.val_hidden`` (seen
+sensors whose windows validation hides, to score that)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,7 @@ def holdout_nodes(sensor_ids: np.ndarray, spec: float | list[str] | None, where:
         return None
     ids = [str(s) for s in sensor_ids]
     if isinstance(spec, float):
-        digest = [hashlib.blake2b(s.encode(), digest_size=8).digest() for s in ids]
-        hidden = np.array([int.from_bytes(d, "big") / 2.0**64 < spec for d in digest])
+        hidden = _uniform(ids) < spec
     else:
         unknown = sorted(set(spec) - set(ids))
         if unknown:
@@ -37,6 +37,29 @@ def holdout_nodes(sensor_ids: np.ndarray, spec: float | list[str] | None, where:
             f"sensors of {where}: keep at least one sensor on each side"
         )
     return hidden
+
+
+def validation_hidden(sensor_ids: np.ndarray, share: float, held_out: np.ndarray | None):
+    """The seen sensors whose input windows validation hides (``train.val_hidden``) as a mask
+    over ``sensor_ids`` [N], or None for a share of 0: those whose id hashes (salted apart from
+    the held-out split's) below ``share``, the same in every run and for every model."""
+    if share <= 0:
+        return None
+    hidden = _uniform([str(s) for s in sensor_ids], salt="val_hidden/") < share
+    if held_out is not None:
+        hidden &= ~held_out
+    if not hidden.any():
+        raise ConfigError(
+            f"train.val_hidden = {share} hides none of the {len(sensor_ids)} sensors' windows "
+            "in validation: raise it, or set 0"
+        )
+    return hidden
+
+
+def _uniform(ids: list[str], salt: str = "") -> np.ndarray:
+    """A number in [0, 1) per sensor id [N], a hash of (salt, id): the same in every run."""
+    digest = [hashlib.blake2b((salt + s).encode(), digest_size=8).digest() for s in ids]
+    return np.array([int.from_bytes(d, "big") / 2.0**64 for d in digest])
 
 
 def from_neighbours(a: np.ndarray, neighbours: np.ndarray, hidden: np.ndarray) -> np.ndarray:

@@ -42,6 +42,7 @@ from pipeline.data.holdout import (
     hide_sensors,
     holdout_nodes,
     unseen_statistics,
+    validation_hidden,
 )
 from pipeline.data.profile import daily_profile as daily_profile_of
 from pipeline.data.profile import levels_at, step_ns
@@ -219,9 +220,12 @@ class WindowStream(torch.utils.data.IterableDataset):
         sensor_dropout: float = 0.0,
         daily_profile: bool = False,
         target: list[str] | None = None,
+        val_hidden: float = 0.0,
     ) -> None:
         """``daily_profile``: batches carry each target's daily-profile level (``profile``,
-        pipeline/data/profile.py; model.daily_profile); ``target``: data.target."""
+        pipeline/data/profile.py; model.daily_profile); ``target``: data.target;
+        ``val_hidden``: train.val_hidden (the validation split's batches then carry
+        ``val_hidden`` [n] bool, the sensors whose input windows they hide)."""
         super().__init__()
         st = store if isinstance(store, Store) else open_store(store)
         self.store, self.path, self.split, self.batch_size = st, st.path, split, batch_size
@@ -256,6 +260,9 @@ class WindowStream(torch.utils.data.IterableDataset):
             self.mean, self.std = unseen_statistics(
                 self.mean, self.std, st["neighbours"][:], self.hidden
             )
+        self.val_hidden = None  # validation only: seen sensors scored from their neighbours
+        if split == "val":
+            self.val_hidden = validation_hidden(st["sensor_id"][:], val_hidden, self.hidden)
         self.targets = target_features(st.attrs["features"], target, f"store {st.path}")
         self.profile = None
         if daily_profile:  # [slot, N, F]; held-out sensors' from their neighbours, as above
@@ -336,6 +343,10 @@ class WindowStream(torch.utils.data.IterableDataset):
             hidden = self.hidden[tile.nodes]  # [n]
             hide_sensors(batch, hidden, targets=self.split != "test")
             batch["hidden"] = torch.from_numpy(hidden)
+        if self.val_hidden is not None:  # inputs only: their targets are what validation scores
+            probe = self.val_hidden[tile.nodes]  # [n]
+            hide_sensors(batch, probe, targets=False)
+            batch["val_hidden"] = torch.from_numpy(probe)
         batch.update(
             pos=torch.from_numpy(self.pos[tile.nodes]),
             neighbours=torch.from_numpy(tile.neighbours),

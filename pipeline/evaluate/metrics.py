@@ -376,8 +376,21 @@ def morans_i(values: np.ndarray, neighbours: np.ndarray) -> dict:
 
 def validation_row(val: dict) -> dict:
     """The flat view of a validation: its mean metrics as ``val_<metric>`` (what Tune ranks,
-    tracking logs and metrics.json keeps)."""
-    return {f"val_{k}": v for k, v in val["mean"].items()}
+    tracking logs and metrics.json keeps), those at the sensors whose windows it hides as
+    ``val_hidden_<metric>`` (train.val_hidden)."""
+    row = {f"val_{k}": v for k, v in val["mean"].items()}
+    if "hidden" in val:
+        row.update({f"val_hidden_{k}": v for k, v in val["hidden"]["mean"].items()})
+    return row
+
+
+def monitored(val: dict, monitor: str) -> float:
+    """The value of a validation that train.monitor names (lower is better)."""
+    if monitor == "loss":
+        return val["loss"]
+    if monitor.startswith("hidden_"):
+        return val["hidden"]["mean"][monitor.removeprefix("hidden_")]
+    return val["mean"][monitor]
 
 
 def test_row(test: dict) -> dict:

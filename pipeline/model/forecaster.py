@@ -82,6 +82,8 @@ class Forecaster(nn.Module):
         self.targets = list(range(features)) if targets is None else [int(t) for t in targets]
         self.features = f_out = len(self.targets)
         inputs = 2 * time_in * features + (horizon * f_out if cfg.daily_profile else 0)
+        self.smoothing = cfg.kriged_smoothing and cfg.variography and cfg.kernel != "none"
+        inputs += time_in * f_out if self.smoothing else 0
         self.embed = nn.Linear(inputs, cfg.d_model)
         self.temporal = None
         if cfg.temporal_layers:
@@ -165,6 +167,14 @@ class Forecaster(nn.Module):
             filled[..., tgt], valued[..., tgt] = kriged, mask[..., tgt] | got
         steps = torch.cat([filled, mask.to(x.dtype)], dim=-1)  # [B, T, N, 2F]
         tokens = steps.permute(0, 2, 1, 3).reshape(b, n, t * 2 * f)  # [B, N, T * 2F]
+        base, based = filled[..., self.targets], valued[..., self.targets]  # [B, T, N, F_t]
+        if self.smoothing:
+            if graph is None:
+                raise ValueError("a model with model.kriged_smoothing needs the neighbour graph")
+            tgt = self.targets
+            base, based = self.variogram.krige(x[..., tgt], mask[..., tgt], pos, graph, True)
+            smooth = base.permute(0, 2, 1, 3).reshape(b, n, -1)  # [B, N, T * F_t]
+            tokens = torch.cat([tokens, smooth], dim=-1)
         if self.cfg.daily_profile:
             if profile is None:
                 raise ValueError("a model with model.daily_profile needs the profile input")
@@ -199,7 +209,7 @@ class Forecaster(nn.Module):
                 h = layer(h, pos, observed, neighbours)
         out = self.head(self.norm(h)).view(b, n, self.horizon, self.features, 2)  # [B,N,H,F_t,2]
         out = out.permute(0, 2, 1, 3, 4)  # [B, H, N, F_t, 2]
-        last = _last_observed(filled, valued)[..., self.targets]  # [B, N, F_t]
+        last = _last_observed(base, based)  # [B, N, F_t]
         mean = last[:, None] + out[..., 0]
         std = F.softplus(out[..., 1]) + 1e-3
         if self.cfg.kriging_variance and self.variogram is not None and graph is not None:

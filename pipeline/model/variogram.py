@@ -18,7 +18,8 @@ scaled to stay out of the clipped gradient norm), so the forecast at observed se
 unchanged by it; at sensors without an input window the estimate's kriging variance widens the
 forecast (:meth:`FieldVariogram.kriging_variance`, ``model.kriging_variance``), and with
 ``model.kriged_inputs`` its simple-kriging estimate fills the unobserved input values
-(:meth:`FieldVariogram.krige`).
+(:meth:`FieldVariogram.krige`); with ``model.kriged_smoothing`` it also estimates the field
+without its nugget at every input value.
 
 The statistics are not part of the state: a resumed run accumulates them afresh (the fitted
 parameters are restored). Bins are set on the first batch: equal-count distance classes up to
@@ -183,25 +184,33 @@ class FieldVariogram(nn.Module):
 
     @torch.no_grad()
     def krige(
-        self, x: Tensor, mask: Tensor, pos: Tensor, neighbours: Tensor
+        self, x: Tensor, mask: Tensor, pos: Tensor, neighbours: Tensor, smooth: bool = False
     ) -> tuple[Tensor, Tensor]:
-        """Every unobserved value of the window filled by simple kriging (model.kriged_inputs).
+        """Every unobserved value of the window filled by simple kriging (model.kriged_inputs),
+        or with ``smooth`` every value replaced by the simple-kriging estimate of the field
+        without its nugget (model.kriged_smoothing).
 
         x, mask [B, T, N, F] (normalised targets; zero mean per sensor, so simple kriging),
         pos [N, 3] km, neighbours [N, k] (itself first, -1 outside a tile). A cell (b, t, n, f)
         with ``mask`` False gets sum_j w_j x[b, t, j, f] over the ``KRIGE_NEIGHBOURS`` nearest
         of n's neighbours observed at that step and feature (so deep inside an outage the
         nearest observed ones further out), w = K^-1 k under the estimated
-        covariance (as :meth:`kriging_variance`). Returns the filled x and ``filled`` [B, T,
-        N, F] (True where a value was kriged: some neighbour observed); cells without an
-        observed neighbour stay 0. Observed cells are returned unchanged."""
+        covariance (as :meth:`kriging_variance`). With ``smooth`` every cell is estimated so,
+        its own observation (where it has one) first among the data: k_j = (1 - tau) rho(d_nj)
+        is the covariance of the noise-free field at n with the observation at j, so at n itself
+        1 - tau against the observation's variance 1, and the weights shrink the nugget away.
+        Returns the estimate and ``filled`` [B, T, N, F] (True where a value was kriged: some
+        datum observed); cells without one stay 0. Without ``smooth`` observed cells are
+        returned unchanged."""
         n = x.shape[2]
         near = neighbours.to(x.device).long()  # [N, k], nearest first
-        usable = (near >= 0) & (near != torch.arange(n, device=x.device)[:, None])  # not itself
+        usable = near >= 0
+        if not smooth:  # not itself
+            usable &= near != torch.arange(n, device=x.device)[:, None]
         safe = near.clamp_min(0)
         keep = min(KRIGE_NEIGHBOURS, near.shape[1])
         out, filled = x.clone(), torch.zeros_like(mask)
-        cells = (~mask).nonzero()  # [U, 4]: b, t, n, f
+        cells = (torch.ones_like(mask) if smooth else ~mask).nonzero()  # [U, 4]: b, t, n, f
         for c0 in range(0, len(cells), KRIGE_CHUNK):
             b, t, i, f = cells[c0 : c0 + KRIGE_CHUNK].unbind(1)  # [u] each
             seen = usable[i] & mask[b[:, None], t[:, None], safe[i], f[:, None]]  # [u, k]

@@ -92,6 +92,8 @@ def evaluate(
     groups = {}
     if stream.hidden is not None and split == "test":
         groups = {g: MetricAccumulator(cfg.data.horizon, device=ctx.device) for g in GROUPS}
+    if stream.val_hidden is not None:  # train.val_hidden: validation's own hidden sensors
+        groups = {"hidden": MetricAccumulator(cfg.data.horizon, device=ctx.device)}
     # pooled metrics mix the features' units: with several, each is reported on its own too
     features = [store.attrs["features"][i] for i in stream.targets]
     per_feature = {}
@@ -126,10 +128,13 @@ def evaluate(
             for j, feature in enumerate(per_feature.values()):
                 pick = slice(j, j + 1)  # [B, horizon, n, 1]
                 feature.update(mean[..., pick], std[..., pick], y[..., pick], mask[..., pick])
-            if groups:
+            if "unseen" in groups:
                 hidden = batch["hidden"][None, None, :, None]  # [1, 1, n, 1]
                 groups["unseen"].update(mean, std, y, mask & hidden)
                 groups["seen"].update(mean, std, y, mask & ~hidden)
+            if "hidden" in groups:
+                probe = batch["val_hidden"][None, None, :, None]  # [1, 1, n, 1]
+                groups["hidden"].update(mean, std, y, mask & probe)
             if comparison is not None:
                 points = baseline_points(batch, targets, m, s)  # the data's units
                 comparison.update(batch["origins"], batch["nodes"], mean, std, y, mask, points, s)
@@ -148,7 +153,8 @@ def evaluate(
     result = acc.result()
     for name, group in groups.items():
         engine.all_reduce_sum(group.state)
-        result[name] = {"sensors": int((stream.hidden == (name == "unseen")).sum())}
+        sides = stream.val_hidden if name == "hidden" else stream.hidden == (name == "unseen")
+        result[name] = {"sensors": int(sides.sum())}
         result[name].update(group.result())
     if per_feature:
         result["per_feature"] = {}

@@ -36,6 +36,9 @@ PINNED_KEYS = (
     "model.backend",
     "model.knn",  # the neighbourhood each sensor attends to
     "train.monitor",  # the best validation so far is of this metric
+    "train.val_hidden",  # and of these sensors
+    "model.kriged_inputs",
+    "model.kriged_smoothing",  # the embedding's width
     "data.time_in",
     "data.horizon",
     "data.holdout_sensors",

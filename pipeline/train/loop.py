@@ -32,7 +32,7 @@ from pipeline.data.geometry import positions_km
 from pipeline.data.store import open_store
 from pipeline.data.stream import target_features
 from pipeline.evaluate import gp
-from pipeline.evaluate.metrics import validation_row
+from pipeline.evaluate.metrics import monitored, validation_row
 from pipeline.evaluate.oracle import limit
 from pipeline.model.export import export_model
 from pipeline.model.forecaster import build_model
@@ -228,9 +228,7 @@ def fit(run: Run, report: Reporter | None = None) -> Fitted:
                     run.tracker.log_validation(step, val)
                 if report is not None:
                     report(step, val)
-                value = (
-                    val["loss"] if cfg.train.monitor == "loss" else val["mean"][cfg.train.monitor]
-                )
+                value = monitored(val, cfg.train.monitor)
                 if value < state["best_val"] - 1e-6:
                     state["best_val"], state["best_step"], state["bad_evals"] = value, step, 0
                     if cfg.train.restore_best:  # the same on every rank (ZeRO-3: gathered)

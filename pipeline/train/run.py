@@ -93,6 +93,7 @@ def split_stream(run: Run, split: str, **kwargs) -> WindowStream:
         hops=cfg.model.layers,  # the halo covers the model's receptive field
         holdout=cfg.data.holdout_sensors,
         sensor_dropout=cfg.train.sensor_dropout,
+        val_hidden=cfg.train.val_hidden,
         daily_profile=kwargs.pop("daily_profile", cfg.model.daily_profile),
         target=cfg.data.target,
         **kwargs,
