@@ -64,6 +64,7 @@ MODELS = {
     "ours_t1": ["model.temporal_layers=1"],  # attention over the window's steps
     "ours_kh2": ["model.kernel_heads=2"],  # the kernel in 2 heads of each layer, 2 plain
     "ours_kr": ["model.kriged_inputs=true"],  # missing inputs kriged under the field estimate
+    "ours_ks": ["model.kriged_smoothing=true"],  # the window kriged without the nugget, beside it
     "stid": ["model.peer=stid", "train.loss=mae", FLAT],
     "graph_wavenet": ["model.peer=graph_wavenet", "train.loss=mae", FLAT],
     "dcrnn": ["model.peer=dcrnn", "train.loss=mae", FLAT],
