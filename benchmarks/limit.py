@@ -19,10 +19,15 @@ CRPS and its ratio to the oracle's (mean +- sd over seeds); Diebold-Mariano test
 ``kernel + knn`` against each control on the per-window CRPS averaged over seeds; the range
 estimate against the truth. The field is the same for every seed: seeds vary the training.
 
+``--lr-grid``: each method's learning rate is first chosen on validation, as in docs/peers.md:
+seed 0 at the config's ``train.lr`` times ``LR_FACTORS`` (half, the config's, double; the
+kernel parameters keep their ``train.kernel_lr``), the rate with the lowest best validation MAE
+kept, then every seed at it. Without it every method trains at the config's rate.
+
 Runs are resumable: a run directory with its ``metrics.json`` is not trained again.
 
 Usage: python benchmarks/limit.py [--regimes noisy ...] [--seeds 0 1 2] [--steps N]
-       [--out runs/limit] [--jobs 1] [--json FILE] [--keep] [--plot FILE]
+       [--lr-grid] [--out runs/limit] [--jobs 1] [--json FILE] [--keep] [--plot FILE]
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.peers import sh, train_all  # noqa: E402
+from benchmarks.peers import LR_FACTORS, best_validation, sh, train_all  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.evaluate.compare import load_run  # noqa: E402
 from pipeline.evaluate.metrics import diebold_mariano  # noqa: E402
@@ -57,18 +62,28 @@ def slug(method: str) -> str:
     return method.replace(" + ", "-")
 
 
-def plan(regime: str, seeds: list[int], steps: int | None, out: Path):
-    """The run directories per method and the commands of the runs not yet finished; the
-    first run of the regime computes the oracle and the fitted GP."""
+def plan(
+    regime: str,
+    seeds: list[int],
+    steps: int | None,
+    out: Path,
+    lr: dict[str, float] | None = None,
+    methods: tuple[str, ...] = tuple(MODELS),
+):
+    """The run directories per method and the commands of the runs not yet finished (at
+    learning rate ``lr[method]`` where given: the rate joins the run's name); the first run of
+    the regime computes the oracle and the fitted GP."""
     config = ROOT / "configs" / "regimes" / f"{regime}.yaml"
     cfg = load_config(config)
     if not (ROOT / cfg.data.store / "COMPLETE").exists():
         sh([sys.executable, "launch/preprocess.py", "--config", str(config)])
     runs: dict[str, list[Path]] = {}
     todo = []
-    for method, extra in MODELS.items():
+    for method in methods:
+        rate = (lr or {}).get(method)
         for seed in seeds:
-            run = out / f"{regime}-{slug(method)}-s{seed}"
+            tag = f"-lr{rate:g}" if rate is not None else ""
+            run = out / f"{regime}-{slug(method)}{tag}-s{seed}"
             runs.setdefault(method, []).append(run)
             first = method == "kernel + knn" and seed == seeds[0]
             if (run / "metrics.json").exists():
@@ -79,10 +94,27 @@ def plan(regime: str, seeds: list[int], steps: int | None, out: Path):
                     f"name={run.name}", f"train.out_dir={out}", f"train.seed={seed}",
                     "train.resume=never", "tracking.enabled=false",
                     f"train.oracle={str(first).lower()}", f"train.fitted_gp={str(first).lower()}",
-                    *([f"train.steps={steps}"] if steps else []), *extra,
+                    *([f"train.steps={steps}"] if steps else []),
+                    *([f"train.lr={rate}"] if rate is not None else []), *MODELS[method],
                 ]
             )  # fmt: skip
     return runs, todo
+
+
+def choose_lr(regime: str, seed: int, steps: int | None, out: Path, jobs: int):
+    """Each method's learning rate on validation: ``seed`` at the config's rate times
+    LR_FACTORS, the lowest best validation MAE kept; returns the chosen rates and every grid
+    point's best validation MAE per method."""
+    base = load_config(ROOT / "configs" / "regimes" / f"{regime}.yaml").train.lr
+    grid = [base * f for f in LR_FACTORS]
+    plans = [plan(regime, [seed], steps, out, dict.fromkeys(MODELS, rate)) for rate in grid]
+    train_all([cmd for _, todo in plans for cmd in todo], jobs)
+    scores: dict[str, dict[str, float]] = {}
+    for rate, (runs, _) in zip(grid, plans, strict=True):
+        for method in MODELS:
+            scores.setdefault(method, {})[f"{rate:g}"] = best_validation(runs[method][0])
+    chosen = {m: float(min(v, key=v.get)) for m, v in scores.items()}
+    return chosen, scores
 
 
 def summarise(regime: str, runs: dict[str, list[Path]]) -> dict:
@@ -236,6 +268,9 @@ def main() -> None:
     parser.add_argument("--regimes", nargs="+", default=every, choices=every)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=None, help="training steps (config's)")
+    parser.add_argument(
+        "--lr-grid", action="store_true", help="each method's learning rate chosen on validation"
+    )
     parser.add_argument("--out", default="runs/limit")
     parser.add_argument("--jobs", type=int, default=1, help="training runs at once")
     parser.add_argument("--json", default=None)
@@ -257,9 +292,14 @@ def main() -> None:
         kept = [r for r in previous if r["regime"] not in args.regimes]
     results = []
     for regime in args.regimes:
-        runs, todo = plan(regime, args.seeds, args.steps, out)
+        lr, grid = None, None
+        if args.lr_grid:
+            lr, grid = choose_lr(regime, args.seeds[0], args.steps, out, args.jobs)
+            print(f"{regime}: best validation MAE by learning rate (seed {args.seeds[0]}): "
+                  f"{grid}; chosen {lr}", flush=True)  # fmt: skip
+        runs, todo = plan(regime, args.seeds, args.steps, out, lr)
         train_all(todo, args.jobs)
-        results.append(summarise(regime, runs))
+        results.append(summarise(regime, runs) | ({"lr": lr, "lr_grid": grid} if lr else {}))
         if args.json:
             merged = sorted(kept + results, key=lambda r: r["regime"])
             Path(args.json).write_text(json.dumps(merged, indent=1))

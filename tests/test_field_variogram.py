@@ -222,6 +222,32 @@ def test_kriged_smoothing_is_simple_kriging_of_the_noise_free_field():
     assert torch.allclose(clean[mask], x[mask], atol=1e-3)
 
 
+def test_kriged_smoothing_fills_unobserved_cells_as_kriged_inputs_do():
+    """At a cell without an observation the smoothed estimate is the kriged fill, so a model
+    with both flags krigs once (the smoothing pass) and fills from it."""
+    torch.manual_seed(3)
+    vg = FieldVariogram("matern32", 12.0, 0.3, False)
+    n = 25
+    pos = torch.cat([torch.rand(n, 2) * 40, torch.zeros(n, 1)], dim=1)  # [N, 3] km
+    neighbours = torch.as_tensor(k_nearest(pos.numpy(), 10)[0])
+    x = torch.randn(2, 4, n, 1)
+    mask = torch.rand_like(x) > 0.3
+    mask[:, :, 0] = False  # a whole window missing
+    fill, got = vg.krige(x * mask, mask, pos, neighbours)
+    smooth, _ = vg.krige(x * mask, mask, pos, neighbours, smooth=True)
+    assert got[~mask].any()
+    assert torch.allclose(smooth[got], fill[got], rtol=1e-5, atol=1e-6)
+
+    cfg = ModelConfig(d_model=16, heads=2, layers=1, calendar=False, kriged_smoothing=True)
+    both = Forecaster(cfg.model_copy(update={"kriged_inputs": True}), 4, 2, 1, n).eval()
+    calls = []
+    solve = both.variogram.krige
+    both.variogram.krige = lambda *a, **k: calls.append(a[4:] + tuple(k.values())) or solve(*a, **k)
+    with torch.no_grad():
+        mean, _ = both(x, mask, torch.zeros(2, 4), pos, neighbours)
+    assert calls == [(True,)] and torch.isfinite(mean).all()
+
+
 def test_kriged_smoothing_forecasts_from_the_smoothed_last_value():
     """A model with model.kriged_smoothing reads the smoothed window and forecasts as a
     correction of its last smoothed value: with the network's weights zeroed, the mean is that

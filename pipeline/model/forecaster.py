@@ -159,20 +159,26 @@ class Forecaster(nn.Module):
         b, t, n, f = x.shape
         x = torch.where(mask, x, torch.zeros_like(x))
         graph = neighbours  # the k-nearest graph (kriging's neighbourhoods)
+        tgt = self.targets
+        smoothed = None  # [B, T, N, F_t] twice: the field's estimate, where it has one
+        if self.smoothing:
+            if graph is None:
+                raise ValueError("a model with model.kriged_smoothing needs the neighbour graph")
+            smoothed = self.variogram.krige(x[..., tgt], mask[..., tgt], pos, graph, True)
         filled, valued = x, mask  # the window with kriged values, where it has a value
         if self.cfg.kriged_inputs and self.variogram is not None and graph is not None:
-            tgt = self.targets
-            kriged, got = self.variogram.krige(x[..., tgt], mask[..., tgt], pos, graph)
+            if smoothed is None:
+                kriged, got = self.variogram.krige(x[..., tgt], mask[..., tgt], pos, graph)
+            else:  # at an unobserved cell the smoothed value is the fill (the same solve)
+                kriged = torch.where(mask[..., tgt], x[..., tgt], smoothed[0])
+                got = smoothed[1]
             filled, valued = x.clone(), mask.clone()
             filled[..., tgt], valued[..., tgt] = kriged, mask[..., tgt] | got
         steps = torch.cat([filled, mask.to(x.dtype)], dim=-1)  # [B, T, N, 2F]
         tokens = steps.permute(0, 2, 1, 3).reshape(b, n, t * 2 * f)  # [B, N, T * 2F]
-        base, based = filled[..., self.targets], valued[..., self.targets]  # [B, T, N, F_t]
-        if self.smoothing:
-            if graph is None:
-                raise ValueError("a model with model.kriged_smoothing needs the neighbour graph")
-            tgt = self.targets
-            base, based = self.variogram.krige(x[..., tgt], mask[..., tgt], pos, graph, True)
+        base, based = filled[..., tgt], valued[..., tgt]  # [B, T, N, F_t]
+        if smoothed is not None:
+            base, based = smoothed
             smooth = base.permute(0, 2, 1, 3).reshape(b, n, -1)  # [B, N, T * F_t]
             tokens = torch.cat([tokens, smooth], dim=-1)
         if self.cfg.daily_profile:
