@@ -75,6 +75,16 @@ def log_rational_quadratic(h: Tensor, alpha: float = 1.0) -> Tensor:
     return -alpha * (h * h / (2.0 * alpha)).log1p()
 
 
+def log_gaussian_sq(u: Tensor) -> Tensor:
+    """:func:`log_gaussian` of u = h^2: -u (no square root per pair in the block backend)."""
+    return -u
+
+
+def log_rational_quadratic_sq(u: Tensor, alpha: float = 1.0) -> Tensor:
+    """:func:`log_rational_quadratic` of u = h^2."""
+    return -alpha * (u / (2.0 * alpha)).log1p()
+
+
 def log_spherical(h: Tensor) -> Tensor:
     """Spherical (compact support): rho(h) = 1 - 3h/2 + h^3/2 = (1 - h)^2 (2 + h) / 2 for h < 1,
     0 beyond (log clamped at log(1e-12)^2 with a zero gradient there).
@@ -127,6 +137,9 @@ class Family:
     spectral: Callable[[np.random.Generator, int], np.ndarray] | None
     """Draws m frequencies [m, 2] of its spectral law at range 1 (synthetic fields by random
     Fourier features), or None where a family has no simple sampler."""
+    log_correlation_sq: Callable[[Tensor], Tensor] | None = None
+    """The same log rho as a function of u = h^2, where the family is one of h^2 alone: the
+    block backend's ``score_mod`` then takes no square root per pair (issue 22)."""
 
 
 FAMILIES: dict[str, Family] = {
@@ -137,11 +150,14 @@ FAMILIES: dict[str, Family] = {
     "matern52": Family(
         log_matern52, ("Matern", {"nu": 2.5, "rescale": math.sqrt(2)}), _spectral_matern(2.5)
     ),
-    "gaussian": Family(log_gaussian, ("Gaussian", {"rescale": 1.0}), _spectral_gaussian),
+    "gaussian": Family(
+        log_gaussian, ("Gaussian", {"rescale": 1.0}), _spectral_gaussian, log_gaussian_sq
+    ),
     "rational_quadratic": Family(
         log_rational_quadratic,
         ("Rational", {"alpha": 1.0, "rescale": 1 / math.sqrt(2)}),
         _spectral_rational_quadratic,
+        log_rational_quadratic_sq,
     ),
     "spherical": Family(log_spherical, ("Spherical", {}), None),
 }

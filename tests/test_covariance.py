@@ -57,6 +57,19 @@ def test_family_matches_gstools(family, cls, rescale):
     np.testing.assert_allclose(ours, model.correlation(d), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", [f for f in FAMILIES if FAMILIES[f].log_correlation_sq])
+def test_a_family_of_h_squared_gives_the_same_log_correlation(family):
+    """``log_correlation_sq`` (the block backend's square-root-free form) is log rho of h^2,
+    values and gradients, from 0 to far beyond the range."""
+    h = torch.tensor([0.0, 1e-6, 0.3, 1.0, 2.5, 40.0], dtype=torch.float64, requires_grad=True)
+    direct = FAMILIES[family].log_correlation(h)
+    via_sq = FAMILIES[family].log_correlation_sq(h * h)
+    assert torch.allclose(direct, via_sq, rtol=1e-12, atol=1e-15)
+    (g_direct,) = torch.autograd.grad(direct.sum(), h)
+    (g_sq,) = torch.autograd.grad(FAMILIES[family].log_correlation_sq(h * h).sum(), h)
+    assert torch.allclose(g_direct, g_sq, rtol=1e-12, atol=1e-15)
+
+
 def _offsets(n=6, seed=0):
     g = torch.Generator().manual_seed(seed)
     pos = torch.rand(n, 3, generator=g, dtype=torch.float64) * 30

@@ -20,7 +20,9 @@ pair as log rho(d_ij / range_h) alone and puts the nugget on the self score,
 <q_i, k_i> / sqrt(d_head) - log(1 - nugget_h), an O(N) term outside the kernel. The
 per-pair work of ``score_mod`` is then the distance and the family's log rho: no
 nugget load, no self test, and no per-pair gradient for the nugget (it flows through the
-merge, in plain tensor ops).
+merge, in plain tensor ops). Families that are functions of h^2 alone (Gaussian, rational
+quadratic: ``Family.log_correlation_sq``) read the squared scaled distance, without a square
+root per pair.
 
 Learnable per-head parameters (1 / range, the anisotropic projection) enter
 ``score_mod`` expanded per query row ([head, node], read at ``[h, q_idx]``): read as per-head
@@ -43,7 +45,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 
 from pipeline.errors import UserError
-from pipeline.kernels import LOG_CORRELATIONS
+from pipeline.kernels import FAMILIES
 from pipeline.model.covariance import CovarianceBias
 
 CUDA_PAD_BLOCKS = 32  # on CUDA, pad N to a multiple of 32 blocks: fewer distinct compiled shapes
@@ -142,7 +144,10 @@ def _score_mod(kernel: CovarianceBias, plan: BlockPlan, use_qk: bool, dtype: tor
     if kernel.family == "none":
         return None if use_qk else (lambda score, b, h, q_idx, kv_idx: torch.zeros_like(score))
     px, py, pz = (c.to(dtype) for c in plan.coords)
-    log_rho = LOG_CORRELATIONS[kernel.family]
+    family = FAMILIES[kernel.family]
+    # a family of h^2 alone (Gaussian, rational quadratic) reads the squared scaled distance:
+    # no square root (nor its clamp) per pair, forward and backward
+    of_sq = family.log_correlation_sq
 
     def per_row(values: Tensor) -> Tensor:  # [H] -> [H, P], read at [h, q_idx]
         # materialised: an expand() view has stride 0 along the rows, and the backward then
@@ -154,8 +159,9 @@ def _score_mod(kernel: CovarianceBias, plan: BlockPlan, use_qk: bool, dtype: tor
     # family's log rho is 0; no per-pair work added
     gate = kernel.gate.to(dtype)
     proj = kernel.scaled_projection(dtype)  # [H, 3, 3] or None (isotropic)
-    if proj is None:
-        inv_range = per_row(gate / kernel.range_km.to(dtype))
+    if proj is None:  # per row: 1 / range, or its square for a family of h^2
+        inv_range = gate / kernel.range_km.to(dtype)
+        inv_range = per_row(inv_range * inv_range if of_sq else inv_range)
     else:
         proj = proj * gate[:, None, None]
         m = [per_row(proj[:, r, c]) for r in range(3) for c in range(3)]
@@ -166,13 +172,16 @@ def _score_mod(kernel: CovarianceBias, plan: BlockPlan, use_qk: bool, dtype: tor
         dz = pz[q_idx] - pz[kv_idx]
         if proj is None:
             sq = dx * dx + dy * dy + dz * dz
-            scaled = torch.sqrt(torch.clamp(sq, min=1e-30)) * inv_range[h, q_idx]
         else:
             u = m[0][h, q_idx] * dx + m[1][h, q_idx] * dy + m[2][h, q_idx] * dz
             v = m[3][h, q_idx] * dx + m[4][h, q_idx] * dy + m[5][h, q_idx] * dz
             w = m[6][h, q_idx] * dx + m[7][h, q_idx] * dy + m[8][h, q_idx] * dz
-            scaled = torch.sqrt(torch.clamp(u * u + v * v + w * w, min=1e-30))
-        bias = log_rho(scaled)
+            sq = u * u + v * v + w * w  # already scaled
+        if of_sq is not None:  # h^2 = d^2 / range^2
+            bias = of_sq(sq * inv_range[h, q_idx] if proj is None else sq)
+        else:
+            scaled = torch.sqrt(torch.clamp(sq, min=1e-30))
+            bias = family.log_correlation(scaled * inv_range[h, q_idx] if proj is None else scaled)
         return score + bias if use_qk else bias
 
     return score_mod
