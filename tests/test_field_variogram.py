@@ -270,3 +270,27 @@ def test_kriged_smoothing_forecasts_from_the_smoothed_last_value():
         assert not torch.allclose(mean[0, 0], x[0, -1])
         with pytest.raises(ValueError, match="kriged_smoothing needs the neighbour graph"):
             model(x, mask, torch.zeros(1, 4), pos, None)
+
+
+def test_the_variogram_keeps_its_learning_rate_while_the_forecast_decays():
+    """The field variogram's parameters are their own optimiser group: after the warm-up it
+    stays at train.kernel_lr, while the forecast's kernel parameters decay with the schedule."""
+    from pathlib import Path
+
+    from pipeline.config import load_config
+    from pipeline.train.optimizer import optimizer
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "regimes" / "anisotropic.yaml")
+    model = Forecaster(cfg.model, cfg.data.time_in, cfg.data.horizon, 1, 40)
+    opt, schedule = optimizer(model, cfg)
+    groups = {id(p): g for g in opt.param_groups for p in g["params"]}
+    vg = groups[id(model.variogram.kernel.log_range)]
+    heads = groups[id(next(p for n, p in model.named_parameters() if "log_range" in n
+                           and not n.startswith("variogram.")))]  # fmt: skip
+    assert vg is not heads and vg["weight_decay"] == 0.0
+    for _ in range(cfg.train.steps):
+        opt.step()
+        schedule.step()
+    assert vg["lr"] == pytest.approx(cfg.train.kernel_lr)
+    assert heads["lr"] == pytest.approx(cfg.train.kernel_lr * cfg.train.min_lr_ratio)
