@@ -68,7 +68,6 @@ def plan(
     steps: int | None,
     out: Path,
     lr: dict[str, float] | None = None,
-    methods: tuple[str, ...] = tuple(MODELS),
 ):
     """The run directories per method and the commands of the runs not yet finished (at
     learning rate ``lr[method]`` where given: the rate joins the run's name); the first run of
@@ -79,7 +78,7 @@ def plan(
         sh([sys.executable, "launch/preprocess.py", "--config", str(config)])
     runs: dict[str, list[Path]] = {}
     todo = []
-    for method in methods:
+    for method in MODELS:
         rate = (lr or {}).get(method)
         for seed in seeds:
             tag = f"-lr{rate:g}" if rate is not None else ""

@@ -62,7 +62,7 @@ def log_gaussian(h: Tensor) -> Tensor:
     GSTools: ``gs.Gaussian(len_scale=range, rescale=1)`` (its default rescale is sqrt(pi)/2).
     Reference: Chiles & Delfiner (2012), 2.5.
     """
-    return -h * h
+    return log_gaussian_sq(h * h)
 
 
 def log_rational_quadratic(h: Tensor, alpha: float = 1.0) -> Tensor:
@@ -72,7 +72,7 @@ def log_rational_quadratic(h: Tensor, alpha: float = 1.0) -> Tensor:
     h^2 / alpha). Reference: Rasmussen &
     Williams (2006), eq. 4.19.
     """
-    return -alpha * (h * h / (2.0 * alpha)).log1p()
+    return log_rational_quadratic_sq(h * h, alpha)
 
 
 def log_gaussian_sq(u: Tensor) -> Tensor:
