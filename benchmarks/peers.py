@@ -54,6 +54,7 @@ from pipeline.evaluate.compare import load_run  # noqa: E402
 from pipeline.kernels import FAMILIES  # noqa: E402
 
 FLAT = "model.daily_profile=false"
+EMA = "train.ema_decay=0.998"  # about the last 500 steps
 MODELS = {
     "ours": [],  # the config's model: with each sensor's daily profile
     "none": ["model.kernel=none"],
@@ -65,6 +66,8 @@ MODELS = {
     "ours_kh2": ["model.kernel_heads=2"],  # the kernel in 2 heads of each layer, 2 plain
     "ours_kr": ["model.kriged_inputs=true"],  # missing inputs kriged under the field estimate
     "ours_ks": ["model.kriged_smoothing=true"],  # the window kriged without the nugget, beside it
+    "ours_ema": [EMA],  # validated, tested and exported: the weights' moving average
+    "none_ema": ["model.kernel=none", EMA],
     "stid": ["model.peer=stid", "train.loss=mae", FLAT],
     "graph_wavenet": ["model.peer=graph_wavenet", "train.loss=mae", FLAT],
     "dcrnn": ["model.peer=dcrnn", "train.loss=mae", FLAT],

@@ -253,6 +253,10 @@ class TrainConfig(Section):
     restore_best: bool = True
     """Test and export the weights of the best validation (``monitor``), not the last step's
     (they are kept beside the checkpoints, ``checkpoints/best.pt``, and survive a resume)."""
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    """Validate, test and export an exponential moving average of the weights, with this decay
+    per optimiser step (pipeline/train/averaging.py; 0.99 averages about the last 100 steps);
+    the optimiser steps the weights themselves. None: the weights as trained."""
     checkpoint_every: int = Field(100, ge=1)
     """Steps between checkpoints."""
     keep_checkpoints: int | None = Field(3, ge=1)
@@ -271,6 +275,11 @@ class TrainConfig(Section):
             raise ValueError(
                 f"train.monitor={self.monitor} follows the sensors whose windows validation "
                 "hides: set train.val_hidden (e.g. 0.2), or monitor mae"
+            )
+        if self.ema_decay is not None and self.zero_stage == 3:
+            raise ValueError(
+                "train.ema_decay averages the whole parameters on every rank, which ZeRO stage 3 "
+                "partitions: use train.zero_stage 0-2, or train.ema_decay=null"
             )
         return self
 

@@ -56,6 +56,8 @@ def test_cross_field_validation():
         load_config(None, ["data.synthetic.family=spherical"])
     with pytest.raises(ConfigError, match="kernel_heads=5 is more than heads=4"):
         load_config(None, ["model.heads=4", "model.kernel_heads=5"])
+    with pytest.raises(ConfigError, match="train.ema_decay averages the whole parameters"):
+        load_config(None, ["train.ema_decay=0.99", "train.zero_stage=3"])
 
 
 def test_negative_value_is_rejected():

@@ -20,6 +20,7 @@ import json
 import math
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from pipeline.model.export import export_model
 from pipeline.model.forecaster import build_model
 from pipeline.model.losses import LOSSES
 from pipeline.train import checkpoint, engine
+from pipeline.train.averaging import WeightAverage
 from pipeline.train.evaluation import GROUPS, baseline_spreads, evaluate
 from pipeline.train.guards import check_fits, pins, run_lock
 from pipeline.train.optimizer import optimizer
@@ -124,6 +126,7 @@ def setup(cfg: Config, ctx: engine.Context, tracker: Tracker | None = None) -> R
         "history": [],
         "train_loss": [],
         "pins": pins(cfg, store),
+        "ema": None,  # the weight average (train.ema_decay): name -> tensor
     }
     resumed = None
     if cfg.train.resume == "auto":
@@ -137,8 +140,22 @@ def setup(cfg: Config, ctx: engine.Context, tracker: Tracker | None = None) -> R
                 f"resumed from step {state['step']} ({run_dir / 'checkpoints'})"
                 + (", data re-sharded for the new world size" if resumed["resharded"] else "")
             )
+    average = None
+    if cfg.train.ema_decay is not None:
+        average = WeightAverage(model, cfg.train.ema_decay, state["ema"])
+        state["ema"] = average.shadow  # saved with every checkpoint
     return Run(
-        cfg, ctx, store, run_dir, model, eng, engine.engine_dtype(eng), tracker, state, resumed
+        cfg,
+        ctx,
+        store,
+        run_dir,
+        model,
+        eng,
+        engine.engine_dtype(eng),
+        tracker,
+        state,
+        resumed,
+        average,
     )
 
 
@@ -207,6 +224,8 @@ def fit(run: Run, report: Reporter | None = None) -> Fitted:
                     f"{cfg.data.store}) and lower train.lr"
                 )
             state["step"] = step = step + 1
+            if run.average is not None:
+                run.average.update(step - 1)
             bar.update(1)
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 state["train_loss"].append([step, step_loss])
@@ -220,23 +239,25 @@ def fit(run: Run, report: Reporter | None = None) -> Fitted:
                     run.tracker.log_step(step, step_loss, kernels, run.engine.get_lr()[0])
             if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
                 _check_store(run)
-                val = evaluate(run, "val", cfg.train.eval_batches)  # sync: all-reduced metrics
-                state["history"].append(
-                    {"step": step, "val_loss": val["loss"], **validation_row(val)}
-                )
-                if run.tracker is not None:
-                    run.tracker.log_validation(step, val)
-                if report is not None:
-                    report(step, val)
-                value = monitored(val, cfg.train.monitor)
-                if value < state["best_val"] - 1e-6:
-                    state["best_val"], state["best_step"], state["bad_evals"] = value, step, 0
-                    if cfg.train.restore_best:  # the same on every rank (ZeRO-3: gathered)
-                        weights = engine.full_weights(run.engine)
-                        if ctx.is_main:
-                            checkpoint.save_best(weights, run.run_dir / "checkpoints", step, value)
-                else:
-                    state["bad_evals"] += 1
+                with averaged(run):
+                    val = evaluate(run, "val", cfg.train.eval_batches)  # sync: all-reduced
+                    state["history"].append(
+                        {"step": step, "val_loss": val["loss"], **validation_row(val)}
+                    )
+                    if run.tracker is not None:
+                        run.tracker.log_validation(step, val)
+                    if report is not None:
+                        report(step, val)
+                    value = monitored(val, cfg.train.monitor)
+                    if value < state["best_val"] - 1e-6:
+                        state["best_val"], state["best_step"], state["bad_evals"] = value, step, 0
+                        if cfg.train.restore_best:  # the same on every rank (ZeRO-3: gathered)
+                            weights = engine.full_weights(run.engine)
+                            if ctx.is_main:
+                                best_dir = run.run_dir / "checkpoints"
+                                checkpoint.save_best(weights, best_dir, step, value)
+                    else:
+                        state["bad_evals"] += 1
                 patience = cfg.train.patience
                 fitted.stopped_early = patience is not None and state["bad_evals"] >= patience
             if (
@@ -254,11 +275,19 @@ def fit(run: Run, report: Reporter | None = None) -> Fitted:
     return fitted
 
 
+def averaged(run: Run) -> AbstractContextManager:
+    """The block sees the weight average (train.ema_decay), or the weights as trained."""
+    return run.average.applied() if run.average is not None else nullcontext()
+
+
 def restore_best(run: Run) -> int:
     """Load the weights of the best validation (train.restore_best) for the test and the
-    export; returns the step whose weights are tested (the last one without them)."""
+    export, or else the weight average if there is one; returns the step whose weights are
+    tested (the last one without the best)."""
     cfg, state = run.cfg, run.state
     if not cfg.train.restore_best or not state["history"]:
+        if run.average is not None:
+            run.average.load()
         return state["step"]
     best = checkpoint.load_best(run.run_dir / "checkpoints")
     if best is None:  # validations ran but none was finite-better: should not happen

@@ -15,6 +15,7 @@ from pipeline.config import Config
 from pipeline.data.store import Store
 from pipeline.data.stream import WindowStream
 from pipeline.train import engine
+from pipeline.train.averaging import WeightAverage
 
 
 class Tracker(Protocol):
@@ -41,6 +42,7 @@ class Run:
     tracker: Tracker | None
     state: dict
     resumed: dict | None
+    average: WeightAverage | None = None  # train.ema_decay
     streams: dict[str, WindowStream] = field(default_factory=dict)
 
 
