@@ -2,18 +2,12 @@
 and a real training job (DeepSpeed on CPU) whose checkpoints carry it across a resume, whose
 best-validation weights are the average, and whose export is them."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from tiny import child_env, overrides
+from tiny import overrides, run_train
 from torch import nn
 
 from pipeline.train.averaging import WeightAverage
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class Tiny(nn.Module):
@@ -76,14 +70,7 @@ def train(store, out, steps, extra=()):
             *extra,
         ],
     )
-    proc = subprocess.run(
-        [sys.executable, "launch/train.py", *args],
-        cwd=ROOT,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_train(args)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
 
 

@@ -64,12 +64,13 @@ class WeightAverage:
         try:
             yield
         finally:
-            with torch.no_grad():
-                for name, p in self.params.items():
-                    p.copy_(saved[name])
+            self._put(saved)
 
-    @torch.no_grad()
     def load(self) -> None:
         """Put the average into the module (for good: the test and the export)."""
+        self._put(self.shadow)
+
+    @torch.no_grad()
+    def _put(self, values: dict[str, torch.Tensor]) -> None:
         for name, p in self.params.items():
-            p.copy_(self.shadow[name])
+            p.copy_(values[name])
